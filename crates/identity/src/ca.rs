@@ -370,6 +370,62 @@ impl CertificateAuthority {
     }
 }
 
+/// A TLS serving certificate for a control-plane endpoint (istiod-lite's :15012): the leaf
+/// carries the control plane's SPIFFE identity plus the DNS names and IPs clients dial.
+#[derive(Clone)]
+pub struct ServingCertificate {
+    /// Leaf, this CA, any intermediates, root.
+    pub chain_pem: Vec<String>,
+    /// The leaf's PKCS#8 private key.
+    pub key_pem: String,
+}
+
+impl fmt::Debug for ServingCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServingCertificate")
+            .field("chain_len", &self.chain_pem.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Issues a serving certificate for `identity` that also names `dns_names` and `ips`, so clients
+    /// doing ordinary hostname verification (ztunnel's xDS and CA clients) accept it.
+    pub fn issue_serving_certificate(
+        &self,
+        identity: &Identity,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<ServingCertificate, CaError> {
+        let sign_error = |source| CaError::Sign {
+            identity: identity.clone(),
+            source,
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_error)?;
+        let now = SystemTime::now();
+        let not_after = (now + ttl).min(self.not_after);
+        let mut params = leaf_params(identity, now, not_after).map_err(sign_error)?;
+        for name in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(
+                name.clone().try_into().map_err(sign_error)?,
+            ));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let leaf = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
+        let mut chain_pem = Vec::with_capacity(self.chain_pem.len() + 2);
+        chain_pem.push(leaf.pem());
+        chain_pem.push(self.cert_pem.clone());
+        chain_pem.extend(self.chain_pem.iter().cloned());
+        Ok(ServingCertificate {
+            chain_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 /// Parses and checks a CSR; returns its public key ready for signing.
 fn checked_csr_key(csr_pem: &str, authorized: &Identity) -> Result<SubjectPublicKeyInfo, CaError> {
     let block = pem::parse(csr_pem).map_err(|e| CaError::CsrPem {

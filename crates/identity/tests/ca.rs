@@ -313,3 +313,48 @@ fn validity_is_cut_at_the_ca_expiry() {
         .as_secs();
     assert_eq!(i64::try_from(leaf_not_after).unwrap(), root_not_after);
 }
+
+#[test]
+fn serving_certificate_names_identity_hosts_and_ips() {
+    let ca = root();
+    let identity = id("spiffe://cluster.local/ns/istio-system/sa/istiod-lite");
+    let serving = ca
+        .issue_serving_certificate(
+            &identity,
+            &[
+                "istiod-lite.istio-system.svc".to_string(),
+                "localhost".to_string(),
+            ],
+            &["127.0.0.1".parse().unwrap()],
+            HOUR,
+        )
+        .unwrap();
+    assert_eq!(serving.chain_pem.last(), Some(&ca.root_pem()));
+    let leaf_der = der(&serving.chain_pem[0]);
+    let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
+    let sans: Vec<String> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::URI(u) => format!("URI:{u}"),
+            GeneralName::DNSName(d) => format!("DNS:{d}"),
+            GeneralName::IPAddress(ip) => format!("IP:{ip:?}"),
+            other => format!("{other}"),
+        })
+        .collect();
+    assert_eq!(
+        sans,
+        vec![
+            "URI:spiffe://cluster.local/ns/istio-system/sa/istiod-lite",
+            "DNS:istiod-lite.istio-system.svc",
+            "DNS:localhost",
+            "IP:[127, 0, 0, 1]",
+        ]
+    );
+    // The key matches the leaf: it loads as a workload certificate.
+    WorkloadCertificate::new(&serving.key_pem, &serving.chain_pem).unwrap();
+}

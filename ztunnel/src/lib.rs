@@ -1,0 +1,8 @@
+//! ztunnel: Ambit's per-node L4 agent.
+//!
+//! Its scope is deliberately narrow: it captures pod traffic, carries it over HBONE, enforces L4
+//! authorization, fetches per-pod certificates and counts connections. It never terminates user
+//! HTTP and has no plugin hooks; HTTP belongs to the waypoint.
+#![forbid(unsafe_code)]
+
+pub mod rbac;

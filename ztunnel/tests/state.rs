@@ -1,0 +1,278 @@
+//! The state index: validation messages, lookups, endpoint choice.
+
+mod support;
+
+use std::collections::HashSet;
+
+use ambit_proto::workload as pb;
+use support::{ip_bytes, service, workload};
+use ztunnel::state::{Address, StateIndex};
+
+const ECHO: &str = "demo/echo.demo.svc.cluster.local";
+
+fn demo() -> StateIndex {
+    let mut state = StateIndex::new("node-1");
+    state
+        .insert_service(&service("demo", "echo", "10.96.0.10", &[(80, 8080)]))
+        .unwrap();
+    state
+        .insert_workload(&workload(
+            "demo",
+            "echo-a",
+            "10.244.1.5",
+            "node-1",
+            &[(ECHO, &[(80, 8080)])],
+        ))
+        .unwrap();
+    state
+        .insert_workload(&workload(
+            "demo",
+            "echo-b",
+            "10.244.2.5",
+            "node-2",
+            &[(ECHO, &[(80, 8080)])],
+        ))
+        .unwrap();
+    state
+        .insert_workload(&workload("demo", "client-x", "10.244.1.9", "node-1", &[]))
+        .unwrap();
+    state
+}
+
+#[test]
+fn vip_resolves_to_service_and_pod_ip_to_workload() {
+    let state = demo();
+    match state.find_address("", "10.96.0.10".parse().unwrap()) {
+        Some(Address::Service(s)) => assert_eq!(&*s.key, ECHO),
+        other => panic!("expected the echo service, got {other:?}"),
+    }
+    match state.find_address("", "10.244.2.5".parse().unwrap()) {
+        Some(Address::Workload(w)) => {
+            assert_eq!(&*w.name, "echo-b");
+            assert_eq!(
+                w.identity().to_string(),
+                "spiffe://cluster.local/ns/demo/sa/default"
+            );
+        }
+        other => panic!("expected echo-b, got {other:?}"),
+    }
+    assert!(
+        state
+            .find_address("", "192.0.2.1".parse().unwrap())
+            .is_none(),
+        "outside the mesh"
+    );
+    assert!(
+        state
+            .find_address("other-net", "10.244.2.5".parse().unwrap())
+            .is_none(),
+        "networks are distinct"
+    );
+}
+
+#[test]
+fn only_this_nodes_pods_are_local() {
+    let state = demo();
+    assert!(state.local_workload("demo", "echo-a").is_some());
+    assert!(
+        state.local_workload("demo", "echo-b").is_none(),
+        "echo-b runs on node-2"
+    );
+}
+
+#[test]
+fn endpoints_map_service_port_to_target_port_and_spread() {
+    let state = demo();
+    let echo = state.service(ECHO).unwrap().clone();
+    let mut seen = HashSet::new();
+    for _ in 0..200 {
+        let (w, port) = state.pick_endpoint(&echo, 80, None).unwrap();
+        assert_eq!(port, 8080);
+        seen.insert(w.name.to_string());
+    }
+    assert_eq!(
+        seen,
+        HashSet::from(["echo-a".to_string(), "echo-b".to_string()])
+    );
+    assert!(
+        state.pick_endpoint(&echo, 81, None).is_none(),
+        "the service has no port 81"
+    );
+}
+
+#[test]
+fn named_target_ports_resolve_per_endpoint() {
+    let mut state = StateIndex::new("node-1");
+    state
+        .insert_service(&service("demo", "echo", "10.96.0.10", &[(80, 0)]))
+        .unwrap();
+    state
+        .insert_workload(&workload(
+            "demo",
+            "echo-a",
+            "10.244.1.5",
+            "node-1",
+            &[(ECHO, &[(80, 9090)])],
+        ))
+        .unwrap();
+    let echo = state.service(ECHO).unwrap().clone();
+    assert_eq!(
+        state.pick_endpoint(&echo, 80, None).map(|(_, p)| p),
+        Some(9090)
+    );
+}
+
+#[test]
+fn unhealthy_endpoints_are_skipped_unless_allowed() {
+    let mut state = demo();
+    let mut sick = workload(
+        "demo",
+        "echo-b",
+        "10.244.2.5",
+        "node-2",
+        &[(ECHO, &[(80, 8080)])],
+    );
+    sick.status = pb::WorkloadStatus::Unhealthy as i32;
+    state.insert_workload(&sick).unwrap();
+    let echo = state.service(ECHO).unwrap().clone();
+    for _ in 0..50 {
+        assert_eq!(
+            &*state.pick_endpoint(&echo, 80, None).unwrap().0.name,
+            "echo-a"
+        );
+    }
+}
+
+#[test]
+fn node_preference_keeps_traffic_local_and_fails_over() {
+    let mut state = demo();
+    let mut svc = service("demo", "echo", "10.96.0.10", &[(80, 8080)]);
+    svc.load_balancing = Some(pb::LoadBalancing {
+        routing_preference: vec![pb::load_balancing::Scope::Node as i32],
+        mode: pb::load_balancing::Mode::Failover as i32,
+        health_policy: 0,
+    });
+    state.insert_service(&svc).unwrap();
+    let echo = state.service(ECHO).unwrap().clone();
+    let client = state.local_workload("demo", "client-x").unwrap().clone();
+    for _ in 0..50 {
+        assert_eq!(
+            &*state
+                .pick_endpoint(&echo, 80, Some(&client))
+                .unwrap()
+                .0
+                .name,
+            "echo-a"
+        );
+    }
+    // Failover: with the local endpoint gone, the remote one serves.
+    state
+        .remove_workload("Kubernetes//Pod/demo/echo-a")
+        .unwrap();
+    assert_eq!(
+        &*state
+            .pick_endpoint(&echo, 80, Some(&client))
+            .unwrap()
+            .0
+            .name,
+        "echo-b"
+    );
+    // Strict: no local endpoint means no endpoint.
+    svc.load_balancing.as_mut().unwrap().mode = pb::load_balancing::Mode::Strict as i32;
+    state.insert_service(&svc).unwrap();
+    let echo = state.service(ECHO).unwrap().clone();
+    assert!(state.pick_endpoint(&echo, 80, Some(&client)).is_none());
+}
+
+#[test]
+fn removal_by_xds_name_clears_every_index() {
+    let mut state = demo();
+    assert!(state.remove("Kubernetes//Pod/demo/echo-a"));
+    assert!(
+        state
+            .find_address("", "10.244.1.5".parse().unwrap())
+            .is_none()
+    );
+    assert!(state.local_workload("demo", "echo-a").is_none());
+    assert!(state.remove(ECHO));
+    assert!(
+        state
+            .find_address("", "10.96.0.10".parse().unwrap())
+            .is_none()
+    );
+    assert!(!state.remove("demo/nothing.demo.svc.cluster.local"));
+    assert_eq!(state.len(), (2, 0));
+}
+
+#[test]
+fn replacing_a_workload_moves_its_address() {
+    let mut state = demo();
+    state
+        .insert_workload(&workload(
+            "demo",
+            "echo-a",
+            "10.244.1.6",
+            "node-1",
+            &[(ECHO, &[(80, 8080)])],
+        ))
+        .unwrap();
+    assert!(
+        state
+            .find_address("", "10.244.1.5".parse().unwrap())
+            .is_none()
+    );
+    assert!(
+        state
+            .find_address("", "10.244.1.6".parse().unwrap())
+            .is_some()
+    );
+    let echo = state.service(ECHO).unwrap().clone();
+    let names: HashSet<String> = (0..100)
+        .map(|_| {
+            state
+                .pick_endpoint(&echo, 80, None)
+                .unwrap()
+                .0
+                .name
+                .to_string()
+        })
+        .collect();
+    assert_eq!(names.len(), 2, "no duplicate endpoint left behind");
+}
+
+#[test]
+fn invalid_resources_name_the_resource_and_field() {
+    let mut state = StateIndex::new("node-1");
+    let mut bad = workload("demo", "echo-1", "10.244.1.5", "node-1", &[]);
+    bad.addresses.push(vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        state.insert_workload(&bad).unwrap_err().to_string(),
+        "workload Kubernetes//Pod/demo/echo-1: addresses[1]: has 5 bytes, expected 4 or 16"
+    );
+    let mut legacy = workload("demo", "echo-2", "10.244.1.6", "node-1", &[]);
+    legacy.tunnel_protocol = pb::TunnelProtocol::LegacyIstioMtls as i32;
+    assert_eq!(
+        state.insert_workload(&legacy).unwrap_err().to_string(),
+        "workload Kubernetes//Pod/demo/echo-2: tunnel_protocol: LEGACY_ISTIO_MTLS is not supported"
+    );
+    let mut bad_port = service("demo", "echo", "10.96.0.10", &[(80, 8080)]);
+    bad_port.ports.push(pb::Port {
+        service_port: 0,
+        target_port: 80,
+        app_protocol: 0,
+    });
+    assert_eq!(
+        state.insert_service(&bad_port).unwrap_err().to_string(),
+        "service demo/echo.demo.svc.cluster.local: ports[1]: ports 0 -> 80 are outside 1-65535"
+    );
+    let mut bad_vip = service("demo", "echo", "10.96.0.10", &[(80, 8080)]);
+    bad_vip.addresses[0].address = ip_bytes("::1")[..3].to_vec();
+    assert!(
+        state
+            .insert_service(&bad_vip)
+            .unwrap_err()
+            .to_string()
+            .contains("addresses[0]: has 3 bytes")
+    );
+    assert_eq!(state.len(), (0, 0), "nothing bad was stored");
+}

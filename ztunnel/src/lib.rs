@@ -5,5 +5,8 @@
 //! HTTP and has no plugin hooks; HTTP belongs to the waypoint.
 #![forbid(unsafe_code)]
 
+pub mod control;
+pub mod mesh;
 pub mod rbac;
 pub mod state;
+pub mod xds;

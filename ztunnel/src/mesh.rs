@@ -1,0 +1,224 @@
+//! The one place configuration lands: the workload/service index and the authorization policies,
+//! fed by either the delta xDS client or the local config file, read by every proxy.
+//!
+//! Updates are applied resource by resource: a resource that fails validation is rejected with a
+//! reason naming it and the previous good version keeps serving, while its valid neighbours in the
+//! same update still apply (as upstream ztunnel does before it NACKs).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use ambit_proto::security as sec;
+use ambit_proto::workload as pb;
+use tokio::sync::watch;
+
+use crate::rbac::{Policy, PolicyStore};
+use crate::state::StateIndex;
+
+/// A resource the state refused, with the reason (sent back in a NACK or logged by the file
+/// loader).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The xDS resource name (workload uid, `namespace/hostname`, or policy `namespace/name`).
+    pub name: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.name, self.reason)
+    }
+}
+
+/// Shared configuration state. Cheap to clone.
+#[derive(Clone)]
+pub struct MeshState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    index: RwLock<StateIndex>,
+    policies: RwLock<PolicyStore>,
+    /// Bumped on every change, so watchers (in-pod manager, admin) can react.
+    generation: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for MeshState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (workloads, services) = self.index().len();
+        f.debug_struct("MeshState")
+            .field("workloads", &workloads)
+            .field("services", &services)
+            .field("policies", &self.policies().len())
+            .finish()
+    }
+}
+
+impl MeshState {
+    /// Empty state for a ztunnel on `local_node`.
+    pub fn new(local_node: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                index: RwLock::new(StateIndex::new(local_node)),
+                policies: RwLock::new(PolicyStore::new()),
+                generation: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// Read access to workloads and services. Hold the guard briefly (never across an await).
+    pub fn index(&self) -> RwLockReadGuard<'_, StateIndex> {
+        // A panic while holding the lock leaves the index consistent (every mutation is a
+        // single insert/remove), so a poisoned lock is still safe to read.
+        self.inner
+            .index
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Read access to the authorization policies. Hold the guard briefly.
+    pub fn policies(&self) -> RwLockReadGuard<'_, PolicyStore> {
+        self.inner
+            .policies
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn index_mut(&self) -> RwLockWriteGuard<'_, StateIndex> {
+        self.inner
+            .index
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn policies_mut(&self) -> RwLockWriteGuard<'_, PolicyStore> {
+        self.inner
+            .policies
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A receiver that changes whenever the state does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.generation.subscribe()
+    }
+
+    fn bump(&self) {
+        self.inner.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Applies `Address` upserts (by resource name) and removals. Returns what was refused.
+    pub fn apply_addresses(
+        &self,
+        upserts: &[(String, pb::Address)],
+        removals: &[String],
+    ) -> Vec<Rejection> {
+        let mut rejected = Vec::new();
+        {
+            let mut index = self.index_mut();
+            for name in removals {
+                index.remove(name);
+            }
+            for (name, address) in upserts {
+                if let Err(reason) = upsert_address(&mut index, name, address) {
+                    rejected.push(Rejection {
+                        name: name.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+        self.bump();
+        rejected
+    }
+
+    /// Applies `Authorization` upserts (by resource name) and removals. Returns what was refused.
+    pub fn apply_policies(
+        &self,
+        upserts: &[(String, sec::Authorization)],
+        removals: &[String],
+    ) -> Vec<Rejection> {
+        let mut rejected = Vec::new();
+        {
+            let mut policies = self.policies_mut();
+            for name in removals {
+                policies.remove(name);
+            }
+            for (name, resource) in upserts {
+                match Policy::from_proto(resource) {
+                    Ok(policy) if policy.key() == *name => policies.insert(policy),
+                    Ok(policy) => rejected.push(Rejection {
+                        name: name.clone(),
+                        reason: format!(
+                            "resource name does not match the policy's namespace/name {:?}",
+                            policy.key()
+                        ),
+                    }),
+                    Err(e) => rejected.push(Rejection {
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+        }
+        self.bump();
+        rejected
+    }
+
+    /// Replaces everything with a complete set (local file mode): resources not in the new set
+    /// are removed, refused ones keep their previous version.
+    pub fn replace_all(
+        &self,
+        addresses: &[(String, pb::Address)],
+        policies: &[(String, sec::Authorization)],
+    ) -> Vec<Rejection> {
+        let keep_addresses: BTreeSet<&str> = addresses.iter().map(|(n, _)| n.as_str()).collect();
+        let stale_addresses: Vec<String> = {
+            let index = self.index();
+            index
+                .workloads()
+                .map(|w| w.uid.to_string())
+                .chain(index.services().map(|s| s.key.to_string()))
+                .filter(|n| !keep_addresses.contains(n.as_str()))
+                .collect()
+        };
+        let keep_policies: BTreeSet<&str> = policies.iter().map(|(n, _)| n.as_str()).collect();
+        let stale_policies: Vec<String> = self
+            .policies()
+            .iter()
+            .map(|p| p.key())
+            .filter(|n| !keep_policies.contains(n.as_str()))
+            .collect();
+        let mut rejected = self.apply_addresses(addresses, &stale_addresses);
+        rejected.extend(self.apply_policies(policies, &stale_policies));
+        rejected
+    }
+}
+
+fn upsert_address(index: &mut StateIndex, name: &str, address: &pb::Address) -> Result<(), String> {
+    match &address.r#type {
+        Some(pb::address::Type::Workload(w)) => {
+            if w.uid != name {
+                return Err(format!(
+                    "resource name does not match the workload uid {:?}",
+                    w.uid
+                ));
+            }
+            index
+                .insert_workload(w)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+        Some(pb::address::Type::Service(s)) => {
+            let key = format!("{}/{}", s.namespace, s.hostname);
+            if key != name {
+                return Err(format!(
+                    "resource name does not match the service's namespace/hostname {key:?}"
+                ));
+            }
+            index.insert_service(s).map(drop).map_err(|e| e.to_string())
+        }
+        None => Err("Address holds neither a workload nor a service".to_string()),
+    }
+}

@@ -5,6 +5,7 @@
 //! HTTP and has no plugin hooks; HTTP belongs to the waypoint.
 #![forbid(unsafe_code)]
 
+pub mod caclient;
 pub mod control;
 pub mod mesh;
 pub mod rbac;

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,6 @@ use std::time::Duration;
 use ambit_core::drain;
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
-use ambit_identity::Identity;
 use ambit_identity::ca::CertificateAuthority;
 use ambit_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -23,10 +22,10 @@ use ambit_proto::security as sec;
 use ambit_proto::workload as pb;
 use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, pack_any};
 use futures::Stream;
+use support::tls_server::TlsFixture;
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::timeout;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Server, ServerTlsConfig};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use ztunnel::control::{ControlPlane, TokenSource};
 use ztunnel::mesh::MeshState;
@@ -106,57 +105,26 @@ impl AggregatedDiscoveryService for FakeAds {
 struct ControlPlaneFixture {
     addr: SocketAddr,
     sessions: Arc<Mutex<mpsc::Receiver<Session>>>,
-    root_file: tempfile::NamedTempFile,
+    tls: TlsFixture,
 }
 
 impl ControlPlaneFixture {
     async fn start() -> Self {
-        let ca = CertificateAuthority::generate_root("cluster.local", Duration::from_secs(3600))
-            .unwrap();
-        let id = Identity::new("cluster.local", "istio-system", "istiod").unwrap();
-        let serving = ca
-            .issue_serving_certificate(
-                &id,
-                &["istiod.istio-system.svc".to_string()],
-                &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        let root_file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(root_file.path(), ca.root_pem()).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let tls = TlsFixture::new();
         let (tx, rx) = mpsc::channel(4);
-        let tls = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
-            serving.chain_pem.join(""),
-            &serving.key_pem,
-        ));
-        tokio::spawn(
-            Server::builder()
-                .tls_config(tls)
-                .unwrap()
-                .add_service(AggregatedDiscoveryServiceServer::new(FakeAds {
-                    sessions: tx,
-                }))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
+        let addr = TlsFixture::spawn(tls.server().add_service(
+            AggregatedDiscoveryServiceServer::new(FakeAds { sessions: tx }),
+        ))
+        .await;
         Self {
             addr,
             sessions: Arc::new(Mutex::new(rx)),
-            root_file,
+            tls,
         }
     }
 
     fn control_plane(&self, token: TokenSource) -> ControlPlane {
-        ControlPlane {
-            address: format!("https://127.0.0.1:{}", self.addr.port()),
-            root_ca: Some(self.root_file.path().to_path_buf()),
-            server_name: None,
-            token,
-            cluster_id: "lab-cluster".into(),
-            headers: vec![("X-Extra".into(), "yes".into())],
-            connect_timeout: Duration::from_secs(5),
-        }
+        self.tls.control_plane(self.addr, token)
     }
 
     async fn next_session(&self) -> Session {

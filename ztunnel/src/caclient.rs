@@ -1,0 +1,128 @@
+//! The Istio CA client: `IstioCertificateService/CreateCertificate` over TLS, asking for each pod's
+//! identity with the `ImpersonatedIdentity` metadata a node agent uses. Plugged into the identity
+//! crate's [`CertStore`](ambit_identity::store::CertStore), which owns refresh, backoff and
+//! concurrency.
+
+use std::time::Duration;
+
+use ambit_identity::Identity;
+use ambit_identity::store::{CertificateSource, FetchError, FetchFuture};
+use ambit_proto::ca::IstioCertificateRequest;
+use ambit_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use prost_types::value::Kind;
+use prost_types::{Struct, Value};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+use crate::control::ControlPlane;
+
+/// Requests certificates for workloads on this node from the CA.
+#[derive(Debug)]
+pub struct CaClient {
+    control: ControlPlane,
+    /// Reused while healthy; rebuilt after a transport failure (also picks up a rotated root).
+    channel: Mutex<Option<Channel>>,
+    /// Ask for identities other than our own (in-pod mode). Off only for a dedicated proxy.
+    impersonate: bool,
+}
+
+impl CaClient {
+    /// A client for `control`; `impersonate` adds the `ImpersonatedIdentity` metadata.
+    pub fn new(control: ControlPlane, impersonate: bool) -> Self {
+        Self {
+            control,
+            channel: Mutex::new(None),
+            impersonate,
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, FetchError> {
+        let mut slot = self.channel.lock().await;
+        if let Some(channel) = slot.as_ref() {
+            return Ok(channel.clone());
+        }
+        let channel = self
+            .control
+            .connect()
+            .await
+            .map_err(|e| FetchError::Unavailable(e.to_string()))?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    async fn create(
+        &self,
+        identity: &Identity,
+        csr_pem: String,
+        ttl: Duration,
+    ) -> Result<Vec<String>, FetchError> {
+        let metadata = self.impersonate.then(|| Struct {
+            fields: [(
+                "ImpersonatedIdentity".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(identity.to_string())),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        });
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr: csr_pem,
+            validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata,
+        });
+        *request.metadata_mut() = self
+            .control
+            .metadata()
+            .map_err(|e| FetchError::Unavailable(e.to_string()))?;
+        let channel = self.channel().await?;
+        let response = IstioCertificateServiceClient::new(channel)
+            .create_certificate(request)
+            .await;
+        match response {
+            Ok(response) => {
+                let chain = response.into_inner().cert_chain;
+                if chain.len() < 2 {
+                    return Err(FetchError::Refused(format!(
+                        "the CA returned {} certificate(s) for {identity}; a leaf and the root \
+                         are required",
+                        chain.len()
+                    )));
+                }
+                Ok(chain)
+            }
+            Err(status) => {
+                let refused = matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::InvalidArgument
+                );
+                let text = format!("{} for {identity} ({:?})", status.message(), status.code());
+                if refused {
+                    Err(FetchError::Refused(text))
+                } else {
+                    // Transport trouble: reconnect on the next attempt.
+                    *self.channel.lock().await = None;
+                    Err(FetchError::Unavailable(text))
+                }
+            }
+        }
+    }
+}
+
+impl CertificateSource for CaClient {
+    fn fetch(&self, identity: &Identity, csr_pem: String) -> FetchFuture<'_> {
+        self.fetch_with_ttl(identity, csr_pem, Duration::from_secs(24 * 3600))
+    }
+
+    fn fetch_with_ttl(
+        &self,
+        identity: &Identity,
+        csr_pem: String,
+        ttl: Duration,
+    ) -> FetchFuture<'_> {
+        let identity = identity.clone();
+        Box::pin(async move { self.create(&identity, csr_pem, ttl).await })
+    }
+}

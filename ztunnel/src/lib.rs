@@ -8,6 +8,8 @@
 pub mod caclient;
 pub mod control;
 pub mod mesh;
+pub mod proxy;
 pub mod rbac;
+pub mod socket;
 pub mod state;
 pub mod xds;

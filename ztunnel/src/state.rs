@@ -727,6 +727,16 @@ impl StateIndex {
         self.services.values()
     }
 
+    /// A healthy endpoint of `service`, ignoring ports and preferences (waypoints are reached on
+    /// their HBONE port whatever the service lists).
+    pub fn any_endpoint(&self, service: &Service) -> Option<Arc<Workload>> {
+        self.endpoints
+            .get(&service.key)?
+            .iter()
+            .find(|w| w.healthy)
+            .cloned()
+    }
+
     /// Picks an endpoint of `service` for a connection to `service_port` from `source`, honoring
     /// health, the service's routing preferences and the port mapping; a random choice among the
     /// best candidates. Returns the workload and the target port.

@@ -76,11 +76,14 @@ pub enum DialError {
 type CertificateFuture =
     Pin<Box<dyn Future<Output = Result<Arc<WorkloadCertificate>, BoxError>> + Send>>;
 type CertificateLookup = dyn Fn(&Identity) -> CertificateFuture + Send + Sync;
+type TcpFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+type TcpConnector = dyn Fn(&PoolKey) -> TcpFuture + Send + Sync;
 
 /// The default dialer: TCP to `key.dst`, then mutual TLS presenting the certificate for
 /// `key.src_id` and accepting only a server whose identity is in `key.dst_ids`.
 pub struct TlsDialer {
     certificate_for: Box<CertificateLookup>,
+    tcp_connect: Option<Box<TcpConnector>>,
 }
 
 impl std::fmt::Debug for TlsDialer {
@@ -102,7 +105,20 @@ impl TlsDialer {
                 let lookup = certificate_for(identity.clone());
                 Box::pin(async move { lookup.await.map_err(Into::into) })
             }),
+            tcp_connect: None,
         }
+    }
+
+    /// Opens the TCP connection with `connect` instead of a plain `TcpStream::connect(key.dst)`;
+    /// ztunnel uses this to create the socket inside the source pod's network namespace, with its
+    /// packet mark, and to bound the connect time.
+    pub fn with_tcp_connector<F, Fut>(mut self, connect: F) -> Self
+    where
+        F: Fn(&PoolKey) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::io::Result<TcpStream>> + Send + 'static,
+    {
+        self.tcp_connect = Some(Box::new(move |key: &PoolKey| Box::pin(connect(key))));
+        self
     }
 
     /// A dialer whose certificates come from `store` (fetched and rotated there).
@@ -136,9 +152,11 @@ impl TlsDialer {
                     source: Box::new(source),
                 }
             })?;
-        let tcp = TcpStream::connect(key.dst)
-            .await
-            .map_err(DialError::Connect)?;
+        let tcp = match &self.tcp_connect {
+            Some(connect) => connect(key).await,
+            None => TcpStream::connect(key.dst).await,
+        }
+        .map_err(DialError::Connect)?;
         // HBONE multiplexes interactive traffic; Nagle would add latency to small writes.
         tcp.set_nodelay(true).map_err(DialError::Connect)?;
         let (tls, peer) = ambit_identity::tls::connect(config, tcp)

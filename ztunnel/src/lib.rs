@@ -7,6 +7,7 @@
 
 pub mod caclient;
 pub mod control;
+pub mod localconfig;
 pub mod mesh;
 pub mod proxy;
 pub mod rbac;

@@ -5,8 +5,12 @@
 //! HTTP and has no plugin hooks; HTTP belongs to the waypoint.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
 pub mod caclient;
+pub mod config;
 pub mod control;
+pub mod inpod;
 pub mod localconfig;
 pub mod mesh;
 pub mod proxy;

@@ -1,6 +1,7 @@
 //! Builders for workload-API resources shared by ztunnel's tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod netns;
 pub mod tls_server;
 
 use std::collections::HashMap;

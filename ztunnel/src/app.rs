@@ -1,0 +1,224 @@
+//! Wiring: builds every part from [`Config`], serves the operator endpoints, starts the config
+//! source, then (once configuration is in) the in-pod manager, and drains on SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::drain::{self, DrainMode, DrainWatcher};
+use ambit_core::logging::LogHandle;
+use ambit_core::metrics::Registry;
+use ambit_core::readiness::Readiness;
+use ambit_identity::ca::CertificateAuthority;
+use ambit_identity::store::{CertStore, CertificateSource, StoreConfig};
+use ambit_proto::envoy_core::Node;
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::admin::{AdminState, admin_handler, metrics_handler, readiness_handler};
+use crate::caclient::CaClient;
+use crate::config::{Config, ConfigSource};
+use crate::inpod::InPodManager;
+use crate::mesh::MeshState;
+use crate::proxy::ProxyInputs;
+use crate::xds::{XdsClient, XdsConfig};
+
+/// The certificate source: the CA over gRPC, or a local CA directory.
+fn certificate_source(config: &Config) -> anyhow::Result<Arc<dyn CertificateSource>> {
+    if let Some(ca) = &config.ca {
+        return Ok(Arc::new(CaClient::new(ca.clone(), true)));
+    }
+    let dir = config
+        .local_ca_dir
+        .as_ref()
+        .context("neither CA_ADDRESS nor LOCAL_CA_DIR is set")?;
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .with_context(|| format!("reading {} from LOCAL_CA_DIR", dir.join(name).display()))
+    };
+    let ca = CertificateAuthority::from_pem(&read("ca-cert.pem")?, &read("ca-key.pem")?, &[])
+        .with_context(|| format!("loading the CA in {}", dir.display()))?;
+    Ok(Arc::new(ca))
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} endpoint on {addr}"))
+}
+
+/// Runs ztunnel until SIGTERM/SIGINT (or `stop`), then drains.
+pub async fn run(
+    config: Config,
+    log: Option<LogHandle>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let metrics = Registry::new();
+    crate::proxy::metrics::describe(&metrics);
+    crate::xds::describe_metrics(&metrics);
+    let readiness = Readiness::new();
+    let (trigger, drain) = drain::new();
+    let mesh = MeshState::new(&config.node_name);
+    let certs = CertStore::new(
+        certificate_source(&config)?,
+        StoreConfig {
+            ttl: config.secret_ttl,
+            ..StoreConfig::default()
+        },
+    );
+    let inputs = ProxyInputs {
+        config: Arc::new(config.proxy.clone()),
+        mesh: mesh.clone(),
+        certs: certs.clone(),
+        metrics: metrics.clone(),
+    };
+
+    let stats = bind(config.stats_addr, "metrics").await?;
+    let ready_listener = bind(config.readiness_addr, "readiness").await?;
+    let admin_listener = bind(config.admin_addr, "admin").await?;
+
+    let config_ready = readiness.register("config");
+    match &config.source {
+        ConfigSource::Xds(control_plane) => {
+            let node = Node {
+                id: format!(
+                    "ztunnel~{}~{}.{}~{}.svc.cluster.local",
+                    config.instance_ip, config.pod_name, config.pod_namespace, config.pod_namespace
+                ),
+                cluster: config.cluster_id.clone(),
+                ..Node::default()
+            };
+            let client = XdsClient::new(
+                XdsConfig {
+                    control_plane: control_plane.clone(),
+                    node: node_with_metadata(node, &config),
+                    backoff_initial: Duration::from_millis(10),
+                    backoff_max: Duration::from_secs(15),
+                },
+                mesh.clone(),
+                metrics.clone(),
+                Some(config_ready),
+            );
+            tokio::spawn(client.run(drain.clone()));
+        }
+        ConfigSource::File(path) => {
+            tokio::spawn(crate::localconfig::watch(
+                path.clone(),
+                mesh.clone(),
+                config.cluster_id.clone(),
+                Duration::from_secs(1),
+                Some(config_ready),
+                drain.clone(),
+            ));
+        }
+    }
+
+    let inpod = config.zds_path.as_ref().map(|path| {
+        InPodManager::new(
+            path.clone(),
+            inputs.clone(),
+            config.trust_domain.clone(),
+            config.drain_deadline,
+            metrics.clone(),
+        )
+    });
+    let mut sections = Vec::new();
+    if let Some(manager) = &inpod {
+        sections.push(("pods", manager.dump_section()));
+        let manager = manager.clone();
+        let pending = readiness.register("zds-snapshot");
+        let readiness = readiness.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            // Like upstream: take pods only once configuration has arrived.
+            if !wait_for_config(&readiness, &drain).await {
+                return;
+            }
+            manager.run(pending, readiness, drain).await;
+        });
+    }
+    let admin = AdminState {
+        mesh: mesh.clone(),
+        certs: certs.clone(),
+        log,
+        config: config.effective.clone(),
+        sections,
+    };
+    tokio::spawn(ambit_core::http::serve(
+        stats,
+        metrics_handler(metrics.clone()),
+        drain.clone(),
+    ));
+    tokio::spawn(ambit_core::http::serve(
+        ready_listener,
+        readiness_handler(readiness.clone()),
+        drain.clone(),
+    ));
+    tokio::spawn(ambit_core::http::serve(
+        admin_listener,
+        admin_handler(admin),
+        drain.clone(),
+    ));
+    tracing::info!(node = %config.node_name, stats = %config.stats_addr, admin = %config.admin_addr, readiness = %config.readiness_addr, "ztunnel started");
+    drop(drain);
+
+    stop.await;
+    tracing::info!(deadline = ?config.drain_deadline, "draining");
+    let outcome = trigger
+        .start_drain_and_wait(DrainMode::Graceful, config.drain_deadline)
+        .await;
+    if let Some(manager) = &inpod {
+        manager.shutdown_all(config.drain_deadline).await;
+    }
+    tracing::info!(graceful = outcome.graceful, "ztunnel stopped");
+    Ok(())
+}
+
+async fn wait_for_config(readiness: &Readiness, drain: &DrainWatcher) -> bool {
+    loop {
+        if !readiness.pending().iter().any(|p| p == "config") {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = drain.signaled() => return false,
+        }
+    }
+}
+
+fn node_with_metadata(mut node: Node, config: &Config) -> Node {
+    use prost_types::value::Kind;
+    let string = |s: &str| prost_types::Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    };
+    let fields = [
+        ("NAME", string(&config.pod_name)),
+        ("NAMESPACE", string(&config.pod_namespace)),
+        ("INSTANCE_IPS", string(&config.instance_ip.to_string())),
+        ("NODE_NAME", string(&config.node_name)),
+        ("CLUSTER_ID", string(&config.cluster_id)),
+    ];
+    node.metadata = Some(prost_types::Struct {
+        fields: fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    });
+    node
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,188 @@
+//! ztunnel's settings, read from environment variables with the upstream names. Every bad value is
+//! reported at once, naming the variable and the value.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ambit_core::config::{ConfigError, EnvReader, EnvSource};
+use ambit_core::logging::LogFormat;
+
+use crate::control::{ControlPlane, TokenSource};
+use crate::proxy::ProxyConfig;
+
+/// Where configuration comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    /// Delta xDS from the control plane.
+    Xds(ControlPlane),
+    /// A local YAML file (`LOCAL_XDS_PATH`).
+    File(PathBuf),
+}
+
+/// Everything ztunnel needs to start.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's name (workloads on it are "local").
+    pub node_name: String,
+    /// ztunnel's own pod name and namespace (xDS node id).
+    pub pod_name: String,
+    /// ztunnel's own pod namespace.
+    pub pod_namespace: String,
+    /// ztunnel's own IP (xDS node id).
+    pub instance_ip: IpAddr,
+    /// Mesh trust domain for pod identities.
+    pub trust_domain: String,
+    /// Cluster id (`clusterid` header, metrics).
+    pub cluster_id: String,
+    /// Configuration source.
+    pub source: ConfigSource,
+    /// The CA (None in local-file mode without `CA_ADDRESS`: certificates then come from
+    /// `LOCAL_CA_DIR`).
+    pub ca: Option<ControlPlane>,
+    /// A local CA directory (ca-cert.pem, ca-key.pem) to sign certificates in-process (lab
+    /// without istiod, tests).
+    pub local_ca_dir: Option<PathBuf>,
+    /// Requested certificate lifetime.
+    pub secret_ttl: Duration,
+    /// ZDS socket path; None disables in-pod mode.
+    pub zds_path: Option<PathBuf>,
+    /// Prometheus endpoint.
+    pub stats_addr: SocketAddr,
+    /// Admin endpoint (localhost only by default).
+    pub admin_addr: SocketAddr,
+    /// Readiness endpoint.
+    pub readiness_addr: SocketAddr,
+    /// How long connections may finish after SIGTERM or a pod's removal.
+    pub drain_deadline: Duration,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// Default log filter.
+    pub log_level: String,
+    /// Proxy settings.
+    pub proxy: ProxyConfig,
+    /// The settings as read, for `/config_dump` (secrets masked).
+    pub effective: Vec<(String, String)>,
+}
+
+const DEFAULT_TOKEN_FILE: &str = "./var/run/secrets/tokens/istio-token";
+
+/// Reads the configuration. `headers` are the process's `XDS_HEADER_*`/`CA_HEADER_*` variables.
+pub fn from_env(
+    source: &dyn EnvSource,
+    vars: &BTreeMap<String, String>,
+) -> Result<Config, ConfigError> {
+    let mut env = EnvReader::new(source);
+    let node_name = env.required_string("NODE_NAME").unwrap_or_default();
+    let pod_name = env.string("POD_NAME", "ztunnel");
+    let pod_namespace = env.string("POD_NAMESPACE", "istio-system");
+    let instance_ip = env.parse("INSTANCE_IP", IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1)));
+    let trust_domain = env.string("TRUST_DOMAIN", "cluster.local");
+    let cluster_id = env
+        .optional_string("ISTIO_META_CLUSTER_ID")
+        .or_else(|| env.optional_string("CLUSTER_ID"))
+        .unwrap_or_else(|| "Kubernetes".to_string());
+    let in_cluster = env.optional_string("KUBERNETES_SERVICE_HOST").is_some();
+    let default_xds = if in_cluster {
+        "https://istiod.istio-system.svc:15012"
+    } else {
+        "https://localhost:15012"
+    };
+    let token_setting = env.secret_string("AUTH_TOKEN");
+    let token = TokenSource::from_setting(token_setting.as_deref(), DEFAULT_TOKEN_FILE);
+    let connect_timeout = env.duration("CONNECT_TIMEOUT", Duration::from_secs(10));
+    let headers = |prefix: &str| -> Vec<(String, String)> {
+        vars.iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
+            .collect()
+    };
+    let xds_address = env.string("XDS_ADDRESS", default_xds);
+    let xds_root = env
+        .optional_string("XDS_ROOT_CA")
+        .map(PathBuf::from)
+        .or_else(|| default_root("./var/run/secrets/istio/root-cert.pem"));
+    let xds = ControlPlane {
+        address: xds_address.clone(),
+        root_ca: xds_root.clone(),
+        server_name: env.optional_string("ALT_XDS_HOSTNAME"),
+        token: token.clone(),
+        cluster_id: cluster_id.clone(),
+        headers: headers("XDS_HEADER_"),
+        connect_timeout,
+    };
+    let local_path = env.optional_string("LOCAL_XDS_PATH").map(PathBuf::from);
+    let ca_address = env.optional_string("CA_ADDRESS");
+    let local_ca_dir = env.optional_string("LOCAL_CA_DIR").map(PathBuf::from);
+    let ca = match (&ca_address, &local_path, &local_ca_dir) {
+        (None, _, Some(_)) | (None, Some(_), None) => None,
+        _ => Some(ControlPlane {
+            address: ca_address.unwrap_or(xds_address),
+            root_ca: env
+                .optional_string("CA_ROOT_CA")
+                .map(PathBuf::from)
+                .or(xds_root),
+            server_name: env.optional_string("ALT_CA_HOSTNAME"),
+            token,
+            cluster_id: cluster_id.clone(),
+            headers: headers("CA_HEADER_"),
+            connect_timeout,
+        }),
+    };
+    if ca.is_none() && local_ca_dir.is_none() {
+        env.invalid(
+            "CA_ADDRESS",
+            "",
+            "a CA address, or LOCAL_CA_DIR, when LOCAL_XDS_PATH is set",
+        );
+    }
+    let source = match local_path {
+        Some(path) => ConfigSource::File(path),
+        None => ConfigSource::Xds(xds),
+    };
+    let inpod = env.bool("INPOD_ENABLED", true);
+    let zds_path =
+        inpod.then(|| PathBuf::from(env.string("INPOD_UDS", "/var/run/ztunnel/ztunnel.sock")));
+    let secret_ttl = env.duration("SECRET_TTL", Duration::from_secs(24 * 3600));
+    let stats_addr = env.socket_addr("STATS_ADDR", "[::]:15020".parse().expect("literal"));
+    let admin_addr = env.socket_addr("ADMIN_ADDR", "127.0.0.1:15000".parse().expect("literal"));
+    let readiness_addr = env.socket_addr("READINESS_ADDR", "[::]:15021".parse().expect("literal"));
+    let drain_deadline = env.duration("DRAIN_DEADLINE", Duration::from_secs(5));
+    let log_format = env.parse("LOG_FORMAT", LogFormat::Text);
+    let log_level = env.string("RUST_LOG", "info");
+    let network = env.string("NETWORK", "");
+    let preserve_source = env.bool("ENABLE_ORIG_SRC", true);
+    let effective = env.finish()?;
+    Ok(Config {
+        node_name,
+        pod_name,
+        pod_namespace,
+        instance_ip,
+        trust_domain,
+        cluster_id: cluster_id.clone(),
+        source,
+        ca,
+        local_ca_dir,
+        secret_ttl,
+        zds_path,
+        stats_addr,
+        admin_addr,
+        readiness_addr,
+        drain_deadline,
+        log_format,
+        log_level,
+        proxy: ProxyConfig {
+            network,
+            cluster_id,
+            connect_timeout,
+            preserve_source,
+            ..ProxyConfig::default()
+        },
+        effective,
+    })
+}
+
+fn default_root(path: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(path);
+    path.is_file().then_some(path)
+}

@@ -1,0 +1,10 @@
+//! The cluster objects Ambit reads (from Kubernetes or from a directory of the same YAML), with
+//! validation that names the object and field at fault, and the ambient enrollment rules. No
+//! Kubernetes client here: the CNI agent, istiod-lite and `ambitctl lab` all build on it.
+
+pub mod enrollment;
+pub mod objects;
+pub mod parse;
+
+pub use objects::{Namespace, Object, ObjectKey, ObjectMeta, Pod};
+pub use parse::{ObjectError, parse_documents, read_dir};

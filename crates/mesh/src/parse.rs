@@ -1,0 +1,209 @@
+//! Multi-document YAML into typed objects. One bad object is reported (naming the file, the
+//! document, the object and the field) and never hides the others.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::objects::{Namespace, Object, ObjectKey, ObjectMeta, Pod};
+
+/// An object that could not be accepted.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{source_name} doc {document}: {object}: {field}: {reason}")]
+pub struct ObjectError {
+    /// The file (or other source) it came from.
+    pub source_name: String,
+    /// 1-based document index in that source.
+    pub document: usize,
+    /// `Kind namespace/name`, or what is known of it.
+    pub object: String,
+    /// The field at fault (dotted path), or `-` for the whole document.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    items: Vec<serde_json::Value>,
+}
+
+/// A DNS-1123 label: lowercase alphanumerics and '-', 1-63 characters, alphanumeric at both ends.
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// A DNS-1123 subdomain: dot-separated labels, at most 253 characters.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
+}
+
+/// Parses every document of `text`.
+pub fn parse_documents(text: &str, source_name: &str) -> (Vec<Object>, Vec<ObjectError>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let document_no = index + 1;
+        let value = match serde_json::Value::deserialize(document) {
+            Ok(serde_json::Value::Null) => continue,
+            Ok(value) => value,
+            Err(e) => {
+                errors.push(ObjectError {
+                    source_name: source_name.to_string(),
+                    document: document_no,
+                    object: "?".into(),
+                    field: "-".into(),
+                    reason: format!("not valid YAML: {e}"),
+                });
+                // The YAML stream cannot be trusted past a syntax error.
+                break;
+            }
+        };
+        parse_value(value, source_name, document_no, &mut objects, &mut errors);
+    }
+    (objects, errors)
+}
+
+fn parse_value(
+    value: serde_json::Value,
+    source_name: &str,
+    document: usize,
+    objects: &mut Vec<Object>,
+    errors: &mut Vec<ObjectError>,
+) {
+    let error = |object: String, field: &str, reason: String| ObjectError {
+        source_name: source_name.to_string(),
+        document,
+        object,
+        field: field.to_string(),
+        reason,
+    };
+    let header: Header = match serde_json::from_value(value.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            errors.push(error(
+                "?".into(),
+                "-",
+                format!("not a Kubernetes object: {e}"),
+            ));
+            return;
+        }
+    };
+    if header.kind == "List" {
+        for item in header.items {
+            parse_value(item, source_name, document, objects, errors);
+        }
+        return;
+    }
+    let key = ObjectKey {
+        kind: header.kind.clone(),
+        namespace: header.metadata.namespace.clone(),
+        name: header.metadata.name.clone(),
+    };
+    let named = if header.kind.is_empty() {
+        "object without kind".to_string()
+    } else {
+        key.to_string()
+    };
+    if header.kind.is_empty() {
+        errors.push(error(named, "kind", "required".into()));
+        return;
+    }
+    if header.api_version.is_empty() {
+        errors.push(error(named, "apiVersion", "required".into()));
+        return;
+    }
+    if !is_dns_subdomain(&header.metadata.name) {
+        errors.push(error(
+            named,
+            "metadata.name",
+            format!(
+                "{:?} is not a valid name (lowercase letters, digits, '-' and '.')",
+                header.metadata.name
+            ),
+        ));
+        return;
+    }
+    let result = match header.kind.as_str() {
+        "Namespace" => typed::<Namespace>(value).map(Object::Namespace),
+        "Pod" => typed::<Pod>(value)
+            .and_then(|pod| validate_pod(&pod).map(|()| pod))
+            .map(Object::Pod),
+        _ => Ok(Object::Other {
+            key,
+            api_version: header.api_version,
+            value,
+        }),
+    };
+    match result {
+        Ok(object) => objects.push(object),
+        Err((field, reason)) => errors.push(error(named, &field, reason)),
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, (String, String)> {
+    serde_json::from_value(value).map_err(|e| {
+        let text = e.to_string();
+        ("-".to_string(), text)
+    })
+}
+
+fn validate_pod(pod: &Pod) -> Result<(), (String, String)> {
+    if pod.metadata.namespace.is_empty() {
+        return Err(("metadata.namespace".into(), "required for a Pod".into()));
+    }
+    if !is_dns_label(&pod.metadata.namespace) {
+        return Err((
+            "metadata.namespace".into(),
+            format!("{:?} is not a valid namespace name", pod.metadata.namespace),
+        ));
+    }
+    for (i, ip) in pod.ips().iter().enumerate() {
+        if ip.parse::<std::net::IpAddr>().is_err() {
+            let field = if i == 0 && !pod.status.pod_ip.is_empty() {
+                "status.podIP".to_string()
+            } else {
+                "status.podIPs".to_string()
+            };
+            return Err((field, format!("{ip:?} is not an IP address")));
+        }
+    }
+    Ok(())
+}
+
+/// Reads every `*.yaml`/`*.yml` file in `dir` (sorted by name).
+pub fn read_dir(dir: &Path) -> std::io::Result<(Vec<Object>, Vec<ObjectError>)> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    paths.sort();
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(&path)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let (o, e) = parse_documents(&text, &name);
+        objects.extend(o);
+        errors.extend(e);
+    }
+    Ok((objects, errors))
+}

@@ -120,10 +120,12 @@ impl Agent {
 
     /// Serves the plugin and ztunnel and follows label changes, until the task is dropped.
     pub async fn run(&self, plugin: UnixListener, zds: tokio_seqpacket::UnixSeqpacketListener) {
+        // Owned here so that stopping `run` stops everything it started.
+        let mut tasks = tokio::task::JoinSet::new();
         let zds_server = self.inner.zds.clone();
-        tokio::spawn(async move { zds_server.serve(zds).await });
+        tasks.spawn(async move { zds_server.serve(zds).await });
         let watcher = self.clone();
-        tokio::spawn(async move { watcher.follow_config().await });
+        tasks.spawn(async move { watcher.follow_config().await });
         loop {
             match plugin.accept().await {
                 Ok((stream, _)) => {

@@ -261,7 +261,11 @@ async fn tcp(addr: &str, send: &str, timeout: Duration) -> anyhow::Result<()> {
         let stream = TcpStream::connect(addr).await?;
         let mut reader = BufReader::new(stream);
         let mut greeting = String::new();
-        reader.read_line(&mut greeting).await?;
+        if reader.read_line(&mut greeting).await? == 0 {
+            anyhow::bail!(
+                "{addr} closed the connection before answering (refused by policy, or nothing listening)"
+            );
+        }
         let mut stream = reader.into_inner();
         stream.write_all(send.as_bytes()).await?;
         stream.shutdown().await?;

@@ -203,13 +203,65 @@ fn policy_json(p: &Policy) -> Value {
     })
 }
 
-/// The Prometheus handler.
-pub fn metrics_handler(registry: Registry) -> Handler {
+/// Refreshes the gauges computed from current state (certificates) just before a scrape.
+pub fn certificate_gauges(registry: &Registry, certs: &CertStore) {
+    registry.describe_gauge(
+        "ambit_certificates",
+        "Workload certificates managed by this ztunnel, by state",
+    );
+    registry.describe_gauge(
+        "ambit_certificate_expiry_seconds",
+        "Seconds until the certificate of each identity expires (negative: expired)",
+    );
+    let mut by_state: std::collections::BTreeMap<&'static str, f64> = [
+        ("initializing", 0.0),
+        ("available", 0.0),
+        ("refreshing", 0.0),
+        ("failing", 0.0),
+    ]
+    .into_iter()
+    .collect();
+    let now = std::time::SystemTime::now();
+    for status in certs.snapshot() {
+        let state = match status.state {
+            ambit_identity::store::CertState::Initializing => "initializing",
+            ambit_identity::store::CertState::Available => "available",
+            ambit_identity::store::CertState::Refreshing => "refreshing",
+            ambit_identity::store::CertState::Failing { .. } => "failing",
+        };
+        *by_state.entry(state).or_default() += 1.0;
+        if let Some(not_after) = status.not_after {
+            let remaining = match not_after.duration_since(now) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            };
+            registry
+                .gauge(
+                    "ambit_certificate_expiry_seconds",
+                    &[("identity", status.identity.to_string())],
+                )
+                .set(remaining);
+        }
+    }
+    for (state, count) in by_state {
+        registry
+            .gauge("ambit_certificates", &[("state", state.to_string())])
+            .set(count);
+    }
+}
+
+/// The Prometheus handler; `before_scrape` refreshes computed gauges.
+pub fn metrics_handler(
+    registry: Registry,
+    before_scrape: Arc<dyn Fn(&Registry) + Send + Sync>,
+) -> Handler {
     Handler::new(move |request| {
         let registry = registry.clone();
+        let before_scrape = before_scrape.clone();
         async move {
             match request.uri().path() {
                 "/metrics" | "/stats/prometheus" => {
+                    before_scrape(&registry);
                     let mut response = text(StatusCode::OK, registry.render());
                     response.headers_mut().insert(
                         http::header::CONTENT_TYPE,

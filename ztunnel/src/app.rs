@@ -143,9 +143,13 @@ pub async fn run(
         config: config.effective.clone(),
         sections,
     };
+    let scrape_certs = certs.clone();
+    let before_scrape = Arc::new(move |registry: &Registry| {
+        crate::admin::certificate_gauges(registry, &scrape_certs)
+    });
     tokio::spawn(ambit_core::http::serve(
         stats,
-        metrics_handler(metrics.clone()),
+        metrics_handler(metrics.clone(), before_scrape),
         drain.clone(),
     ));
     tokio::spawn(ambit_core::http::serve(

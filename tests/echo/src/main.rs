@@ -38,6 +38,9 @@ enum Command {
         /// HTTP/1.1 and h2c port (0 = off).
         #[arg(long, default_value_t = 8080)]
         http_port: u16,
+        /// Sink port for throughput tests: reads to EOF, answers with the byte count (0 = off).
+        #[arg(long, default_value_t = 9001)]
+        sink_port: u16,
         /// Pod name to report.
         #[arg(long, env = "POD_NAME", default_value = "")]
         pod: String,
@@ -61,6 +64,20 @@ enum Command {
         /// Per-request timeout in milliseconds.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+    },
+    /// Generate load and print JSON figures (for benchmarks).
+    Load {
+        /// `host:port` (throughput: the sink port; rr/connect: the TCP echo port).
+        addr: String,
+        /// throughput, rr or connect.
+        #[arg(long)]
+        mode: String,
+        /// How long to run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Parallel connections (rr, connect).
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
     },
     /// One TCP exchange.
     Tcp {
@@ -89,6 +106,8 @@ impl Identity {
     }
 }
 
+mod load;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -100,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             Command::Serve {
                 tcp_port,
                 http_port,
+                sink_port,
                 pod,
                 namespace,
                 node,
@@ -111,7 +131,21 @@ fn main() -> anyhow::Result<()> {
                     node,
                     version,
                 };
-                serve(tcp_port, http_port, id).await
+                serve(tcp_port, http_port, sink_port, id).await
+            }
+            Command::Load {
+                addr,
+                mode,
+                seconds,
+                connections,
+            } => {
+                load::run(
+                    &addr,
+                    &mode,
+                    Duration::from_secs(seconds),
+                    connections.max(1),
+                )
+                .await
             }
             Command::Call {
                 url,
@@ -127,8 +161,26 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn serve(tcp_port: u16, http_port: u16, id: Identity) -> anyhow::Result<()> {
+async fn serve(tcp_port: u16, http_port: u16, sink_port: u16, id: Identity) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
+    if sink_port != 0 {
+        let listener = TcpListener::bind(("0.0.0.0", sink_port)).await?;
+        tasks.spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 256 * 1024];
+                    let mut total: u64 = 0;
+                    while let Ok(n) = stream.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                    let _ = stream.write_all(&total.to_be_bytes()).await;
+                });
+            }
+        });
+    }
     if tcp_port != 0 {
         let listener = TcpListener::bind(("0.0.0.0", tcp_port)).await?;
         let id = id.clone();
@@ -155,7 +207,7 @@ async fn serve(tcp_port: u16, http_port: u16, id: Identity) -> anyhow::Result<()
             }
         });
     }
-    eprintln!("ambit-echo: serving tcp={tcp_port} http={http_port}");
+    eprintln!("ambit-echo: serving tcp={tcp_port} http={http_port} sink={sink_port}");
     while tasks.join_next().await.is_some() {}
     Ok(())
 }

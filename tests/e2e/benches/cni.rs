@@ -49,6 +49,27 @@ fn main() {
                 "agentSocket": node.dir.join("agent.sock"),
                 "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": format!("{}/24", pod.ip)}]},
             });
+            let invoke = |command: &str| {
+                let mut child = Command::new(&plugin)
+                    .env_clear()
+                    .env("CNI_COMMAND", command)
+                    .env("CNI_CONTAINERID", pod.container_id())
+                    .env("CNI_NETNS", pod.netns_path())
+                    .env("CNI_IFNAME", "eth0")
+                    .env("CNI_PATH", "/usr/lib/cni")
+                    .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID=uid-{namespace}-{i}"))
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("plugin");
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(conf.to_string().as_bytes())
+                    .unwrap();
+                child.wait().unwrap()
+            };
             let start = Instant::now();
             let mut child = Command::new(&plugin)
                 .env_clear()
@@ -92,6 +113,12 @@ fn main() {
                 }
                 listening.push(start.elapsed());
             }
+            // Free the address for the next pod (not timed).
+            assert!(invoke("DEL").success());
+            cluster
+                .topology
+                .delete_pod(namespace, &name, &Chain::default())
+                .expect("pod removed");
         }
         add.sort();
         listening.sort();

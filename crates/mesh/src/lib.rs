@@ -5,6 +5,7 @@
 pub mod enrollment;
 pub mod objects;
 pub mod parse;
+pub mod translate;
 
 pub use objects::{Namespace, Object, ObjectKey, ObjectMeta, Pod};
 pub use parse::{ObjectError, parse_documents, read_dir};

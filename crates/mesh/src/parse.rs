@@ -6,7 +6,9 @@ use std::path::Path;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::objects::{Namespace, Object, ObjectKey, ObjectMeta, Pod};
+use crate::objects::{
+    AuthorizationPolicy, Namespace, Object, ObjectKey, ObjectMeta, PeerAuthentication, Pod, Service,
+};
 
 /// An object that could not be accepted.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -144,6 +146,19 @@ fn parse_value(
         "Pod" => typed::<Pod>(value)
             .and_then(|pod| validate_pod(&pod).map(|()| pod))
             .map(Object::Pod),
+        "Service" => typed::<Service>(value)
+            .and_then(|s| validate_service(&s).map(|()| s))
+            .map(Object::Service),
+        "AuthorizationPolicy" if header.api_version.starts_with("security.istio.io/") => {
+            typed::<AuthorizationPolicy>(value)
+                .and_then(|p| validate_authorization(&p).map(|()| p))
+                .map(Object::AuthorizationPolicy)
+        }
+        "PeerAuthentication" if header.api_version.starts_with("security.istio.io/") => {
+            typed::<PeerAuthentication>(value)
+                .and_then(|p| validate_peer_authentication(&p).map(|()| p))
+                .map(Object::PeerAuthentication)
+        }
         _ => Ok(Object::Other {
             key,
             api_version: header.api_version,
@@ -182,6 +197,115 @@ fn validate_pod(pod: &Pod) -> Result<(), (String, String)> {
             };
             return Err((field, format!("{ip:?} is not an IP address")));
         }
+    }
+    Ok(())
+}
+
+fn require_namespace(meta: &ObjectMeta) -> Result<(), (String, String)> {
+    if meta.namespace.is_empty() {
+        return Err(("metadata.namespace".into(), "required".into()));
+    }
+    if !is_dns_label(&meta.namespace) {
+        return Err((
+            "metadata.namespace".into(),
+            format!("{:?} is not a valid namespace name", meta.namespace),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_service(service: &Service) -> Result<(), (String, String)> {
+    require_namespace(&service.metadata)?;
+    for ip in std::iter::once(&service.spec.cluster_ip).chain(&service.spec.cluster_ips) {
+        if !ip.is_empty() && ip != "None" && ip.parse::<std::net::IpAddr>().is_err() {
+            return Err((
+                "spec.clusterIP".into(),
+                format!("{ip:?} is not an IP address"),
+            ));
+        }
+    }
+    for (i, port) in service.spec.ports.iter().enumerate() {
+        if port.port == 0 {
+            return Err((format!("spec.ports[{i}].port"), "must be 1-65535".into()));
+        }
+        match &port.target_port {
+            None | Some(serde_json::Value::String(_)) => {}
+            Some(serde_json::Value::Number(n))
+                if n.as_u64().is_some_and(|n| (1..=65535).contains(&n)) => {}
+            Some(other) => {
+                return Err((
+                    format!("spec.ports[{i}].targetPort"),
+                    format!("{other} is not a port number or name"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_cidr(value: &str) -> bool {
+    let (ip, len) = value.split_once('/').unwrap_or((value, ""));
+    let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    len.is_empty() || len.parse::<u8>().is_ok_and(|l| l <= max)
+}
+
+fn validate_authorization(policy: &AuthorizationPolicy) -> Result<(), (String, String)> {
+    require_namespace(&policy.metadata)?;
+    let action = policy.spec.action.as_str();
+    if !matches!(action, "" | "ALLOW" | "DENY" | "AUDIT" | "CUSTOM") {
+        return Err((
+            "spec.action".into(),
+            format!("{action:?} is not ALLOW, DENY, AUDIT or CUSTOM"),
+        ));
+    }
+    for (r, rule) in policy.spec.rules.iter().flatten().enumerate() {
+        for (f, from) in rule.from.iter().enumerate() {
+            let s = &from.source;
+            for (field, values) in [
+                ("ipBlocks", &s.ip_blocks),
+                ("notIpBlocks", &s.not_ip_blocks),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ] {
+                if let Some(bad) = values.iter().find(|v| !validate_cidr(v)) {
+                    return Err((
+                        format!("spec.rules[{r}].from[{f}].source.{field}"),
+                        format!("{bad:?} is not an IP address or CIDR"),
+                    ));
+                }
+            }
+        }
+        for (t, to) in rule.to.iter().enumerate() {
+            for (field, values) in [
+                ("ports", &to.operation.ports),
+                ("notPorts", &to.operation.not_ports),
+            ] {
+                if let Some(bad) = values
+                    .iter()
+                    .find(|v| v.parse::<u16>().map_or(true, |p| p == 0))
+                {
+                    return Err((
+                        format!("spec.rules[{r}].to[{t}].operation.{field}"),
+                        format!("{bad:?} is not a port number"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_peer_authentication(pa: &PeerAuthentication) -> Result<(), (String, String)> {
+    require_namespace(&pa.metadata)?;
+    let mode = pa.spec.mtls.as_ref().map(|m| m.mode.as_str()).unwrap_or("");
+    if !matches!(mode, "" | "UNSET" | "STRICT" | "PERMISSIVE" | "DISABLE") {
+        return Err((
+            "spec.mtls.mode".into(),
+            format!("{mode:?} is not STRICT, PERMISSIVE, DISABLE or UNSET"),
+        ));
     }
     Ok(())
 }

@@ -1,0 +1,688 @@
+//! Cluster objects to workload-API resources: the layer that decides what every ztunnel sees.
+//! Pure: objects in, resources out, with warnings naming the objects that could not be fully
+//! honoured. No Kubernetes client, no gRPC.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ambit_proto::security as sec;
+use ambit_proto::workload as pb;
+
+use crate::enrollment::enrollment;
+use crate::objects::{
+    AuthorizationPolicy, LabelSelector, Namespace, Object, PeerAuthentication, Pod, Service,
+};
+
+/// Mesh-wide settings.
+#[derive(Clone, Debug)]
+pub struct MeshSettings {
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Cluster id (workload uids, metrics).
+    pub cluster_id: String,
+    /// Service DNS suffix.
+    pub domain_suffix: String,
+    /// Namespace whose unselected policies apply mesh-wide.
+    pub root_namespace: String,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+        }
+    }
+}
+
+/// The label binding a pod, service or namespace to a waypoint.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// Name of the synthesized policy enforcing STRICT PeerAuthentication.
+pub const STRICT_POLICY: &str = "istio_converted_static_strict";
+
+/// What the translation produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    /// `Address` resources by name (workload uid, or `namespace/hostname`).
+    pub addresses: BTreeMap<String, pb::Address>,
+    /// Authorization resources by `namespace/name`.
+    pub authorizations: BTreeMap<String, sec::Authorization>,
+    /// Policies for waypoints (targetRefs), by `namespace/name`, passed on untouched.
+    pub waypoint_policies: Vec<String>,
+    /// Objects honoured only partly, or not at all, and why.
+    pub warnings: Vec<String>,
+}
+
+/// Objects by kind, as the translation reads them.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods by (namespace, name).
+    pub pods: BTreeMap<(String, String), Pod>,
+    /// Services by (namespace, name).
+    pub services: BTreeMap<(String, String), Service>,
+    /// Policies by (namespace, name).
+    pub policies: BTreeMap<(String, String), AuthorizationPolicy>,
+    /// PeerAuthentications by (namespace, name).
+    pub peer_authentications: BTreeMap<(String, String), PeerAuthentication>,
+}
+
+impl Cluster {
+    /// Collects `objects` (later ones replace earlier ones with the same key).
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut cluster = Cluster::default();
+        for object in objects {
+            match object {
+                Object::Namespace(n) => {
+                    cluster.namespaces.insert(n.metadata.name.clone(), n);
+                }
+                Object::Pod(p) => {
+                    cluster.pods.insert(key(&p.metadata), p);
+                }
+                Object::Service(s) => {
+                    cluster.services.insert(key(&s.metadata), s);
+                }
+                Object::AuthorizationPolicy(p) => {
+                    cluster.policies.insert(key(&p.metadata), p);
+                }
+                Object::PeerAuthentication(p) => {
+                    cluster.peer_authentications.insert(key(&p.metadata), p);
+                }
+                Object::Other { .. } => {}
+            }
+        }
+        cluster
+    }
+}
+
+fn key(meta: &crate::objects::ObjectMeta) -> (String, String) {
+    (meta.namespace.clone(), meta.name.clone())
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn selector_matches(selector: &Option<LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    selector
+        .as_ref()
+        .is_none_or(|s| selects(&s.match_labels, labels))
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| labels.get(*k).map(String::as_str))
+        .filter(|v| !v.is_empty())
+}
+
+fn hostname(service: &Service, settings: &MeshSettings) -> String {
+    format!(
+        "{}.{}.svc.{}",
+        service.metadata.name, service.metadata.namespace, settings.domain_suffix
+    )
+}
+
+/// The waypoint named by `istio.io/use-waypoint` on the object, else on its namespace.
+fn waypoint(
+    labels: &BTreeMap<String, String>,
+    namespace: &str,
+    cluster: &Cluster,
+    settings: &MeshSettings,
+) -> Option<pb::GatewayAddress> {
+    let ns_labels = cluster
+        .namespaces
+        .get(namespace)
+        .map(|n| &n.metadata.labels);
+    let (name, from) = match labels.get(USE_WAYPOINT) {
+        Some(name) => (name.as_str(), labels),
+        None => (ns_labels?.get(USE_WAYPOINT)?.as_str(), ns_labels?),
+    };
+    if name.is_empty() || name == "none" {
+        return None;
+    }
+    let waypoint_ns = from
+        .get("istio.io/use-waypoint-namespace")
+        .map(String::as_str)
+        .unwrap_or(namespace);
+    Some(pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Hostname(
+            pb::NamespacedHostname {
+                namespace: waypoint_ns.to_string(),
+                hostname: format!("{name}.{waypoint_ns}.svc.{}", settings.domain_suffix),
+            },
+        )),
+        hbone_mtls_port: 15008,
+    })
+}
+
+/// Translates everything.
+pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
+    let mut out = Resources::default();
+    let strict = strict_pods(cluster, &settings.root_namespace, &mut out.warnings);
+    let selector_policies = selector_policy_bindings(cluster, settings);
+    for pod in cluster.pods.values() {
+        if let Some(workload) = workload(pod, cluster, settings, &strict, &selector_policies) {
+            out.addresses.insert(
+                workload.uid.clone(),
+                pb::Address {
+                    r#type: Some(pb::address::Type::Workload(workload)),
+                },
+            );
+        }
+    }
+    for service in cluster.services.values() {
+        let resource = service_resource(service, cluster, settings);
+        out.addresses.insert(
+            resource.resource_name(),
+            pb::Address {
+                r#type: Some(pb::address::Type::Service(resource)),
+            },
+        );
+    }
+    for policy in cluster.policies.values() {
+        match authorization(policy, settings, &mut out.warnings) {
+            Translated::Resource(resource) => {
+                out.authorizations
+                    .insert(resource.resource_name(), resource);
+            }
+            Translated::Waypoint => out.waypoint_policies.push(format!(
+                "{}/{}",
+                policy.metadata.namespace, policy.metadata.name
+            )),
+            Translated::Skipped => {}
+        }
+    }
+    for ns in strict.values().collect::<BTreeSet<_>>() {
+        let resource = strict_policy(ns);
+        out.authorizations
+            .insert(resource.resource_name(), resource);
+    }
+    out
+}
+
+/// Pods whose effective PeerAuthentication mode is STRICT (workload > namespace > mesh), mapped
+/// to their namespace.
+fn strict_pods(
+    cluster: &Cluster,
+    root: &str,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<(String, String), String> {
+    fn mode_of(pa: &PeerAuthentication) -> Option<&str> {
+        pa.spec
+            .mtls
+            .as_ref()
+            .map(|m| m.mode.as_str())
+            .filter(|m| !m.is_empty() && *m != "UNSET")
+    }
+    let mesh = cluster
+        .peer_authentications
+        .values()
+        .find(|pa| pa.metadata.namespace == root && pa.spec.selector.is_none())
+        .and_then(mode_of);
+    let mut out = BTreeMap::new();
+    for ((ns, name), pod) in &cluster.pods {
+        let namespace_mode = cluster
+            .peer_authentications
+            .values()
+            .find(|pa| pa.metadata.namespace == *ns && pa.spec.selector.is_none())
+            .and_then(mode_of);
+        let workload_mode = cluster
+            .peer_authentications
+            .values()
+            .filter(|pa| pa.metadata.namespace == *ns && pa.spec.selector.is_some())
+            .find(|pa| selector_matches(&pa.spec.selector, &pod.metadata.labels))
+            .and_then(mode_of);
+        let mode = workload_mode
+            .or(namespace_mode)
+            .or(mesh)
+            .unwrap_or("PERMISSIVE");
+        if mode == "DISABLE" {
+            warnings.push(format!(
+                "Pod {ns}/{name}: PeerAuthentication mode DISABLE is treated as PERMISSIVE in ambient mode"
+            ));
+        }
+        if mode == "STRICT" {
+            out.insert((ns.clone(), name.clone()), ns.clone());
+        }
+    }
+    out
+}
+
+fn strict_policy(namespace: &str) -> sec::Authorization {
+    sec::Authorization {
+        name: STRICT_POLICY.into(),
+        namespace: namespace.into(),
+        scope: sec::Scope::WorkloadSelector as i32,
+        action: sec::Action::Deny as i32,
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    not_principals: vec![sec::StringMatch {
+                        match_type: Some(sec::string_match::MatchType::Presence(())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    }
+}
+
+/// Selector-scoped policies each pod is bound to (`ns/name`).
+fn selector_policy_bindings(
+    cluster: &Cluster,
+    settings: &MeshSettings,
+) -> BTreeMap<(String, String), Vec<String>> {
+    let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for policy in cluster.policies.values() {
+        let Some(selector) = &policy.spec.selector else {
+            continue;
+        };
+        if !policy.spec.target_refs.is_empty() {
+            continue;
+        }
+        for ((ns, name), pod) in &cluster.pods {
+            let in_scope = policy.metadata.namespace == *ns
+                || policy.metadata.namespace == settings.root_namespace;
+            if in_scope && selects(&selector.match_labels, &pod.metadata.labels) {
+                out.entry((ns.clone(), name.clone()))
+                    .or_default()
+                    .push(format!(
+                        "{}/{}",
+                        policy.metadata.namespace, policy.metadata.name
+                    ));
+            }
+        }
+    }
+    out
+}
+
+fn workload(
+    pod: &Pod,
+    cluster: &Cluster,
+    settings: &MeshSettings,
+    strict: &BTreeMap<(String, String), String>,
+    bindings: &BTreeMap<(String, String), Vec<String>>,
+) -> Option<pb::Workload> {
+    let addresses: Vec<Vec<u8>> = pod
+        .ips()
+        .iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(ip_bytes)
+        .collect();
+    if addresses.is_empty() || pod.spec.host_network {
+        return None;
+    }
+    let meta = &pod.metadata;
+    let ns = &meta.namespace;
+    let captured = enrollment(pod, cluster.namespaces.get(ns)).is_ambient();
+    let labels = &meta.labels;
+    let workload_name = label(labels, &["app.kubernetes.io/name", "app"]).unwrap_or(&meta.name);
+    let canonical_name = label(
+        labels,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+    )
+    .unwrap_or(workload_name);
+    let canonical_revision = label(
+        labels,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+    .unwrap_or("latest");
+    let healthy = pod
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.kind == "Ready")
+        .is_none_or(|c| c.status == "True")
+        && pod.status.phase != "Failed"
+        && pod.status.phase != "Succeeded";
+    let mut services = std::collections::HashMap::new();
+    for service in cluster.services.values() {
+        if service.metadata.namespace != *ns
+            || service.spec.selector.is_empty()
+            || !selects(&service.spec.selector, labels)
+        {
+            continue;
+        }
+        let ports = service
+            .spec
+            .ports
+            .iter()
+            .map(|p| pb::Port {
+                service_port: u32::from(p.port),
+                target_port: u32::from(target_port(p, pod)),
+                app_protocol: 0,
+            })
+            .collect();
+        services.insert(
+            format!("{ns}/{}", hostname(service, settings)),
+            pb::PortList { ports },
+        );
+    }
+    let mut authorization_policies = bindings
+        .get(&(ns.clone(), meta.name.clone()))
+        .cloned()
+        .unwrap_or_default();
+    if strict.contains_key(&(ns.clone(), meta.name.clone())) {
+        authorization_policies.push(format!("{ns}/{STRICT_POLICY}"));
+    }
+    Some(pb::Workload {
+        uid: format!("{}//Pod/{ns}/{}", settings.cluster_id, meta.name),
+        name: meta.name.clone(),
+        namespace: ns.clone(),
+        addresses,
+        tunnel_protocol: if captured {
+            pb::TunnelProtocol::Hbone
+        } else {
+            pb::TunnelProtocol::None
+        } as i32,
+        trust_domain: settings.trust_domain.clone(),
+        service_account: pod.service_account().to_string(),
+        waypoint: if captured {
+            waypoint(labels, ns, cluster, settings)
+        } else {
+            None
+        },
+        node: pod.spec.node_name.clone(),
+        canonical_name: canonical_name.to_string(),
+        canonical_revision: canonical_revision.to_string(),
+        workload_type: pb::WorkloadType::Pod as i32,
+        workload_name: workload_name.to_string(),
+        services,
+        authorization_policies,
+        status: if healthy {
+            pb::WorkloadStatus::Healthy
+        } else {
+            pb::WorkloadStatus::Unhealthy
+        } as i32,
+        cluster_id: settings.cluster_id.clone(),
+        ..Default::default()
+    })
+}
+
+/// The pod port a service port maps to: a number, a container port name, or the service port.
+fn target_port(port: &crate::objects::ServicePort, pod: &Pod) -> u16 {
+    match &port.target_port {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().and_then(|n| u16::try_from(n).ok()).unwrap_or(0)
+        }
+        Some(serde_json::Value::String(name)) => {
+            if let Ok(number) = name.parse::<u16>() {
+                return number;
+            }
+            pod.spec
+                .containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .find(|p| p.name == *name)
+                .map(|p| p.container_port)
+                .unwrap_or(0)
+        }
+        _ => port.port,
+    }
+}
+
+fn service_resource(service: &Service, cluster: &Cluster, settings: &MeshSettings) -> pb::Service {
+    let meta = &service.metadata;
+    let vips: BTreeSet<&String> = std::iter::once(&service.spec.cluster_ip)
+        .chain(&service.spec.cluster_ips)
+        .filter(|ip| !ip.is_empty() && *ip != "None")
+        .collect();
+    let addresses = vips
+        .into_iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| pb::NetworkAddress {
+            network: String::new(),
+            address: ip_bytes(ip),
+            length: None,
+        })
+        .collect();
+    let prefer_close = service.spec.traffic_distribution == "PreferClose"
+        || meta
+            .annotations
+            .get("networking.istio.io/traffic-distribution")
+            .is_some_and(|v| v == "PreferClose");
+    use pb::load_balancing::{Mode, Scope};
+    pb::Service {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        hostname: hostname(service, settings),
+        addresses,
+        ports: service
+            .spec
+            .ports
+            .iter()
+            .map(|p| pb::Port {
+                service_port: u32::from(p.port),
+                target_port: match &p.target_port {
+                    Some(serde_json::Value::Number(n)) => n.as_u64().unwrap_or(0) as u32,
+                    Some(serde_json::Value::String(s)) => s.parse::<u32>().unwrap_or(0),
+                    _ => u32::from(p.port),
+                },
+                app_protocol: 0,
+            })
+            .collect(),
+        waypoint: waypoint(&meta.labels, &meta.namespace, cluster, settings),
+        load_balancing: prefer_close.then(|| pb::LoadBalancing {
+            routing_preference: vec![
+                Scope::Network as i32,
+                Scope::Region as i32,
+                Scope::Zone as i32,
+                Scope::Subzone as i32,
+            ],
+            mode: Mode::Failover as i32,
+            health_policy: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+enum Translated {
+    Resource(sec::Authorization),
+    Waypoint,
+    Skipped,
+}
+
+fn string_matches(values: &[String]) -> Vec<sec::StringMatch> {
+    use sec::string_match::MatchType;
+    values
+        .iter()
+        .map(|v| sec::StringMatch {
+            match_type: Some(if v == "*" {
+                MatchType::Presence(())
+            } else if let Some(p) = v.strip_suffix('*') {
+                MatchType::Prefix(p.to_string())
+            } else if let Some(s) = v.strip_prefix('*') {
+                MatchType::Suffix(s.to_string())
+            } else {
+                MatchType::Exact(v.clone())
+            }),
+        })
+        .collect()
+}
+
+fn cidrs(values: &[String]) -> Vec<sec::Address> {
+    values
+        .iter()
+        .filter_map(|v| {
+            let net: ipnet::IpNet = v
+                .parse()
+                .or_else(|_| v.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .ok()?;
+            Some(sec::Address {
+                address: ip_bytes(net.addr()),
+                length: u32::from(net.prefix_len()),
+            })
+        })
+        .collect()
+}
+
+fn ports(values: &[String]) -> Vec<u32> {
+    values.iter().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// L4 conditions ztunnel can evaluate; anything else is L7.
+fn when_match(condition: &crate::objects::WhenCondition) -> Option<sec::Match> {
+    let mut m = sec::Match::default();
+    match condition.key.as_str() {
+        "source.ip" | "remote.ip" => {
+            m.source_ips = cidrs(&condition.values);
+            m.not_source_ips = cidrs(&condition.not_values);
+        }
+        "source.namespace" => {
+            m.namespaces = string_matches(&condition.values);
+            m.not_namespaces = string_matches(&condition.not_values);
+        }
+        "source.principal" => {
+            m.principals = string_matches(&condition.values);
+            m.not_principals = string_matches(&condition.not_values);
+        }
+        "destination.ip" => {
+            m.destination_ips = cidrs(&condition.values);
+            m.not_destination_ips = cidrs(&condition.not_values);
+        }
+        "destination.port" => {
+            m.destination_ports = ports(&condition.values);
+            m.not_destination_ports = ports(&condition.not_values);
+        }
+        _ => return None,
+    }
+    Some(m)
+}
+
+fn authorization(
+    policy: &AuthorizationPolicy,
+    settings: &MeshSettings,
+    warnings: &mut Vec<String>,
+) -> Translated {
+    let meta = &policy.metadata;
+    let named = format!("AuthorizationPolicy {}/{}", meta.namespace, meta.name);
+    if !policy.spec.target_refs.is_empty() {
+        return Translated::Waypoint;
+    }
+    let action = match policy.spec.action.as_str() {
+        "" | "ALLOW" => sec::Action::Allow,
+        "DENY" => sec::Action::Deny,
+        other => {
+            warnings.push(format!(
+                "{named}: action {other} is not enforced by ztunnel; skipped"
+            ));
+            return Translated::Skipped;
+        }
+    };
+    let scope = if policy.spec.selector.is_some() {
+        sec::Scope::WorkloadSelector
+    } else if meta.namespace == settings.root_namespace {
+        sec::Scope::Global
+    } else {
+        sec::Scope::Namespace
+    };
+    let mut rules = Vec::new();
+    for (r, rule) in policy.spec.rules.iter().flatten().enumerate() {
+        let mut l7 = Vec::new();
+        let mut clauses = Vec::new();
+        if !rule.from.is_empty() {
+            let matches = rule
+                .from
+                .iter()
+                .map(|f| {
+                    let s = &f.source;
+                    if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
+                        l7.push("requestPrincipals");
+                    }
+                    sec::Match {
+                        principals: string_matches(&s.principals),
+                        not_principals: string_matches(&s.not_principals),
+                        namespaces: string_matches(&s.namespaces),
+                        not_namespaces: string_matches(&s.not_namespaces),
+                        source_ips: cidrs(
+                            &[s.ip_blocks.clone(), s.remote_ip_blocks.clone()].concat(),
+                        ),
+                        not_source_ips: cidrs(
+                            &[s.not_ip_blocks.clone(), s.not_remote_ip_blocks.clone()].concat(),
+                        ),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            clauses.push(sec::Clause { matches });
+        }
+        if !rule.to.is_empty() {
+            let matches = rule
+                .to
+                .iter()
+                .map(|t| {
+                    let o = &t.operation;
+                    for (field, values) in [
+                        ("hosts", &o.hosts),
+                        ("notHosts", &o.not_hosts),
+                        ("methods", &o.methods),
+                        ("notMethods", &o.not_methods),
+                        ("paths", &o.paths),
+                        ("notPaths", &o.not_paths),
+                    ] {
+                        if !values.is_empty() {
+                            l7.push(field);
+                        }
+                    }
+                    sec::Match {
+                        destination_ports: ports(&o.ports),
+                        not_destination_ports: ports(&o.not_ports),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            clauses.push(sec::Clause { matches });
+        }
+        for condition in &rule.when {
+            match when_match(condition) {
+                Some(m) => clauses.push(sec::Clause { matches: vec![m] }),
+                None => l7.push("when"),
+            }
+        }
+        if !l7.is_empty() {
+            if action == sec::Action::Allow {
+                warnings.push(format!(
+                    "{named}: rules[{r}] uses L7 fields ({}) that need a waypoint; the rule is dropped so it allows nothing at L4",
+                    l7.join(", ")
+                ));
+                continue;
+            }
+            warnings.push(format!(
+                "{named}: rules[{r}] uses L7 fields ({}) that need a waypoint; enforced on its L4 parts only, so it denies more",
+                l7.join(", ")
+            ));
+        }
+        rules.push(sec::Rule { clauses });
+    }
+    Translated::Resource(sec::Authorization {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        scope: scope as i32,
+        action: action as i32,
+        rules,
+        dry_run: meta
+            .annotations
+            .get("istio.io/dry-run")
+            .is_some_and(|v| v == "true"),
+        ..Default::default()
+    })
+}

@@ -436,7 +436,7 @@ impl Agent {
                         pod,
                     );
                 }
-                Object::Other { .. } => {}
+                _ => {}
             }
         }
         let mut current = self

@@ -281,6 +281,13 @@ pub fn parse_duration(raw: &str) -> Option<Duration> {
     humantime::parse_duration(raw).ok()
 }
 
+/// [`parse_duration`] for command-line parsers: an error that says what is accepted.
+pub fn parse_duration_arg(raw: &str) -> Result<Duration, String> {
+    parse_duration(raw).ok_or_else(|| {
+        format!("{raw:?} is not a duration (examples: 250ms, 30s, 5m, 1h30m, or seconds)")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,8 @@
+//! istiod-lite: signs every pod's certificate, reads the cluster's objects, translates them into
+//! workload-API resources and pushes deltas to every ztunnel over delta xDS.
+
+pub mod auth;
+pub mod ca;
+pub mod source;
+pub mod store;
+pub mod xds;

@@ -1,0 +1,169 @@
+//! istiod-lite: `istiod-lite --config-dir DIR --ca-dir DIR --tokens FILE`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::http::{Handler, text};
+use ambit_core::metrics::Registry;
+use ambit_core::readiness::Readiness;
+use ambit_identity::Identity;
+use ambit_mesh::translate::MeshSettings;
+use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use clap::Parser;
+use http::StatusCode;
+use istiod_lite::auth::TokenFileAuthenticator;
+use istiod_lite::ca::{CaService, load_or_create};
+use istiod_lite::store::Store;
+use istiod_lite::xds::{XdsServer, describe_metrics};
+use tonic::transport::{Server, ServerTlsConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "istiod-lite",
+    about = "Ambit's control plane: CA and delta xDS"
+)]
+struct Args {
+    /// Directory of cluster objects (multi-document YAML), re-read on change.
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// Where the CA lives (generated on first start; ca-cert.pem, ca-key.pem, root-cert.pem).
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Tokens file: {"tokens": [{"token": "...", "node": "node-1"}]}.
+    #[arg(long)]
+    tokens: PathBuf,
+    /// gRPC (CA and xDS) over TLS.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Metrics (/metrics) and readiness (/ready).
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    monitoring: SocketAddr,
+    /// Trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Cluster id.
+    #[arg(long, default_value = "Kubernetes")]
+    cluster_id: String,
+    /// Extra DNS names on the serving certificate.
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// IP addresses on the serving certificate.
+    #[arg(long = "ip")]
+    ips: Vec<IpAddr>,
+    /// Lifetime of workload certificates when none is asked for.
+    #[arg(long, default_value = "24h", value_parser = ambit_core::config::parse_duration_arg)]
+    default_ttl: Duration,
+    /// Longest lifetime granted.
+    #[arg(long, default_value = "2160h", value_parser = ambit_core::config::parse_duration_arg)]
+    max_ttl: Duration,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _log =
+        ambit_core::logging::init(args.log_format.parse().map_err(anyhow::Error::msg)?, "info")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let metrics = Registry::new();
+    describe_metrics(&metrics);
+    metrics.describe_counter("ambit_ca_signed_total", "Workload certificates signed");
+    metrics.describe_counter(
+        "ambit_ca_refused_total",
+        "Certificate requests refused, by reason",
+    );
+    let readiness = Readiness::new();
+    let store = Store::new();
+    let ca = Arc::new(load_or_create(&args.ca_dir, &args.trust_domain)?);
+    let auth = TokenFileAuthenticator::new(args.tokens.clone());
+
+    let settings = MeshSettings {
+        trust_domain: args.trust_domain.clone(),
+        cluster_id: args.cluster_id.clone(),
+        ..MeshSettings::default()
+    };
+    tokio::spawn(istiod_lite::source::watch_directory(
+        args.config_dir.clone(),
+        settings,
+        store.clone(),
+        metrics.clone(),
+        Duration::from_millis(500),
+        Some(readiness.register("config")),
+    ));
+
+    let identity = Identity::new(&args.trust_domain, "istio-system", "istiod")?;
+    let mut dns = vec![
+        "istiod.istio-system.svc".to_string(),
+        "istiod".to_string(),
+        "localhost".to_string(),
+    ];
+    dns.extend(args.dns_names.clone());
+    let serving =
+        ca.issue_serving_certificate(&identity, &dns, &args.ips, Duration::from_secs(365 * 86400))?;
+    let tls = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+        serving.chain_pem.join(""),
+        &serving.key_pem,
+    ));
+
+    let monitoring = tokio::net::TcpListener::bind(args.monitoring).await?;
+    let (_drain_trigger, drain) = ambit_core::drain::new();
+    let handler = {
+        let metrics = metrics.clone();
+        let readiness = readiness.clone();
+        Handler::new(move |request| {
+            let metrics = metrics.clone();
+            let readiness = readiness.clone();
+            async move {
+                match request.uri().path() {
+                    "/metrics" => text(StatusCode::OK, metrics.render()),
+                    "/ready" => {
+                        let (status, body) = readiness.report();
+                        text(
+                            StatusCode::from_u16(status)
+                                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                            body,
+                        )
+                    }
+                    _ => text(StatusCode::NOT_FOUND, "try /metrics or /ready\n"),
+                }
+            }
+        })
+    };
+    tokio::spawn(ambit_core::http::serve(monitoring, handler, drain));
+
+    let ca_service = CaService {
+        ca,
+        store: store.clone(),
+        auth: auth.clone(),
+        trust_domain: args.trust_domain.clone(),
+        default_ttl: args.default_ttl,
+        max_ttl: args.max_ttl,
+        metrics: metrics.clone(),
+    };
+    let xds = XdsServer {
+        store,
+        auth,
+        metrics,
+        debounce: Duration::from_millis(100),
+    };
+    tracing::info!(listen = %args.listen, monitoring = %args.monitoring, "istiod-lite serving");
+    Server::builder()
+        .tls_config(tls)?
+        .add_service(IstioCertificateServiceServer::new(ca_service))
+        .add_service(AggregatedDiscoveryServiceServer::new(xds).max_decoding_message_size(16 << 20))
+        .serve_with_shutdown(args.listen, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

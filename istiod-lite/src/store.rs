@@ -1,0 +1,123 @@
+//! The translated resources every proxy is served from, with a content version per resource
+//! (a hash of its encoding, so versions survive restarts and unchanged resources are never
+//! re-sent to a client that reports holding them).
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, RwLock};
+
+use ambit_mesh::translate::{Cluster, Resources};
+use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use prost::Message;
+use tokio::sync::watch;
+
+/// One resource ready to send.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    /// Content version.
+    pub version: String,
+    /// The resource packed as `Any`.
+    pub any: prost_types::Any,
+}
+
+/// A consistent view: resources by type URL, then name; plus the objects they came from.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// type URL → name → entry.
+    pub types: BTreeMap<&'static str, BTreeMap<String, Entry>>,
+    /// The cluster objects (the CA authorizes against pods' nodes).
+    pub cluster: Arc<Cluster>,
+}
+
+fn version_of(bytes: &[u8]) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+fn entries<M: prost::Name>(resources: &BTreeMap<String, M>) -> BTreeMap<String, Entry> {
+    resources
+        .iter()
+        .map(|(name, message)| {
+            let any = ambit_proto::pack_any(message);
+            (
+                name.clone(),
+                Entry {
+                    version: version_of(&any.value),
+                    any,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    current: Arc<RwLock<Arc<Snapshot>>>,
+    changes: watch::Sender<u64>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    /// An empty store (both types present, no resources).
+    pub fn new() -> Self {
+        let mut snapshot = Snapshot::default();
+        snapshot.types.insert(ADDRESS_TYPE_URL, BTreeMap::new());
+        snapshot
+            .types
+            .insert(AUTHORIZATION_TYPE_URL, BTreeMap::new());
+        Self {
+            current: Arc::new(RwLock::new(Arc::new(snapshot))),
+            changes: watch::channel(0).0,
+        }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces everything; returns whether any resource changed. Notifies subscribers.
+    pub fn replace(&self, cluster: Cluster, resources: &Resources) -> bool {
+        let mut types = BTreeMap::new();
+        types.insert(ADDRESS_TYPE_URL, entries(&resources.addresses));
+        types.insert(AUTHORIZATION_TYPE_URL, entries(&resources.authorizations));
+        let snapshot = Arc::new(Snapshot {
+            types,
+            cluster: Arc::new(cluster),
+        });
+        let changed = {
+            let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+            let changed = current.types != snapshot.types;
+            *current = snapshot;
+            changed
+        };
+        if changed {
+            self.changes.send_modify(|g| *g += 1);
+        }
+        changed
+    }
+
+    /// Changes whenever resources do.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Encoded size of every resource of `type_url` (for metrics and benchmarks).
+    pub fn bytes(&self, type_url: &str) -> usize {
+        self.snapshot()
+            .types
+            .get(type_url)
+            .map(|t| t.values().map(|e| e.any.encoded_len()).sum())
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,231 @@
+//! The delta xDS server for `istio.workload.Address` and `istio.security.Authorization`. Each
+//! stream tracks what its client holds: it starts from the versions the client reports, sends
+//! only what differs (always answering a new subscription, even with nothing, because a client
+//! waits for a response per type before it is ready), and after every debounced change sends
+//! exactly the resources that changed and the names that disappeared.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ambit_core::metrics::Registry;
+use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::TokenFileAuthenticator;
+use crate::store::Store;
+
+/// The ADS service.
+#[derive(Clone, Debug)]
+pub struct XdsServer {
+    /// Resources.
+    pub store: Store,
+    /// Who may connect.
+    pub auth: TokenFileAuthenticator,
+    /// Metrics.
+    pub metrics: Registry,
+    /// Quiet time after a change before pushing (coalesces bursts).
+    pub debounce: Duration,
+}
+
+/// Registers the server's metric help texts.
+pub fn describe_metrics(metrics: &Registry) {
+    metrics.describe_gauge(
+        "ambit_xds_connected_proxies",
+        "Proxies with an open xDS stream",
+    );
+    metrics.describe_counter("ambit_xds_pushes_total", "xDS responses sent, by type URL");
+    metrics.describe_counter(
+        "ambit_xds_pushed_resources_total",
+        "Resources sent in xDS responses, by type URL",
+    );
+    metrics.describe_counter(
+        "ambit_xds_nacks_total",
+        "xDS responses NACKed by clients, by type URL",
+    );
+    metrics.describe_histogram(
+        "ambit_xds_push_latency_seconds",
+        "Time from a configuration change to its push on a stream",
+    );
+}
+
+fn known_type(type_url: &str) -> Option<&'static str> {
+    [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL]
+        .into_iter()
+        .find(|t| *t == type_url)
+}
+
+#[derive(Default)]
+struct ClientType {
+    /// name → version the client holds (as far as we know).
+    holds: BTreeMap<String, String>,
+    answered: bool,
+}
+
+struct Session {
+    store: Store,
+    metrics: Registry,
+    client: String,
+    types: BTreeMap<&'static str, ClientType>,
+    nonce: u64,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+}
+
+impl Session {
+    /// Sends what `type_url`'s client lacks; `always` answers even with nothing to send.
+    async fn push(&mut self, type_url: &'static str, always: bool, since: Option<Instant>) -> bool {
+        let snapshot = self.store.snapshot();
+        let empty = BTreeMap::new();
+        let current = snapshot.types.get(type_url).unwrap_or(&empty);
+        let state = self.types.entry(type_url).or_default();
+        let resources: Vec<Resource> = current
+            .iter()
+            .filter(|(name, entry)| state.holds.get(*name) != Some(&entry.version))
+            .map(|(name, entry)| Resource {
+                name: name.clone(),
+                version: entry.version.clone(),
+                resource: Some(entry.any.clone()),
+                ..Default::default()
+            })
+            .collect();
+        let removed: Vec<String> = state
+            .holds
+            .keys()
+            .filter(|name| !current.contains_key(*name))
+            .cloned()
+            .collect();
+        let must_answer = always && !state.answered;
+        if resources.is_empty() && removed.is_empty() && !must_answer {
+            return true;
+        }
+        state.holds = current
+            .iter()
+            .map(|(n, e)| (n.clone(), e.version.clone()))
+            .collect();
+        state.answered = true;
+        self.nonce += 1;
+        let label = [("url", type_url.to_string())];
+        self.metrics
+            .counter("ambit_xds_pushes_total", &label)
+            .increment(1);
+        self.metrics
+            .counter("ambit_xds_pushed_resources_total", &label)
+            .increment(resources.len() as u64);
+        if let Some(since) = since {
+            self.metrics
+                .histogram("ambit_xds_push_latency_seconds", &())
+                .record(since.elapsed().as_secs_f64());
+        }
+        tracing::debug!(client = %self.client, type_url, resources = resources.len(), removed = removed.len(), "push");
+        let response = DeltaDiscoveryResponse {
+            type_url: type_url.to_string(),
+            nonce: self.nonce.to_string(),
+            resources,
+            removed_resources: removed,
+            ..Default::default()
+        };
+        self.tx.send(Ok(response)).await.is_ok()
+    }
+
+    async fn handle(&mut self, request: DeltaDiscoveryRequest) -> bool {
+        if let Some(node) = &request.node
+            && !node.id.is_empty()
+        {
+            self.client = node.id.clone();
+        }
+        let Some(type_url) = known_type(&request.type_url) else {
+            tracing::warn!(client = %self.client, type_url = %request.type_url, "subscription to an unknown type ignored");
+            return true;
+        };
+        if !request.response_nonce.is_empty() {
+            if let Some(error) = &request.error_detail {
+                tracing::warn!(client = %self.client, type_url, nonce = %request.response_nonce, reason = %error.message, "NACK: the client keeps its last good state");
+                self.metrics
+                    .counter("ambit_xds_nacks_total", &[("url", type_url.to_string())])
+                    .increment(1);
+            }
+            return true;
+        }
+        if request.resource_names_subscribe.iter().any(|n| n != "*") {
+            tracing::warn!(client = %self.client, type_url, "on-demand subscriptions are not supported; serving everything");
+        }
+        let state = self.types.entry(type_url).or_default();
+        if !state.answered {
+            state.holds = request.initial_resource_versions.into_iter().collect();
+        }
+        self.push(type_url, true, None).await
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let caller = self
+            .auth
+            .authenticate(request.metadata())
+            .inspect_err(|s| {
+                tracing::warn!(reason = %s.message(), "xDS client refused");
+            })?;
+        let mut requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let mut session = Session {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            client: format!("node {}", caller.node),
+            types: BTreeMap::new(),
+            nonce: 0,
+            tx,
+        };
+        let debounce = self.debounce;
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let connected = metrics.gauge("ambit_xds_connected_proxies", &());
+            connected.increment(1.0);
+            let mut changes = session.store.subscribe();
+            changes.borrow_and_update();
+            loop {
+                tokio::select! {
+                    message = requests.message() => match message {
+                        Ok(Some(request)) => {
+                            if !session.handle(request).await {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(client = %session.client, %status, "xDS stream ended");
+                            break;
+                        }
+                    },
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let since = Instant::now();
+                        tokio::time::sleep(debounce).await;
+                        changes.borrow_and_update();
+                        let subscribed: Vec<&'static str> = session.types.keys().copied().collect();
+                        let mut open = true;
+                        for type_url in subscribed {
+                            open &= session.push(type_url, false, Some(since)).await;
+                        }
+                        if !open {
+                            break;
+                        }
+                    }
+                }
+            }
+            connected.decrement(1.0);
+            tracing::info!(client = %session.client, "xDS client disconnected");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

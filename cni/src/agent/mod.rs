@@ -169,6 +169,9 @@ impl Agent {
         let pod = format!("{}/{}", event.pod_namespace, event.pod_name);
         match event.command.as_str() {
             "ADD" => {
+                // The pod object (labels, service account) may have been written just before
+                // the runtime called us: read the latest view first.
+                self.reload_cluster();
                 let record = PodRecord::from_event(&event);
                 lock(&self.inner.pods).insert(record.container_id.clone(), record.clone());
                 let verdict = self.apply(&record.container_id).await;

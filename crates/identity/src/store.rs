@@ -27,6 +27,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Refreshes happen at half-life ± this fraction of the certificate's lifetime, so that
 /// certificates issued together are not all renewed in the same instant.
 const REFRESH_JITTER: f64 = 0.05;
+/// Shortest time between two fetch attempts for one identity, even under demand.
+const MIN_RETRY_GAP: Duration = Duration::from_millis(200);
 /// Backoff delays vary by ± this fraction.
 const BACKOFF_JITTER: f64 = 0.2;
 /// Validity a [`CertificateAuthority`] source grants when no TTL is asked for.
@@ -303,6 +305,10 @@ impl CertStore {
     pub async fn get(&self, identity: &Identity) -> Result<Arc<WorkloadCertificate>, StoreError> {
         let entry = self.entry(identity);
         let mut state = entry.state.subscribe();
+        // A caller with no usable certificate asks for a fetch now rather than waiting out the
+        // backoff (a pod's first connection must not fail because the CA refused a prefetch
+        // made before it knew the pod); it reports the error of that fresh attempt.
+        let mut requested = false;
         loop {
             {
                 let current = state.borrow_and_update();
@@ -315,10 +321,11 @@ impl CertStore {
                     return Ok(cert.clone());
                 }
                 if !current.fetching {
-                    if let Some(error) = &current.last_error {
+                    if requested && let Some(error) = &current.last_error {
                         return Err(error.clone());
                     }
                     entry.wake.notify_one();
+                    requested = true;
                 }
             }
             if state.changed().await.is_err() {
@@ -466,8 +473,10 @@ async fn maintain(
                 delay
             }
         };
+        // Demand may cut a backoff short, but never to less than this gap between attempts.
+        tokio::time::sleep(MIN_RETRY_GAP.min(delay)).await;
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
+            () = tokio::time::sleep(delay.saturating_sub(MIN_RETRY_GAP)) => {}
             () = entry.wake.notified() => {}
         }
     }

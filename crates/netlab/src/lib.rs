@@ -158,6 +158,12 @@ impl Process {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Lets it run on after this handle is dropped (the lab's components outlive `lab up`);
+    /// returns its pid.
+    pub fn detach(mut self) -> Option<u32> {
+        self.child.take().map(|c| c.id())
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         self.child
@@ -508,10 +514,14 @@ impl Topology {
             source,
         })?;
         let mut command = Command::new("ip");
+        use std::os::unix::process::CommandExt;
         command
             .args(["netns", "exec", netns])
             .arg(program)
             .args(args)
+            // Its own process group: a Ctrl-C in the terminal that started the lab does not
+            // reach the lab's components.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err);

@@ -1,0 +1,982 @@
+//! The lab: simulated nodes and pods in network namespaces on this host, running the real
+//! istiod-lite (reading the lab's config directory), one cni-agent and one ztunnel per node, the
+//! CNI chain for every pod as a runtime would call it, and the echo workload in every pod.
+//!
+//! Everything lives under [`LAB_DIR`] and in namespaces named `ambit-*`, so `down` can remove it
+//! all even after a crash.
+
+mod demo;
+mod http;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ambit_mesh::enrollment::enrollment;
+use ambit_mesh::{Namespace, Object, ObjectKey, Pod};
+use ambit_netlab::{Chain, Node, PodNet, Process, Topology};
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// Where the lab keeps its files.
+pub(crate) const LAB_DIR: &str = "/run/ambit-lab";
+const PREFIX: &str = "ambit-lab-";
+const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
+const BINARIES: [&str; 5] = [
+    "istiod-lite",
+    "ztunnel",
+    "cni-agent",
+    "ambit-cni",
+    "ambit-echo",
+];
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LabState {
+    nodes: Vec<NodeState>,
+    pods: Vec<PodState>,
+    services: Vec<ServiceState>,
+    /// component name → pid.
+    pids: BTreeMap<String, u32>,
+    binaries: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeState {
+    name: String,
+    netns: String,
+    ip: Ipv4Addr,
+    pod_subnet: u8,
+    dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PodState {
+    namespace: String,
+    name: String,
+    uid: String,
+    node: usize,
+    netns: String,
+    ip: IpAddr,
+    service_account: String,
+    ambient: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ServiceState {
+    namespace: String,
+    name: String,
+    vip: String,
+    ports: Vec<u16>,
+}
+
+fn dir() -> PathBuf {
+    PathBuf::from(LAB_DIR)
+}
+
+fn state_path() -> PathBuf {
+    dir().join("lab.json")
+}
+
+fn load_state() -> anyhow::Result<LabState> {
+    let text = std::fs::read_to_string(state_path())
+        .context("no lab is running here (start one with `ambitctl lab up --demo`)")?;
+    serde_json::from_str(&text).context("the lab's state file is corrupt; run `ambitctl lab down`")
+}
+
+fn save_state(state: &LabState) -> anyhow::Result<()> {
+    std::fs::write(state_path(), serde_json::to_vec_pretty(state)?)?;
+    Ok(())
+}
+
+/// Finds a component binary: `$AMBIT_BIN_DIR`, next to ambitctl, `target/{release,debug}`, PATH.
+fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let mut places: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = std::env::var("AMBIT_BIN_DIR") {
+        places.push(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        places.push(dir);
+    }
+    places.push(PathBuf::from("target/release"));
+    places.push(PathBuf::from("target/debug"));
+    if let Ok(path) = std::env::var("PATH") {
+        places.extend(std::env::split_paths(&path));
+    }
+    for place in &places {
+        let candidate = place.join(name);
+        if candidate.is_file() {
+            return Ok(candidate.canonicalize().unwrap_or(candidate));
+        }
+    }
+    bail!(
+        "{name} not found (looked in $AMBIT_BIN_DIR, next to ambitctl, target/release, target/debug and PATH); build it with `cargo build --release --workspace --bins`"
+    )
+}
+
+fn topology(state: &LabState) -> Topology {
+    Topology {
+        prefix: PREFIX.into(),
+        fabric: format!("{PREFIX}fabric"),
+        nodes: state
+            .nodes
+            .iter()
+            .map(|n| Node {
+                name: n.name.clone(),
+                netns: n.netns.clone(),
+                ip: n.ip,
+                pod_subnet: n.pod_subnet,
+                dir: n.dir.clone(),
+            })
+            .collect(),
+        pods: state
+            .pods
+            .iter()
+            .map(|p| PodNet {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                node: p.node,
+                netns: p.netns.clone(),
+                ip: p.ip,
+            })
+            .collect(),
+        dir: dir(),
+        cleanup_on_drop: false,
+    }
+}
+
+fn chain(state: &LabState, node: usize) -> Chain {
+    let dir = &state.nodes[node].dir;
+    Chain {
+        plugins: vec![(
+            state.binaries["ambit-cni"].clone(),
+            json!({
+                "type": "ambit-cni",
+                "agentSocket": dir.join("agent.sock"),
+                "enrollmentFile": dir.join("state/enrollment.json"),
+                "pendingDir": dir.join("state/pending"),
+            }),
+        )],
+    }
+}
+
+fn progress(message: &str) {
+    eprintln!("• {message}");
+}
+
+fn wait(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out after {limit:?} waiting for {what}; logs are in {LAB_DIR}")
+}
+
+fn object_file(key: &ObjectKey) -> String {
+    format!(
+        "{}-{}-{}.yaml",
+        key.kind.to_lowercase(),
+        if key.namespace.is_empty() {
+            "_"
+        } else {
+            &key.namespace
+        },
+        key.name
+    )
+}
+
+/// Reads objects from a file or directory; any invalid object aborts with every message.
+fn read_objects(path: &Path) -> anyhow::Result<Vec<Object>> {
+    let (objects, errors) = if path.is_dir() {
+        ambit_mesh::read_dir(path).with_context(|| format!("reading {}", path.display()))?
+    } else {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        ambit_mesh::parse_documents(&text, &name)
+    };
+    if !errors.is_empty() {
+        let mut message = String::from("invalid objects, nothing was changed:");
+        for e in errors {
+            message.push_str(&format!("\n  {e}"));
+        }
+        bail!(message);
+    }
+    Ok(objects)
+}
+
+/// The objects currently in the lab's config directory.
+fn current_objects() -> anyhow::Result<Vec<Object>> {
+    Ok(ambit_mesh::read_dir(&dir().join("config"))?.0)
+}
+
+fn write_object(object: &Object) -> anyhow::Result<()> {
+    let key = object.key();
+    let (api_version, value) = match object {
+        Object::Namespace(n) => ("v1", serde_json::to_value(n)?),
+        Object::Pod(p) => ("v1", serde_json::to_value(p)?),
+        Object::Service(s) => ("v1", serde_json::to_value(s)?),
+        Object::AuthorizationPolicy(p) => ("security.istio.io/v1", serde_json::to_value(p)?),
+        Object::PeerAuthentication(p) => ("security.istio.io/v1", serde_json::to_value(p)?),
+        Object::Other {
+            api_version, value, ..
+        } => (api_version.as_str(), value.clone()),
+    };
+    let mut value = value;
+    value["apiVersion"] = json!(api_version);
+    value["kind"] = json!(key.kind);
+    let path = dir().join("config").join(object_file(&key));
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml_ng::to_string(&value)?)?;
+    std::fs::rename(tmp, path)?;
+    Ok(())
+}
+
+/// Assigns what the API server and scheduler would: VIPs for services, nodes for pods, uids.
+fn complete(objects: &mut [Object], state: &LabState, nodes: usize) {
+    let mut used: Vec<String> = state.services.iter().map(|s| s.vip.clone()).collect();
+    let mut next_node = state.pods.len();
+    for object in objects.iter_mut() {
+        match object {
+            Object::Service(s) if s.spec.cluster_ip.is_empty() => {
+                let vip = (10..250)
+                    .map(|i| format!("10.96.0.{i}"))
+                    .find(|v| !used.contains(v))
+                    .unwrap_or_else(|| "10.96.1.1".into());
+                used.push(vip.clone());
+                s.spec.cluster_ip = vip;
+            }
+            Object::Pod(p) => {
+                if p.spec.node_name.is_empty() {
+                    p.spec.node_name = format!("node-{}", next_node % nodes + 1);
+                    next_node += 1;
+                }
+                if p.metadata.uid.is_empty() {
+                    p.metadata.uid = format!("lab-{}-{}", p.metadata.namespace, p.metadata.name);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn start_istiod(topology: &Topology, state: &LabState) -> anyhow::Result<Process> {
+    let d = dir();
+    let args: Vec<String> = vec![
+        "--config-dir".into(),
+        d.join("config").display().to_string(),
+        "--ca-dir".into(),
+        d.join("ca").display().to_string(),
+        "--tokens".into(),
+        d.join("tokens.json").display().to_string(),
+        "--listen".into(),
+        format!("{FABRIC_IP}:15012"),
+        "--monitoring".into(),
+        format!("{FABRIC_IP}:15014"),
+        "--ip".into(),
+        FABRIC_IP.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Ok(topology.spawn(
+        "istiod-lite",
+        &topology.fabric,
+        &state.binaries["istiod-lite"],
+        &args,
+        &[],
+        &d.join("istiod-lite.log"),
+    )?)
+}
+
+fn start_agent(topology: &Topology, state: &LabState, i: usize) -> anyhow::Result<Process> {
+    let node = &state.nodes[i];
+    let d = node.dir.display().to_string();
+    let config = dir().join("config").display().to_string();
+    let args = [
+        "run",
+        "--node",
+        node.name.as_str(),
+        "--plugin-socket",
+        &format!("{d}/agent.sock"),
+        "--zds-socket",
+        &format!("{d}/zds.sock"),
+        "--state-dir",
+        &format!("{d}/state"),
+        "--config-dir",
+        &config,
+    ];
+    Ok(topology.spawn(
+        "cni-agent",
+        &node.netns,
+        &state.binaries["cni-agent"],
+        &args,
+        &[],
+        &node.dir.join("cni-agent.log"),
+    )?)
+}
+
+fn start_ztunnel(
+    topology: &Topology,
+    state: &LabState,
+    i: usize,
+    token: &str,
+) -> anyhow::Result<Process> {
+    let node = &state.nodes[i];
+    let env = [
+        ("NODE_NAME", node.name.clone()),
+        ("XDS_ADDRESS", format!("https://{FABRIC_IP}:15012")),
+        (
+            "XDS_ROOT_CA",
+            dir().join("ca/root-cert.pem").display().to_string(),
+        ),
+        ("AUTH_TOKEN", token.to_string()),
+        ("INPOD_UDS", node.dir.join("zds.sock").display().to_string()),
+        ("STATS_ADDR", format!("{}:15020", node.ip)),
+        ("READINESS_ADDR", format!("{}:15021", node.ip)),
+        ("ADMIN_ADDR", "127.0.0.1:15000".into()),
+        ("INSTANCE_IP", node.ip.to_string()),
+        ("POD_NAME", format!("ztunnel-{}", node.name)),
+    ];
+    Ok(topology.spawn(
+        "ztunnel",
+        &node.netns,
+        &state.binaries["ztunnel"],
+        &[],
+        &env,
+        &node.dir.join("ztunnel.log"),
+    )?)
+}
+
+/// Writes `/etc/netns/<pod netns>/hosts` so service names resolve inside pods.
+fn write_hosts(state: &LabState) -> anyhow::Result<()> {
+    for pod in &state.pods {
+        let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        hosts.push_str(&format!("{} {}\n", pod.ip, pod.name));
+        for s in &state.services {
+            let mut names = format!(
+                "{}.{}.svc.cluster.local {}.{}.svc {}.{}",
+                s.name, s.namespace, s.name, s.namespace, s.name, s.namespace
+            );
+            if s.namespace == pod.namespace {
+                names.push_str(&format!(" {}", s.name));
+            }
+            hosts.push_str(&format!("{} {names}\n", s.vip));
+        }
+        let dir = PathBuf::from("/etc/netns").join(&pod.netns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("hosts"), hosts)?;
+    }
+    Ok(())
+}
+
+/// Creates a pod the way kubelet would: record it, CNI chain, report its IP, start the workload.
+fn create_pod(
+    topology: &mut Topology,
+    state: &mut LabState,
+    mut pod: Pod,
+    namespaces: &BTreeMap<String, Namespace>,
+) -> anyhow::Result<()> {
+    let node = pod
+        .spec
+        .node_name
+        .strip_prefix("node-")
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n >= 1 && *n <= state.nodes.len())
+        .map(|n| n - 1)
+        .with_context(|| {
+            format!(
+                "Pod {}/{}: spec.nodeName {:?} is not a lab node (node-1..node-{})",
+                pod.metadata.namespace,
+                pod.metadata.name,
+                pod.spec.node_name,
+                state.nodes.len()
+            )
+        })?;
+    write_object(&Object::Pod(pod.clone()))?;
+    let net = topology
+        .add_pod(
+            node,
+            &pod.metadata.namespace,
+            &pod.metadata.name,
+            &pod.metadata.uid,
+            &chain(state, node),
+        )
+        .with_context(|| {
+            format!(
+                "creating pod {}/{}",
+                pod.metadata.namespace, pod.metadata.name
+            )
+        })?;
+    pod.status.pod_ip = net.ip.to_string();
+    pod.status.phase = "Running".into();
+    pod.status.conditions = vec![ambit_mesh::objects::Condition {
+        kind: "Ready".into(),
+        status: "True".into(),
+    }];
+    write_object(&Object::Pod(pod.clone()))?;
+    let version = pod
+        .metadata
+        .labels
+        .get("version")
+        .cloned()
+        .unwrap_or_else(|| "v1".into());
+    let env = [
+        ("POD_NAME", pod.metadata.name.clone()),
+        ("POD_NAMESPACE", pod.metadata.namespace.clone()),
+        ("NODE_NAME", state.nodes[node].name.clone()),
+        ("VERSION", version),
+    ];
+    let log = dir().join(format!(
+        "pod-{}-{}.log",
+        pod.metadata.namespace, pod.metadata.name
+    ));
+    let workload = topology.spawn(
+        "workload",
+        &net.netns,
+        &state.binaries["ambit-echo"],
+        &["serve"],
+        &env,
+        &log,
+    )?;
+    if let Some(pid) = workload.detach() {
+        state.pids.insert(
+            format!("pod/{}/{}", pod.metadata.namespace, pod.metadata.name),
+            pid,
+        );
+    }
+    state.pods.push(PodState {
+        namespace: pod.metadata.namespace.clone(),
+        name: pod.metadata.name.clone(),
+        uid: pod.metadata.uid.clone(),
+        node,
+        netns: net.netns.clone(),
+        ip: net.ip,
+        service_account: pod.service_account().to_string(),
+        ambient: enrollment(&pod, namespaces.get(&pod.metadata.namespace)).is_ambient(),
+    });
+    Ok(())
+}
+
+fn services_of(objects: &[Object]) -> Vec<ServiceState> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Service(s) => Some(ServiceState {
+                namespace: s.metadata.namespace.clone(),
+                name: s.metadata.name.clone(),
+                vip: s.spec.cluster_ip.clone(),
+                ports: s.spec.ports.iter().map(|p| p.port).collect(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+fn namespaces_of(objects: &[Object]) -> BTreeMap<String, Namespace> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Namespace(n) => Some((n.metadata.name.clone(), n.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ztunnel_ready(state: &LabState, i: usize) -> bool {
+    let node = &state.nodes[i];
+    http::get(
+        &node.netns,
+        SocketAddr::new(IpAddr::V4(node.ip), 15021),
+        "/healthz/ready",
+    )
+    .map(|(s, _)| s == 200)
+    .unwrap_or(false)
+}
+
+/// Whether node `i`'s ztunnel has every lab pod in its configuration.
+fn config_propagated(state: &LabState, i: usize) -> bool {
+    let node = &state.nodes[i];
+    let Some((200, body)) = http::get(
+        &node.netns,
+        SocketAddr::from(([127, 0, 0, 1], 15000)),
+        "/config_dump",
+    ) else {
+        return false;
+    };
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let known: Vec<(String, String)> = dump["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            (
+                w["namespace"].as_str().unwrap_or("").to_string(),
+                w["name"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    state
+        .pods
+        .iter()
+        .all(|p| known.contains(&(p.namespace.clone(), p.name.clone())))
+}
+
+fn captured(state: &LabState, pod: &PodState) -> bool {
+    let file = state.nodes[pod.node].dir.join("state/pods.json");
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    let records: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+    records.iter().any(|r| {
+        r["namespace"] == pod.namespace.as_str()
+            && r["name"] == pod.name.as_str()
+            && r["captured"] == true
+    })
+}
+
+/// `ambitctl lab up`.
+pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyhow::Result<i32> {
+    if !(1..=8).contains(&nodes) {
+        bail!("--nodes must be between 1 and 8");
+    }
+    Topology::preflight()?;
+    if state_path().exists() {
+        bail!(
+            "a lab is already running (see `ambitctl lab status`); remove it with `ambitctl lab down` first"
+        );
+    }
+    let mut binaries = BTreeMap::new();
+    for name in BINARIES {
+        binaries.insert(name.to_string(), find_binary(name)?);
+    }
+    let mut objects = match (&config, demo_flag) {
+        (Some(dir), _) => read_objects(dir)?,
+        (None, true) => ambit_mesh::parse_documents(demo::OBJECTS, "demo").0,
+        (None, false) => Vec::new(),
+    };
+    if demo_flag && config.is_some() {
+        objects.extend(ambit_mesh::parse_documents(demo::OBJECTS, "demo").0);
+    }
+    cleanup_leftovers();
+    progress(&format!("creating {nodes} nodes"));
+    let mut topology = Topology::create(PREFIX, &dir(), nodes)?;
+    let mut state = LabState {
+        nodes: topology
+            .nodes
+            .iter()
+            .map(|n| NodeState {
+                name: n.name.clone(),
+                netns: n.netns.clone(),
+                ip: n.ip,
+                pod_subnet: n.pod_subnet,
+                dir: n.dir.clone(),
+            })
+            .collect(),
+        binaries,
+        ..LabState::default()
+    };
+    ambit_netlab::ip(&[
+        "-n",
+        &topology.fabric,
+        "addr",
+        "add",
+        &format!("{FABRIC_IP}/24"),
+        "dev",
+        "br-fabric",
+    ])?;
+    for sub in ["config", "ca"] {
+        std::fs::create_dir_all(dir().join(sub))?;
+    }
+    let tokens: Vec<(String, String)> = state
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), token()))
+        .collect();
+    std::fs::write(
+        dir().join("tokens.json"),
+        serde_json::to_vec_pretty(
+            &json!({"tokens": tokens.iter().map(|(node, t)| json!({"token": t, "node": node})).collect::<Vec<_>>()}),
+        )?,
+    )?;
+
+    complete(&mut objects, &state, nodes);
+    let (pods, others): (Vec<Object>, Vec<Object>) = objects
+        .into_iter()
+        .partition(|o| matches!(o, Object::Pod(_)));
+    for object in &others {
+        write_object(object)?;
+    }
+    state.services = services_of(&others);
+    let namespaces = namespaces_of(&others);
+
+    let mut processes: Vec<(String, Process)> = Vec::new();
+    progress("starting istiod-lite");
+    processes.push(("istiod-lite".into(), start_istiod(&topology, &state)?));
+    let fabric = topology.fabric.clone();
+    wait("istiod-lite to be ready", Duration::from_secs(30), || {
+        http::get(
+            &fabric,
+            SocketAddr::new(IpAddr::V4(FABRIC_IP), 15014),
+            "/ready",
+        )
+        .map(|(s, _)| s == 200)
+        .unwrap_or(false)
+    })?;
+    for (i, (_, token)) in tokens.iter().enumerate() {
+        progress(&format!(
+            "starting cni-agent and ztunnel on {}",
+            state.nodes[i].name
+        ));
+        processes.push((
+            format!("cni-agent/{}", state.nodes[i].name),
+            start_agent(&topology, &state, i)?,
+        ));
+        let socket = state.nodes[i].dir.join("agent.sock");
+        wait("cni-agent to listen", Duration::from_secs(20), || {
+            socket.exists()
+        })?;
+        processes.push((
+            format!("ztunnel/{}", state.nodes[i].name),
+            start_ztunnel(&topology, &state, i, token)?,
+        ));
+    }
+    for object in pods {
+        if let Object::Pod(pod) = object {
+            progress(&format!(
+                "creating pod {}/{} on {}",
+                pod.metadata.namespace, pod.metadata.name, pod.spec.node_name
+            ));
+            create_pod(&mut topology, &mut state, pod, &namespaces)?;
+        }
+    }
+    write_hosts(&state)?;
+    progress("waiting for every ztunnel to be ready and every ambient pod to be captured");
+    wait("ztunnels to be ready", Duration::from_secs(60), || {
+        (0..state.nodes.len()).all(|i| ztunnel_ready(&state, i))
+    })?;
+    wait(
+        "ambient pods to be captured",
+        Duration::from_secs(60),
+        || {
+            state
+                .pods
+                .iter()
+                .filter(|p| p.ambient)
+                .all(|p| captured(&state, p))
+        },
+    )?;
+    wait(
+        "configuration to reach every ztunnel",
+        Duration::from_secs(60),
+        || (0..state.nodes.len()).all(|i| config_propagated(&state, i)),
+    )?;
+    for (name, process) in processes {
+        if let Some(pid) = process.detach() {
+            state.pids.insert(name, pid);
+        }
+    }
+    save_state(&state)?;
+    topology.cleanup_on_drop = false;
+    print_status(&state, false);
+    if demo_flag {
+        let echo_ip = state
+            .pods
+            .iter()
+            .find(|p| p.namespace == "demo" && p.name == "echo-1")
+            .map(|p| p.ip.to_string())
+            .unwrap_or_default();
+        let program = std::env::args().next().unwrap_or_else(|| "ambitctl".into());
+        println!(
+            "{}",
+            demo::hints(&echo_ip, &state.nodes[0].ip.to_string(), &program)
+        );
+    }
+    Ok(0)
+}
+
+fn token() -> String {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut bytes);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Removes namespaces, files and processes left by an earlier lab.
+fn cleanup_leftovers() -> (usize, usize) {
+    let mut killed = 0;
+    if let Ok(state) = load_state() {
+        for pid in state.pids.values() {
+            if kill(*pid) {
+                killed += 1;
+            }
+        }
+    }
+    for ns in ambit_netlab::namespaces_with_prefix(PREFIX) {
+        if let Ok(out) = ambit_netlab::ip(&["netns", "pids", &ns]) {
+            for pid in out.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+                if kill(pid) {
+                    killed += 1;
+                }
+            }
+        }
+    }
+    let removed = ambit_netlab::delete_namespaces(PREFIX);
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(PREFIX) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir());
+    (killed, removed)
+}
+
+fn kill(pid: u32) -> bool {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let pid = Pid::from_raw(pid as i32);
+    if kill(pid, Signal::SIGTERM).is_err() {
+        return false;
+    }
+    for _ in 0..50 {
+        if kill(pid, None).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+    true
+}
+
+/// `ambitctl lab down`.
+pub(crate) fn down() -> anyhow::Result<i32> {
+    let (killed, removed) = cleanup_leftovers();
+    println!(
+        "lab removed: {killed} processes stopped, {removed} network namespaces deleted, {LAB_DIR} removed"
+    );
+    Ok(0)
+}
+
+fn print_status(state: &LabState, json_output: bool) {
+    let alive = |name: &str| {
+        state
+            .pids
+            .get(name)
+            .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
+    };
+    if json_output {
+        let value = json!({
+            "nodes": state.nodes.iter().enumerate().map(|(i, n)| json!({
+                "name": n.name, "netns": n.netns, "ip": n.ip,
+                "metrics": format!("http://{}:15020/metrics", n.ip),
+                "admin": format!("127.0.0.1:15000 in netns {}", n.netns),
+                "ztunnel": {"running": alive(&format!("ztunnel/{}", n.name)), "ready": ztunnel_ready(state, i)},
+                "cniAgent": {"running": alive(&format!("cni-agent/{}", n.name))},
+            })).collect::<Vec<_>>(),
+            "pods": state.pods.iter().map(|p| json!({
+                "pod": format!("{}/{}", p.namespace, p.name), "node": state.nodes[p.node].name, "ip": p.ip,
+                "netns": p.netns, "ambient": p.ambient, "captured": captured(state, p),
+                "identity": format!("spiffe://cluster.local/ns/{}/sa/{}", p.namespace, p.service_account),
+            })).collect::<Vec<_>>(),
+            "services": state.services.iter().map(|s| json!({"service": format!("{}/{}", s.namespace, s.name), "vip": s.vip, "ports": s.ports})).collect::<Vec<_>>(),
+            "istiodLite": {"running": alive("istiod-lite"), "address": format!("{FABRIC_IP}:15012")},
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return;
+    }
+    println!(
+        "\nistiod-lite  {FABRIC_IP}:15012  {}",
+        if alive("istiod-lite") {
+            "running"
+        } else {
+            "NOT RUNNING"
+        }
+    );
+    println!(
+        "\nNODE     NETNS            IP           ZTUNNEL  METRICS                          ADMIN (in node netns)"
+    );
+    for (i, n) in state.nodes.iter().enumerate() {
+        println!(
+            "{:<8} {:<16} {:<12} {:<8} http://{}:15020/metrics   127.0.0.1:15000",
+            n.name,
+            n.netns,
+            n.ip,
+            if ztunnel_ready(state, i) {
+                "ready"
+            } else {
+                "NOT READY"
+            },
+            n.ip
+        );
+    }
+    println!("\nPOD                  NODE     IP            CAPTURED  IDENTITY");
+    for p in &state.pods {
+        let captured = if !p.ambient {
+            "no (not ambient)".to_string()
+        } else if captured(state, p) {
+            "yes".into()
+        } else {
+            "PENDING".into()
+        };
+        println!(
+            "{:<20} {:<8} {:<13} {:<9} spiffe://cluster.local/ns/{}/sa/{}",
+            format!("{}/{}", p.namespace, p.name),
+            state.nodes[p.node].name,
+            p.ip,
+            captured,
+            p.namespace,
+            p.service_account
+        );
+    }
+    if !state.services.is_empty() {
+        println!("\nSERVICE              VIP          PORTS");
+        for s in &state.services {
+            println!(
+                "{:<20} {:<12} {:?}",
+                format!("{}/{}", s.namespace, s.name),
+                s.vip,
+                s.ports
+            );
+        }
+    }
+}
+
+/// `ambitctl lab status`.
+pub(crate) fn status(json_output: bool) -> anyhow::Result<i32> {
+    let state = load_state()?;
+    print_status(&state, json_output);
+    Ok(0)
+}
+
+/// `ambitctl lab exec ns/pod -- cmd...`.
+pub(crate) fn exec(pod: &str, command: &[String]) -> anyhow::Result<i32> {
+    let state = load_state()?;
+    let (ns, name) = pod
+        .split_once('/')
+        .context("name the pod as <namespace>/<name>")?;
+    let pod = state
+        .pods
+        .iter()
+        .find(|p| p.namespace == ns && p.name == name)
+        .with_context(|| format!("no pod {ns}/{name} in the lab (see `ambitctl lab status`)"))?;
+    let status = Command::new("ip")
+        .args(["netns", "exec", &pod.netns])
+        .args(command)
+        .status()
+        .with_context(|| format!("running {:?}", command.join(" ")))?;
+    Ok(status.code().unwrap_or(1))
+}
+
+/// `ambitctl lab apply -f`.
+pub(crate) fn apply(path: &Path) -> anyhow::Result<i32> {
+    let mut state = load_state()?;
+    let mut objects = read_objects(path)?;
+    let nodes = state.nodes.len();
+    complete(&mut objects, &state, nodes);
+    let mut all = current_objects()?;
+    for object in &objects {
+        if !matches!(object, Object::Pod(_)) {
+            write_object(object)?;
+            println!("{} configured", object.key());
+        }
+    }
+    all = {
+        let mut merged: BTreeMap<ObjectKey, Object> = all.drain(..).map(|o| (o.key(), o)).collect();
+        for o in &objects {
+            merged.insert(o.key(), o.clone());
+        }
+        merged.into_values().collect()
+    };
+    state.services = services_of(&all);
+    let namespaces = namespaces_of(&all);
+    let mut topology = topology(&state);
+    for object in objects {
+        if let Object::Pod(pod) = object {
+            let exists = state
+                .pods
+                .iter()
+                .any(|p| p.namespace == pod.metadata.namespace && p.name == pod.metadata.name);
+            let key = Object::Pod(pod.clone()).key();
+            if exists {
+                println!("{key} unchanged (pods are replaced by deleting and applying them)");
+                continue;
+            }
+            create_pod(&mut topology, &mut state, pod, &namespaces)?;
+            println!("{key} created");
+        }
+    }
+    for pod in state.pods.iter_mut() {
+        let ambient = all.iter().find_map(|o| match o {
+            Object::Pod(p)
+                if p.metadata.namespace == pod.namespace && p.metadata.name == pod.name =>
+            {
+                Some(enrollment(p, namespaces.get(&pod.namespace)).is_ambient())
+            }
+            _ => None,
+        });
+        if let Some(ambient) = ambient {
+            pod.ambient = ambient;
+        }
+    }
+    write_hosts(&state)?;
+    save_state(&state)?;
+    wait(
+        "configuration to reach every ztunnel",
+        Duration::from_secs(60),
+        || (0..state.nodes.len()).all(|i| config_propagated(&state, i)),
+    )?;
+    Ok(0)
+}
+
+/// `ambitctl lab delete -f`.
+pub(crate) fn delete(path: &Path) -> anyhow::Result<i32> {
+    let mut state = load_state()?;
+    let objects = read_objects(path)?;
+    let mut topology = topology(&state);
+    for object in objects {
+        let key = object.key();
+        let file = dir().join("config").join(object_file(&key));
+        let index = state
+            .pods
+            .iter()
+            .position(|p| p.namespace == key.namespace && p.name == key.name);
+        if key.kind == "Pod"
+            && let Some(index) = index
+        {
+            let pod = state.pods.remove(index);
+            if let Some(pid) = state
+                .pids
+                .remove(&format!("pod/{}/{}", pod.namespace, pod.name))
+            {
+                kill(pid);
+            }
+            topology.delete_pod(&pod.namespace, &pod.name, &chain(&state, pod.node))?;
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&pod.netns));
+        }
+        match std::fs::remove_file(&file) {
+            Ok(()) => println!("{key} deleted"),
+            Err(_) => println!("{key} not found"),
+        }
+    }
+    state.services = services_of(&current_objects()?);
+    write_hosts(&state)?;
+    save_state(&state)?;
+    Ok(0)
+}

@@ -1,0 +1,95 @@
+//! `ambitctl`: the operator CLI. Today: `ambitctl lab ...`, the whole mesh on one Linux host.
+
+mod lab;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ambitctl", about = "Ambit's command-line tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A whole ambient mesh on this host: nodes and pods in network namespaces, the real
+    /// istiod-lite, ztunnel, cni-agent and CNI plugin.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the lab and start every component; returns once every ztunnel is ready and every
+    /// ambient pod is captured. The lab keeps running.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// A directory of cluster YAML (namespaces, pods, services, policies) to start from.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Start the demo: namespace demo (ambient) with client and two echo pods, service echo,
+        /// a policy allowing only the client; namespace legacy (not enrolled) with a client.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Nodes, pods, services and component health.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a pod: `ambitctl lab exec demo/client -- curl http://echo.demo/`.
+    Exec {
+        /// `namespace/pod`.
+        pod: String,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Add or change objects (file or directory of YAML). Invalid input changes nothing.
+    Apply {
+        /// File or directory.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Remove objects named in a file or directory.
+    Delete {
+        /// File or directory.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Remove everything the lab made (also after a crash or a half-finished `up`).
+    Down,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Lab { command } => match command {
+            LabCommand::Up {
+                nodes,
+                config,
+                demo,
+            } => lab::up(nodes, config, demo),
+            LabCommand::Status { json } => lab::status(json),
+            LabCommand::Exec { pod, command } => lab::exec(&pod, &command),
+            LabCommand::Apply { file } => lab::apply(&file),
+            LabCommand::Delete { file } => lab::delete(&file),
+            LabCommand::Down => lab::down(),
+        },
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ambitctl: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! `ambitctl lab` end to end: the demo comes up with every component as its own process, does
+//! what its hints say (an allowed call answered across nodes, a refused one, metrics naming both
+//! workloads), refuses invalid objects without changing anything, applies a policy to new
+//! connections, and `down` leaves nothing behind. Needs root.
+
+use std::process::Command;
+
+use ambit_e2e::binary;
+
+fn ambitctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary("ambitctl"))
+        .args(args)
+        .env("AMBIT_BIN_DIR", binary("ztunnel").parent().unwrap())
+        .output()
+        .expect("ambitctl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn curl(pod: &str, url: &str) -> String {
+    let (_, out, _) = ambitctl(&["lab", "exec", pod, "--", "curl", "-s", "-m", "3", url]);
+    out
+}
+
+struct Down;
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = ambitctl(&["lab", "down"]);
+    }
+}
+
+#[test]
+fn demo_up_behaves_as_documented_and_down_removes_everything() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the lab needs root; run sudo scripts/test"
+    );
+    let _ = ambitctl(&["lab", "down"]);
+    let _down = Down;
+    let (code, out, err) = ambitctl(&["lab", "up", "--demo"]);
+    assert_eq!(code, 0, "lab up failed:\n{out}\n{err}");
+    assert!(out.contains("The demo is up. Try:"), "{out}");
+
+    let (code, status, _) = ambitctl(&["lab", "status", "--json"]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let pods = status["pods"].as_array().unwrap();
+    assert_eq!(pods.len(), 4);
+    assert!(
+        pods.iter()
+            .filter(|p| p["pod"].as_str().unwrap().starts_with("demo/"))
+            .all(|p| p["captured"] == true)
+    );
+    assert!(
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["ztunnel"]["ready"] == true)
+    );
+    let echo_1 = pods.iter().find(|p| p["pod"] == "demo/echo-1").unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // 1. Allowed: the client reaches echo by name; over a few calls both nodes answer.
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let body: serde_json::Value =
+            serde_json::from_str(&curl("demo/client", "http://echo.demo.svc.cluster.local/"))
+                .unwrap_or_default();
+        if let Some(pod) = body["pod"].as_str() {
+            answered.insert(pod.to_string());
+        }
+    }
+    assert!(
+        answered.contains("echo-1") && answered.contains("echo-2"),
+        "answered by {answered:?}"
+    );
+
+    // 2. Refused: legacy/client has no identity, the ALLOW policy names only demo/client.
+    assert_eq!(curl("legacy/client", &format!("http://{echo_1}:8080/")), "");
+
+    // 3. Metrics name both workloads.
+    let node_1 = status["nodes"][0]["ip"].as_str().unwrap().to_string();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "ambit-lab-node-1",
+            "curl",
+            "-s",
+            &format!("http://{node_1}:15020/metrics"),
+        ])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("source_workload=\"client\"")
+                && l.contains("destination_service=\"echo.demo.svc.cluster.local\"")),
+        "{metrics}"
+    );
+
+    // Invalid objects change nothing; a valid DENY applies to new connections.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: demo}\nspec: {action: PERMIT}\n").unwrap();
+    let (code, _, err) = ambitctl(&["lab", "apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("AuthorizationPolicy demo/x: spec.action: \"PERMIT\" is not ALLOW, DENY, AUDIT or CUSTOM"), "{err}");
+    let deny = dir.path().join("deny.yaml");
+    std::fs::write(&deny, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: demo}\nspec:\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]\n").unwrap();
+    assert_eq!(
+        ambitctl(&["lab", "apply", "-f", deny.to_str().unwrap()]).0,
+        0
+    );
+    let mut denied = false;
+    for _ in 0..30 {
+        if curl("demo/client", "http://echo.demo.svc.cluster.local/").is_empty() {
+            denied = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(denied, "the DENY policy took effect on new connections");
+
+    let (code, out, _) = ambitctl(&["lab", "down"]);
+    assert_eq!(code, 0, "{out}");
+    let namespaces = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
+    assert!(
+        !namespaces.contains("ambit-lab-"),
+        "namespaces left: {namespaces}"
+    );
+    assert!(!std::path::Path::new("/run/ambit-lab").exists());
+}

@@ -50,7 +50,7 @@ spec:
 "#;
 
 /// What to try once the demo is up.
-pub(super) fn hints(echo_ip: &str, node_ip: &str, program: &str) -> String {
+pub(super) fn hints(echo_ip: &str, node_ip: &str, program: &str, node_netns: &str) -> String {
     format!(
         r#"
 The demo is up. Try:
@@ -62,7 +62,7 @@ The demo is up. Try:
        sudo {program} lab exec legacy/client -- curl -s -m 3 http://{echo_ip}:8080/ || echo refused
 
   3. The Istio metrics of node-1's ztunnel:
-       sudo ip netns exec ambit-lab-node-1 curl -s http://{node_ip}:15020/metrics | grep istio_tcp_connections_opened_total
+       sudo ip netns exec {node_netns} curl -s http://{node_ip}:15020/metrics | grep istio_tcp_connections_opened_total
 
 See `sudo {program} lab status`, and `sudo {program} lab down` to remove it all.
 "#

@@ -2,7 +2,9 @@
 //! istiod-lite (reading the lab's config directory), one cni-agent and one ztunnel per node, the
 //! CNI chain for every pod as a runtime would call it, and the echo workload in every pod.
 //!
-//! Everything lives under [`LAB_DIR`] and in namespaces named `ambit-*`, so `down` can remove it
+//! Everything lives under one directory (`/run/ambit-lab`) and in namespaces named `ambit-lab-*`
+//! (both overridable with `AMBIT_LAB_DIR` and `AMBIT_LAB_PREFIX`, so a test lab never touches
+//! yours), so `down` can remove it
 //! all even after a crash.
 
 mod demo;
@@ -23,8 +25,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// Where the lab keeps its files.
-pub(crate) const LAB_DIR: &str = "/run/ambit-lab";
-const PREFIX: &str = "ambit-lab-";
+fn lab_dir() -> String {
+    std::env::var("AMBIT_LAB_DIR").unwrap_or_else(|_| "/run/ambit-lab".into())
+}
+
+/// The prefix of every namespace the lab creates.
+fn prefix() -> String {
+    std::env::var("AMBIT_LAB_PREFIX").unwrap_or_else(|_| "ambit-lab-".into())
+}
 const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
 const BINARIES: [&str; 5] = [
     "istiod-lite",
@@ -74,7 +82,7 @@ struct ServiceState {
 }
 
 fn dir() -> PathBuf {
-    PathBuf::from(LAB_DIR)
+    PathBuf::from(lab_dir())
 }
 
 fn state_path() -> PathBuf {
@@ -122,8 +130,8 @@ fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
 
 fn topology(state: &LabState) -> Topology {
     Topology {
-        prefix: PREFIX.into(),
-        fabric: format!("{PREFIX}fabric"),
+        prefix: prefix(),
+        fabric: format!("{}fabric", prefix()),
         nodes: state
             .nodes
             .iter()
@@ -179,7 +187,10 @@ fn wait(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> anyhow:
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    bail!("timed out after {limit:?} waiting for {what}; logs are in {LAB_DIR}")
+    bail!(
+        "timed out after {limit:?} waiting for {what}; logs are in {}",
+        lab_dir()
+    )
 }
 
 fn object_file(key: &ObjectKey) -> String {
@@ -571,7 +582,7 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
     }
     cleanup_leftovers();
     progress(&format!("creating {nodes} nodes"));
-    let mut topology = Topology::create(PREFIX, &dir(), nodes)?;
+    let mut topology = Topology::create(&prefix(), &dir(), nodes)?;
     let mut state = LabState {
         nodes: topology
             .nodes
@@ -700,7 +711,12 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
         let program = std::env::args().next().unwrap_or_else(|| "ambitctl".into());
         println!(
             "{}",
-            demo::hints(&echo_ip, &state.nodes[0].ip.to_string(), &program)
+            demo::hints(
+                &echo_ip,
+                &state.nodes[0].ip.to_string(),
+                &program,
+                &state.nodes[0].netns
+            )
         );
     }
     Ok(0)
@@ -724,7 +740,7 @@ fn cleanup_leftovers() -> (usize, usize) {
             }
         }
     }
-    for ns in ambit_netlab::namespaces_with_prefix(PREFIX) {
+    for ns in ambit_netlab::namespaces_with_prefix(&prefix()) {
         if let Ok(out) = ambit_netlab::ip(&["netns", "pids", &ns]) {
             for pid in out.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
                 if kill(pid) {
@@ -733,10 +749,10 @@ fn cleanup_leftovers() -> (usize, usize) {
             }
         }
     }
-    let removed = ambit_netlab::delete_namespaces(PREFIX);
+    let removed = ambit_netlab::delete_namespaces(&prefix());
     if let Ok(entries) = std::fs::read_dir("/etc/netns") {
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(PREFIX) {
+            if entry.file_name().to_string_lossy().starts_with(&prefix()) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -766,7 +782,8 @@ fn kill(pid: u32) -> bool {
 pub(crate) fn down() -> anyhow::Result<i32> {
     let (killed, removed) = cleanup_leftovers();
     println!(
-        "lab removed: {killed} processes stopped, {removed} network namespaces deleted, {LAB_DIR} removed"
+        "lab removed: {killed} processes stopped, {removed} network namespaces deleted, {} removed",
+        lab_dir()
     );
     Ok(0)
 }

@@ -71,25 +71,7 @@ fn main() {
                 child.wait().unwrap()
             };
             let start = Instant::now();
-            let mut child = Command::new(&plugin)
-                .env_clear()
-                .env("CNI_COMMAND", "ADD")
-                .env("CNI_CONTAINERID", pod.container_id())
-                .env("CNI_NETNS", pod.netns_path())
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", "/usr/lib/cni")
-                .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID=uid-{namespace}-{i}"))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("plugin");
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(conf.to_string().as_bytes())
-                .unwrap();
-            let status = child.wait().unwrap();
+            let status = invoke("ADD");
             let took = start.elapsed();
             assert!(status.success(), "ADD failed for {namespace}/{name}");
             add.push(took);

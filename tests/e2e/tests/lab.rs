@@ -11,6 +11,9 @@ fn ambitctl(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(binary("ambitctl"))
         .args(args)
         .env("AMBIT_BIN_DIR", binary("ztunnel").parent().unwrap())
+        // Its own lab, so a developer's running lab is never touched.
+        .env("AMBIT_LAB_PREFIX", "ambit-lt-")
+        .env("AMBIT_LAB_DIR", "/run/ambit-lab-test")
         .output()
         .expect("ambitctl runs");
     (
@@ -90,7 +93,7 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
         .args([
             "netns",
             "exec",
-            "ambit-lab-node-1",
+            "ambit-lt-node-1",
             "curl",
             "-s",
             &format!("http://{node_1}:15020/metrics"),
@@ -141,8 +144,8 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
     )
     .to_string();
     assert!(
-        !namespaces.contains("ambit-lab-"),
+        !namespaces.contains("ambit-lt-"),
         "namespaces left: {namespaces}"
     );
-    assert!(!std::path::Path::new("/run/ambit-lab").exists());
+    assert!(!std::path::Path::new("/run/ambit-lab-test").exists());
 }

@@ -296,40 +296,35 @@ impl ConnectionRecord {
             Reporter::Source => "outbound",
             Reporter::Destination => "inbound",
         };
+        // One field list for both outcomes, so the two log lines cannot drift apart.
+        macro_rules! access {
+            ($level:ident, $message:literal $(, $extra:ident = $value:expr)*) => {
+                tracing::$level!(
+                    target: "access",
+                    direction,
+                    src.addr = %self.src,
+                    src.workload = %name(&self.info.source),
+                    src.identity = %id(&self.info.source_identity),
+                    dst.addr = %self.dst,
+                    dst.upstream = %upstream,
+                    dst.service = %service,
+                    dst.workload = %name(&self.info.destination),
+                    dst.identity = %id(&self.info.destination_identity),
+                    bytes_received = self.counted_received,
+                    bytes_sent = self.counted_sent,
+                    duration_ms,
+                    $($extra = $value,)*
+                    $message
+                )
+            };
+        }
         match error {
-            None => tracing::info!(
-                target: "access",
-                direction,
-                src.addr = %self.src,
-                src.workload = %name(&self.info.source),
-                src.identity = %id(&self.info.source_identity),
-                dst.addr = %self.dst,
-                dst.upstream = %upstream,
-                dst.service = %service,
-                dst.workload = %name(&self.info.destination),
-                dst.identity = %id(&self.info.destination_identity),
-                bytes_received = self.counted_received,
-                bytes_sent = self.counted_sent,
-                duration_ms,
-                "connection complete"
-            ),
-            Some(error) => tracing::warn!(
-                target: "access",
-                direction,
-                src.addr = %self.src,
-                src.workload = %name(&self.info.source),
-                src.identity = %id(&self.info.source_identity),
-                dst.addr = %self.dst,
-                dst.upstream = %upstream,
-                dst.service = %service,
-                dst.workload = %name(&self.info.destination),
-                dst.identity = %id(&self.info.destination_identity),
-                bytes_received = self.counted_received,
-                bytes_sent = self.counted_sent,
-                duration_ms,
+            None => access!(info, "connection complete"),
+            Some(error) => access!(
+                warn,
+                "connection failed",
                 response_flags = flags.as_str(),
-                error,
-                "connection failed"
+                error = error
             ),
         }
     }

@@ -28,6 +28,39 @@ fn curl(pod: &str, url: &str) -> String {
     out
 }
 
+fn status() -> serde_json::Value {
+    let (_, out, _) = ambitctl(&["lab", "status", "--json"]);
+    serde_json::from_str(&out).unwrap_or_default()
+}
+
+fn pod_ip(pod: &str) -> String {
+    status()["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pod"] == pod)
+        .unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn wait_captured(pod: &str, want: bool) {
+    for _ in 0..50 {
+        let s = status();
+        if s["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["pod"] == pod && p["captured"] == want)
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("{pod} never became captured={want}: {}", status());
+}
+
 struct Down;
 impl Drop for Down {
     fn drop(&mut self) {
@@ -110,6 +143,64 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
         "{metrics}"
     );
 
+    // Cross-node mesh traffic is encrypted: a capture on node 2's link never sees the marker;
+    // a marker in the non-mesh client's plaintext request is visible (control).
+    let capture_dir = tempfile::tempdir().unwrap();
+    let echo_2 = pod_ip("demo/echo-2");
+    let capture = capture_dir.path().join("capture.txt");
+    let mut tcpdump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "ambit-lt-node-2",
+            "tcpdump",
+            "-i",
+            "eth0",
+            "-l",
+            "-A",
+            "-n",
+            "-U",
+            "tcp",
+        ])
+        .stdout(std::fs::File::create(&capture).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let echo_bin = binary("ambit-echo");
+    let (code, _, err) = ambitctl(&[
+        "lab",
+        "exec",
+        "demo/client",
+        "--",
+        echo_bin.to_str().unwrap(),
+        "tcp",
+        &format!("{echo_2}:9000"),
+        "--send",
+        "LAB-SECRET-MARKER",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // curl sends its request as soon as it connects, before the destination's policy answers.
+    let _ = curl(
+        "legacy/client",
+        &format!("http://{echo_2}:8080/LAB-PLAIN-MARKER"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = tcpdump.wait();
+    let captured = std::fs::read_to_string(&capture).unwrap_or_default();
+    assert!(
+        captured.contains("LAB-PLAIN-MARKER"),
+        "the capture sees plaintext (control)"
+    );
+    assert!(
+        !captured.contains("LAB-SECRET-MARKER"),
+        "mesh traffic between nodes is encrypted"
+    );
+
     // Invalid objects change nothing; a valid DENY applies to new connections.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
@@ -132,6 +223,49 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert!(denied, "the DENY policy took effect on new connections");
+
+    // Labelling a namespace enrolls its running pods; removing the label releases them.
+    let legacy = dir.path().join("legacy.yaml");
+    std::fs::write(&legacy, "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}\n").unwrap();
+    assert_eq!(
+        ambitctl(&["lab", "apply", "-f", legacy.to_str().unwrap()]).0,
+        0
+    );
+    wait_captured("legacy/client", true);
+    std::fs::write(
+        &legacy,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        ambitctl(&["lab", "apply", "-f", legacy.to_str().unwrap()]).0,
+        0
+    );
+    wait_captured("legacy/client", false);
+
+    // PERMISSIVE admits the non-mesh client (demo/client has no policy of its own); STRICT
+    // refuses it.
+    let client_ip = pod_ip("demo/client");
+    let direct = format!("http://{client_ip}:8080/");
+    assert!(
+        curl("legacy/client", &direct).contains("\"pod\":\"client\""),
+        "PERMISSIVE admits plaintext"
+    );
+    let strict = dir.path().join("strict.yaml");
+    std::fs::write(&strict, "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n").unwrap();
+    assert_eq!(
+        ambitctl(&["lab", "apply", "-f", strict.to_str().unwrap()]).0,
+        0
+    );
+    let mut refused = false;
+    for _ in 0..30 {
+        if curl("legacy/client", &direct).is_empty() {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(refused, "STRICT refuses the non-mesh client");
 
     let (code, out, _) = ambitctl(&["lab", "down"]);
     assert_eq!(code, 0, "{out}");

@@ -161,9 +161,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .tls_config(tls)?
         .add_service(IstioCertificateServiceServer::new(ca_service))
         .add_service(AggregatedDiscoveryServiceServer::new(xds).max_decoding_message_size(16 << 20))
-        .serve_with_shutdown(args.listen, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .serve_with_shutdown(args.listen, shutdown_signal())
         .await?;
+    tracing::info!("istiod-lite stopped");
     Ok(())
+}
+
+/// SIGTERM or SIGINT: stop accepting, let in-flight calls finish (tonic's graceful shutdown).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down: draining open streams");
 }

@@ -65,6 +65,14 @@ enum LabCommand {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Restart one component (istiod-lite, or ztunnel / cni-agent on a node), as a rollout would.
+    Restart {
+        /// istiod-lite, ztunnel or cni-agent.
+        component: String,
+        /// The node (ztunnel, cni-agent).
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// Remove everything the lab made (also after a crash or a half-finished `up`).
     Down,
 }
@@ -82,6 +90,7 @@ fn main() {
             LabCommand::Exec { pod, command } => lab::exec(&pod, &command),
             LabCommand::Apply { file } => lab::apply(&file),
             LabCommand::Delete { file } => lab::delete(&file),
+            LabCommand::Restart { component, node } => lab::restart(&component, node.as_deref()),
             LabCommand::Down => lab::down(),
         },
     };

@@ -778,6 +778,84 @@ fn kill(pid: u32) -> bool {
     true
 }
 
+fn node_token(node: &str) -> anyhow::Result<String> {
+    let tokens: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir().join("tokens.json"))?)?;
+    tokens["tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["node"] == node)
+        .and_then(|t| t["token"].as_str().map(str::to_string))
+        .with_context(|| format!("no token for {node} in the lab's tokens file"))
+}
+
+/// `ambitctl lab restart <component> [--node N]`: stop it gracefully and start it again.
+pub(crate) fn restart(component: &str, node: Option<&str>) -> anyhow::Result<i32> {
+    let mut state = load_state()?;
+    let topology = topology(&state);
+    let node_index = |name: Option<&str>| -> anyhow::Result<usize> {
+        let name = name.context("name the node with --node")?;
+        state
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name} in the lab"))
+    };
+    let (key, process) = match component {
+        "istiod-lite" => {
+            if let Some(pid) = state.pids.get("istiod-lite") {
+                kill(*pid);
+            }
+            let process = start_istiod(&topology, &state)?;
+            let fabric = topology.fabric.clone();
+            wait("istiod-lite to be ready", Duration::from_secs(30), || {
+                http::get(
+                    &fabric,
+                    SocketAddr::new(IpAddr::V4(FABRIC_IP), 15014),
+                    "/ready",
+                )
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            })?;
+            ("istiod-lite".to_string(), process)
+        }
+        "ztunnel" => {
+            let i = node_index(node)?;
+            let key = format!("ztunnel/{}", state.nodes[i].name);
+            if let Some(pid) = state.pids.get(&key) {
+                kill(*pid);
+            }
+            let process = start_ztunnel(&topology, &state, i, &node_token(&state.nodes[i].name)?)?;
+            wait("ztunnel to be ready", Duration::from_secs(60), || {
+                ztunnel_ready(&state, i)
+            })?;
+            (key, process)
+        }
+        "cni-agent" => {
+            let i = node_index(node)?;
+            let key = format!("cni-agent/{}", state.nodes[i].name);
+            if let Some(pid) = state.pids.get(&key) {
+                kill(*pid);
+            }
+            let _ = std::fs::remove_file(state.nodes[i].dir.join("agent.sock"));
+            let process = start_agent(&topology, &state, i)?;
+            let socket = state.nodes[i].dir.join("agent.sock");
+            wait("cni-agent to listen", Duration::from_secs(20), || {
+                socket.exists()
+            })?;
+            (key, process)
+        }
+        other => bail!("unknown component {other:?}: expected istiod-lite, ztunnel or cni-agent"),
+    };
+    if let Some(pid) = process.detach() {
+        state.pids.insert(key.clone(), pid);
+    }
+    save_state(&state)?;
+    println!("{key} restarted");
+    Ok(0)
+}
+
 /// `ambitctl lab down`.
 pub(crate) fn down() -> anyhow::Result<i32> {
     let (killed, removed) = cleanup_leftovers();

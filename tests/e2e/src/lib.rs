@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ambit_netlab::{Chain, NetlabError, Process, Topology};
@@ -298,4 +299,31 @@ impl Cluster {
 /// Parses `ambit-echo call` output.
 pub fn summary(out: &str) -> Value {
     serde_json::from_str(out.trim()).unwrap_or(Value::Null)
+}
+
+/// Keeps one TCP connection open for `duration`, echoing a message every 500 ms. Ok if every
+/// echo came back.
+pub fn long_connection(netns: &str, target: &str, duration: Duration) -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Write};
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/{}; head -n1 <&3 >/dev/null; end=$((SECONDS+{})); while [ $SECONDS -lt $end ]; do echo tick >&3 || exit 3; read -t 3 line <&3 || exit 4; [ \"$line\" = tick ] || exit 5; sleep 0.5; done",
+        target.split(':').next().unwrap(),
+        target.split(':').nth(1).unwrap(),
+        duration.as_secs()
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "bash", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let _ = (
+        BufReader::new(child.stdout.take().unwrap()).lines().count(),
+        std::io::stdout().flush(),
+    );
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("connection broke: exit {:?}", status.code()))
+    }
 }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use ambit_e2e::{Cluster, PodSpec, summary, wait_until};
+use ambit_e2e::{Cluster, PodSpec, long_connection, summary, wait_until};
 
 const CLIENT: PodSpec = PodSpec {
     namespace: "demo",
@@ -316,31 +316,4 @@ fn admin_dump(cluster: &Cluster, i: usize) -> String {
     let dump: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     assert!(!out.contains("PRIVATE KEY"), "config dumps never show keys");
     dump["certificates"].to_string()
-}
-
-/// Keeps one TCP connection open for `duration`, echoing a message every 500 ms. Ok if every
-/// echo came back.
-fn long_connection(netns: &str, target: &str, duration: Duration) -> Result<(), String> {
-    use std::io::{BufRead, BufReader, Write};
-    let script = format!(
-        "exec 3<>/dev/tcp/{}/{}; head -n1 <&3 >/dev/null; end=$((SECONDS+{})); while [ $SECONDS -lt $end ]; do echo tick >&3 || exit 3; read -t 3 line <&3 || exit 4; [ \"$line\" = tick ] || exit 5; sleep 0.5; done",
-        target.split(':').next().unwrap(),
-        target.split(':').nth(1).unwrap(),
-        duration.as_secs()
-    );
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "bash", "-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let _ = (
-        BufReader::new(child.stdout.take().unwrap()).lines().count(),
-        std::io::stdout().flush(),
-    );
-    let status = child.wait().map_err(|e| e.to_string())?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("connection broke: exit {:?}", status.code()))
-    }
 }

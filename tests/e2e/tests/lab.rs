@@ -358,6 +358,25 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
     );
     wait_captured("legacy/client", false);
 
+    // A pod in an ambient namespace that opts out is not captured.
+    let optout = dir.path().join("optout.yaml");
+    std::fs::write(&optout, "apiVersion: v1\nkind: Pod\nmetadata: {name: tool, namespace: demo, labels: {istio.io/dataplane-mode: none}}\n").unwrap();
+    assert_eq!(
+        ambitctl(&["lab", "apply", "-f", optout.to_str().unwrap()]).0,
+        0
+    );
+    let tool = self::status()["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pod"] == "demo/tool")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (tool["ambient"].clone(), tool["captured"].clone()),
+        (serde_json::json!(false), serde_json::json!(false))
+    );
+
     // PERMISSIVE admits the non-mesh client (demo/client has no policy of its own); STRICT
     // refuses it.
     let client_ip = pod_ip("demo/client");

@@ -257,7 +257,40 @@ fn write_object(object: &Object) -> anyhow::Result<()> {
 }
 
 /// Assigns what the API server and scheduler would: VIPs for services, nodes for pods, uids.
-fn complete(objects: &mut [Object], state: &LabState, nodes: usize) {
+/// The annotation marking pods the lab created for a Deployment.
+const OWNER: &str = "lab.ambit.io/owner";
+
+/// Pods for each `apps/v1` Deployment (`spec.replicas` copies of `spec.template`, named
+/// `<deployment>-<index>`), as the controllers would create them.
+fn expand_deployments(objects: &mut Vec<Object>) {
+    let mut pods = Vec::new();
+    for object in objects.iter() {
+        let Object::Other { key, value, .. } = object else {
+            continue;
+        };
+        if key.kind != "Deployment" {
+            continue;
+        }
+        let replicas = value["spec"]["replicas"].as_u64().unwrap_or(1).min(20);
+        let template = &value["spec"]["template"];
+        for i in 0..replicas {
+            let mut pod = serde_json::json!({
+                "metadata": template["metadata"].clone(),
+                "spec": template["spec"].clone(),
+            });
+            pod["metadata"]["name"] = json!(format!("{}-{i}", key.name));
+            pod["metadata"]["namespace"] = json!(key.namespace);
+            pod["metadata"]["annotations"][OWNER] = json!(format!("Deployment/{}", key.name));
+            if let Ok(pod) = serde_json::from_value::<Pod>(pod) {
+                pods.push(Object::Pod(pod));
+            }
+        }
+    }
+    objects.extend(pods);
+}
+
+fn complete(objects: &mut Vec<Object>, state: &LabState, nodes: usize) {
+    expand_deployments(objects);
     let mut used: Vec<String> = state.services.iter().map(|s| s.vip.clone()).collect();
     let mut next_node = state.pods.len();
     for object in objects.iter_mut() {
@@ -1043,7 +1076,23 @@ pub(crate) fn apply(path: &Path) -> anyhow::Result<i32> {
 /// `ambitctl lab delete -f`.
 pub(crate) fn delete(path: &Path) -> anyhow::Result<i32> {
     let mut state = load_state()?;
-    let objects = read_objects(path)?;
+    let mut objects = read_objects(path)?;
+    // Deleting a Deployment deletes the pods the lab made for it.
+    let owned: Vec<Object> = current_objects()?
+        .into_iter()
+        .filter(|o| match o {
+            Object::Pod(p) => p.metadata.annotations.get(OWNER).is_some_and(|owner| {
+                objects.iter().any(|d| {
+                    let k = d.key();
+                    k.kind == "Deployment"
+                        && k.namespace == p.metadata.namespace
+                        && *owner == format!("Deployment/{}", k.name)
+                })
+            }),
+            _ => false,
+        })
+        .collect();
+    objects.extend(owned);
     let mut topology = topology(&state);
     for object in objects {
         let key = object.key();

@@ -377,6 +377,27 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
         (serde_json::json!(false), serde_json::json!(false))
     );
 
+    // A Deployment becomes its replicas, captured like any pod; deleting it removes them.
+    let deployment = dir.path().join("web.yaml");
+    std::fs::write(&deployment, "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: demo}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {serviceAccountName: web}\n").unwrap();
+    assert_eq!(
+        ambitctl(&["lab", "apply", "-f", deployment.to_str().unwrap()]).0,
+        0
+    );
+    wait_captured("demo/web-0", true);
+    wait_captured("demo/web-1", true);
+    assert_eq!(
+        ambitctl(&["lab", "delete", "-f", deployment.to_str().unwrap()]).0,
+        0
+    );
+    assert!(
+        !self::status()["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["pod"].as_str().unwrap().starts_with("demo/web-"))
+    );
+
     // PERMISSIVE admits the non-mesh client (demo/client has no policy of its own); STRICT
     // refuses it.
     let client_ip = pod_ip("demo/client");

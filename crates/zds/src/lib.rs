@@ -6,111 +6,125 @@
 //! then `SnapshotSent`) followed by live `Add`/`Del`, and acknowledges every message. The agent is
 //! the [`server`]: it replays its pods on every new connection and sends one request at a time,
 //! waiting for each acknowledgement.
+//!
+//! This crate owns the framing, the fd passing and the request/ack discipline of both ends; what
+//! a pod *means* (starting proxies, redirection) belongs to ztunnel and the agent.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use prost::Message;
 use thiserror::Error;
-use tokio_seqpacket::UnixSeqpacket;
-use tokio_seqpacket::ancillary::{AncillaryMessageWriter, OwnedAncillaryMessage};
 
 pub mod client;
 pub mod server;
+mod wire;
 
 pub use ambit_proto::zds::WorkloadInfo;
 
-/// Largest datagram either side accepts.
+/// Largest datagram either side accepts (upstream reads into a 1024-byte buffer).
 pub const MAX_MESSAGE: usize = 1024;
 
-/// How long one side waits for the other's reply (upstream: 5 s).
+/// How long one side waits for the other's reply by default (upstream: 5 s).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// ZDS failures. Messages say which side and what to check.
+/// ZDS failures on either end. Each message names the socket, message or pod involved and the
+/// likely cause, so that it can be logged as is.
 #[derive(Debug, Error)]
 pub enum ZdsError {
-    /// The socket could not be opened.
-    #[error("ZDS socket {path}: {source}")]
-    Socket {
+    /// The node agent could not create its listening socket.
+    #[error(
+        "cannot bind the ZDS socket {path}: {source}; the node agent needs write access to \
+         the socket's directory and a path under 100 bytes"
+    )]
+    Bind {
         /// The socket path.
-        path: String,
-        /// The I/O error.
+        path: PathBuf,
+        /// What the OS reported.
+        #[source]
         source: std::io::Error,
     },
-    /// Reading or writing failed.
-    #[error("ZDS I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    /// Something other than a socket sits where the agent must bind; it is left alone.
+    #[error(
+        "{path} exists and is not a socket; refusing to delete it to bind the ZDS socket \
+         (is the ZDS socket path pointing at the wrong file?)"
+    )]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// ztunnel could not reach the node agent's socket.
+    #[error(
+        "cannot connect to the node agent's ZDS socket {path}: {source}; is the node agent \
+         running, and is its socket directory shared with ztunnel?"
+    )]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// What the OS reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a datagram failed; the connection is no longer usable.
+    #[error("sending {message} over ZDS failed: {source}; the peer has probably gone away")]
+    Send {
+        /// The message, e.g. `AddWorkload for pod 1234-abcd`.
+        message: String,
+        /// What the OS reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a datagram failed; the connection is no longer usable.
+    #[error("receiving {expected} over ZDS failed: {source}; the peer has probably gone away")]
+    Receive {
+        /// What was being waited for, e.g. `ztunnel's ack`.
+        expected: &'static str,
+        /// What the OS reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A message of ours does not fit in one datagram. Nothing was sent; the connection is fine.
+    #[error(
+        "{message} encodes to {size} bytes, over the {MAX_MESSAGE}-byte ZDS datagram limit; \
+         the pod's uid, name, namespace or service account is unusually long"
+    )]
+    TooLarge {
+        /// The message, e.g. `AddWorkload for pod 1234-abcd`.
+        message: String,
+        /// Its encoded size.
+        size: usize,
+    },
     /// The peer broke the protocol; the connection is no longer usable.
     #[error("ZDS protocol error: {0}")]
     Protocol(String),
-    /// The peer did not answer in time.
-    #[error("ZDS peer did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The peer closed the connection.
-    #[error("ZDS peer closed the connection")]
+    /// The peer did not answer in time; the connection is dropped because a late answer could
+    /// no longer be matched to its request.
+    #[error(
+        "the ZDS peer did not send {expected} within {after:?}; it is stuck or overloaded, \
+         so the connection was dropped"
+    )]
+    Timeout {
+        /// What was being waited for, e.g. `ztunnel's ack`.
+        expected: &'static str,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The peer closed the connection while an answer was due.
+    #[error("the ZDS peer closed the connection")]
     Closed,
-    /// No ztunnel is connected to the agent.
-    #[error("no ztunnel is connected to the ZDS socket")]
+    /// No ztunnel is connected to the agent; it receives the pod in the next snapshot.
+    #[error(
+        "no ztunnel is connected to the ZDS socket; the pod is handed over in the snapshot \
+         when ztunnel connects"
+    )]
     NotConnected,
-    /// ztunnel answered with an error.
-    #[error("ztunnel refused: {0}")]
+    /// ztunnel answered with a NACK; the text is ztunnel's reason.
+    #[error("ztunnel refused the request: {0}")]
     Refused(String),
-}
-
-/// One received datagram.
-pub(crate) struct Datagram {
-    pub(crate) bytes: Vec<u8>,
-    pub(crate) fds: Vec<OwnedFd>,
-    pub(crate) truncated: bool,
-}
-
-pub(crate) async fn receive(socket: &UnixSeqpacket) -> Result<Option<Datagram>, ZdsError> {
-    let mut buffer = [0u8; MAX_MESSAGE];
-    let mut ancillary = [0u8; 128];
-    let (info, reader) = socket
-        .recv_with_ancillary(&mut buffer, &mut ancillary)
-        .await?;
-    let truncated = info.truncated() || reader.is_truncated();
-    let mut fds = Vec::new();
-    for message in reader.into_messages() {
-        if let OwnedAncillaryMessage::FileDescriptors(received) = message {
-            fds.extend(received);
-        }
-    }
-    if info.bytes_read() == 0 && fds.is_empty() && !truncated {
-        return Ok(None);
-    }
-    Ok(Some(Datagram {
-        bytes: buffer[..info.bytes_read()].to_vec(),
-        fds,
-        truncated,
-    }))
-}
-
-pub(crate) async fn send(
-    socket: &UnixSeqpacket,
-    message: &impl Message,
-    fd: Option<BorrowedFd<'_>>,
-) -> Result<(), ZdsError> {
-    let bytes = message.encode_to_vec();
-    if bytes.len() > MAX_MESSAGE {
-        return Err(ZdsError::Protocol(format!(
-            "message of {} bytes exceeds the {MAX_MESSAGE}-byte limit",
-            bytes.len()
-        )));
-    }
-    match fd {
-        Some(fd) => {
-            let mut space = [0u8; 64];
-            let mut ancillary = AncillaryMessageWriter::new(&mut space);
-            ancillary
-                .add_fds([fd])
-                .map_err(|e| ZdsError::Protocol(format!("cannot attach the namespace fd: {e}")))?;
-            socket.send_with_ancillary(&bytes, &mut ancillary).await?;
-        }
-        None => {
-            socket.send(&bytes).await?;
-        }
-    }
-    Ok(())
+    /// [`client::ZdsClient::ack`] was called with no request waiting for an answer. Sending it
+    /// would make the agent match it to a later request, so it was not sent.
+    #[error(
+        "ack() called with no ZDS request awaiting an answer; every event from next_event() \
+         takes exactly one ack"
+    )]
+    NothingToAck,
 }

@@ -27,6 +27,24 @@ pub struct Snapshot {
     pub types: BTreeMap<&'static str, BTreeMap<String, Entry>>,
     /// The cluster objects (the CA authorizes against pods' nodes).
     pub cluster: Arc<Cluster>,
+    /// Bumped on every change.
+    pub generation: u64,
+    /// Names added, changed or removed since the previous generation, by type URL: a stream
+    /// that saw the previous generation only needs to look at these.
+    pub changed: BTreeMap<&'static str, Vec<String>>,
+}
+
+fn changed_names(
+    old: &BTreeMap<String, Entry>,
+    new: &BTreeMap<String, Entry>,
+) -> Vec<String> {
+    let mut names: Vec<String> = new
+        .iter()
+        .filter(|(name, entry)| old.get(*name).map(|e| &e.version) != Some(&entry.version))
+        .map(|(name, _)| name.clone())
+        .collect();
+    names.extend(old.keys().filter(|name| !new.contains_key(*name)).cloned());
+    names
 }
 
 fn version_of(bytes: &[u8]) -> String {
@@ -91,14 +109,20 @@ impl Store {
         let mut types = BTreeMap::new();
         types.insert(ADDRESS_TYPE_URL, entries(&resources.addresses));
         types.insert(AUTHORIZATION_TYPE_URL, entries(&resources.authorizations));
-        let snapshot = Arc::new(Snapshot {
-            types,
-            cluster: Arc::new(cluster),
-        });
         let changed = {
             let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-            let changed = current.types != snapshot.types;
-            *current = snapshot;
+            let empty = BTreeMap::new();
+            let delta: BTreeMap<&'static str, Vec<String>> = types
+                .iter()
+                .map(|(t, new)| (*t, changed_names(current.types.get(t).unwrap_or(&empty), new)))
+                .collect();
+            let changed = delta.values().any(|names| !names.is_empty());
+            *current = Arc::new(Snapshot {
+                types,
+                cluster: Arc::new(cluster),
+                generation: current.generation + u64::from(changed),
+                changed: if changed { delta } else { current.changed.clone() },
+            });
             changed
         };
         if changed {

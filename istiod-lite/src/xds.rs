@@ -63,6 +63,8 @@ struct ClientType {
     /// name → version the client holds (as far as we know).
     holds: BTreeMap<String, String>,
     answered: bool,
+    /// The store generation this client was last brought up to.
+    generation: u64,
 }
 
 struct Session {
@@ -81,30 +83,43 @@ impl Session {
         let empty = BTreeMap::new();
         let current = snapshot.types.get(type_url).unwrap_or(&empty);
         let state = self.types.entry(type_url).or_default();
-        let resources: Vec<Resource> = current
-            .iter()
-            .filter(|(name, entry)| state.holds.get(*name) != Some(&entry.version))
-            .map(|(name, entry)| Resource {
-                name: name.clone(),
-                version: entry.version.clone(),
-                resource: Some(entry.any.clone()),
-                ..Default::default()
-            })
-            .collect();
-        let removed: Vec<String> = state
-            .holds
-            .keys()
-            .filter(|name| !current.contains_key(*name))
-            .cloned()
-            .collect();
+        // A stream one generation behind only needs to look at what that generation changed;
+        // otherwise (first answer, missed generations) it compares everything.
+        let incremental = state.answered && state.generation + 1 == snapshot.generation;
+        let candidates: Box<dyn Iterator<Item = &String>> = if incremental {
+            Box::new(snapshot.changed.get(type_url).into_iter().flatten())
+        } else {
+            Box::new(current.keys().chain(state.holds.keys().filter(|n| !current.contains_key(*n))))
+        };
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for name in candidates {
+            match current.get(name) {
+                Some(entry) if state.holds.get(name) != Some(&entry.version) => {
+                    resources.push(Resource {
+                        name: name.clone(),
+                        version: entry.version.clone(),
+                        resource: Some(entry.any.clone()),
+                        ..Default::default()
+                    });
+                }
+                Some(_) => {}
+                None if state.holds.contains_key(name) => removed.push(name.clone()),
+                None => {}
+            }
+        }
+        let removed: Vec<String> = removed;
+        state.generation = snapshot.generation;
         let must_answer = always && !state.answered;
         if resources.is_empty() && removed.is_empty() && !must_answer {
             return true;
         }
-        state.holds = current
-            .iter()
-            .map(|(n, e)| (n.clone(), e.version.clone()))
-            .collect();
+        for r in &resources {
+            state.holds.insert(r.name.clone(), r.version.clone());
+        }
+        for name in &removed {
+            state.holds.remove(name);
+        }
         state.answered = true;
         self.nonce += 1;
         let label = [("url", type_url.to_string())];

@@ -355,9 +355,14 @@ fn workload(
         && pod.status.phase != "Failed"
         && pod.status.phase != "Succeeded";
     let mut services = std::collections::HashMap::new();
-    for service in cluster.services.values() {
-        if service.metadata.namespace != *ns
-            || service.spec.selector.is_empty()
+    // Only the pod's own namespace can select it: range over that part of the sorted map.
+    let in_namespace = cluster
+        .services
+        .range((ns.clone(), String::new())..)
+        .take_while(|((service_ns, _), _)| service_ns == ns)
+        .map(|(_, service)| service);
+    for service in in_namespace {
+        if service.spec.selector.is_empty()
             || !selects(&service.spec.selector, labels)
         {
             continue;

@@ -1,0 +1,1 @@
+//! Kubernetes plumbing shared by istiod-lite and cni-agent.

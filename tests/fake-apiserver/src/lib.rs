@@ -1,0 +1,1 @@
+//! A scripted Kubernetes API server for tests.

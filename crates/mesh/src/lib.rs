@@ -8,4 +8,4 @@ pub mod parse;
 pub mod translate;
 
 pub use objects::{Namespace, Object, ObjectKey, ObjectMeta, Pod};
-pub use parse::{ObjectError, parse_documents, read_dir};
+pub use parse::{ObjectError, parse_documents, parse_object, read_dir};

@@ -12,11 +12,12 @@ use crate::objects::{
 
 /// An object that could not be accepted.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
-#[error("{source_name} doc {document}: {object}: {field}: {reason}")]
+#[error("{source_name}{}: {object}: {field}: {reason}", document_suffix(*.document))]
 pub struct ObjectError {
     /// The file (or other source) it came from.
     pub source_name: String,
-    /// 1-based document index in that source.
+    /// 1-based document index in that source; 0 when the source holds one object per entry (an
+    /// API server), and the message leaves it out.
     pub document: usize,
     /// `Kind namespace/name`, or what is known of it.
     pub object: String,
@@ -37,6 +38,27 @@ struct Header {
     metadata: ObjectMeta,
     #[serde(default)]
     items: Vec<serde_json::Value>,
+}
+
+fn document_suffix(document: usize) -> String {
+    if document == 0 {
+        String::new()
+    } else {
+        format!(" doc {document}")
+    }
+}
+
+/// Parses one object as an API server returns it (a JSON value). `source_name` prefixes errors
+/// (say `Kubernetes`). A `List` yields its items. Kinds this crate does not model come back as
+/// [`Object::Other`].
+pub fn parse_object(
+    value: serde_json::Value,
+    source_name: &str,
+) -> (Vec<Object>, Vec<ObjectError>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    parse_value(value, source_name, 0, &mut objects, &mut errors);
+    (objects, errors)
 }
 
 /// A DNS-1123 label: lowercase alphanumerics and '-', 1-63 characters, alphanumeric at both ends.

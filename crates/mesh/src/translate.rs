@@ -75,26 +75,44 @@ impl Cluster {
     pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
         let mut cluster = Cluster::default();
         for object in objects {
-            match object {
-                Object::Namespace(n) => {
-                    cluster.namespaces.insert(n.metadata.name.clone(), n);
-                }
-                Object::Pod(p) => {
-                    cluster.pods.insert(key(&p.metadata), p);
-                }
-                Object::Service(s) => {
-                    cluster.services.insert(key(&s.metadata), s);
-                }
-                Object::AuthorizationPolicy(p) => {
-                    cluster.policies.insert(key(&p.metadata), p);
-                }
-                Object::PeerAuthentication(p) => {
-                    cluster.peer_authentications.insert(key(&p.metadata), p);
-                }
-                Object::Other { .. } => {}
-            }
+            cluster.insert(object);
         }
         cluster
+    }
+
+    /// Adds or replaces one object. Kinds the translation does not read are ignored.
+    pub fn insert(&mut self, object: Object) {
+        match object {
+            Object::Namespace(n) => {
+                self.namespaces.insert(n.metadata.name.clone(), n);
+            }
+            Object::Pod(p) => {
+                self.pods.insert(key(&p.metadata), p);
+            }
+            Object::Service(s) => {
+                self.services.insert(key(&s.metadata), s);
+            }
+            Object::AuthorizationPolicy(p) => {
+                self.policies.insert(key(&p.metadata), p);
+            }
+            Object::PeerAuthentication(p) => {
+                self.peer_authentications.insert(key(&p.metadata), p);
+            }
+            Object::Other { .. } => {}
+        }
+    }
+
+    /// Removes the object with this key; true if there was one.
+    pub fn remove(&mut self, object: &crate::objects::ObjectKey) -> bool {
+        let k = (object.namespace.clone(), object.name.clone());
+        match object.kind.as_str() {
+            "Namespace" => self.namespaces.remove(&object.name).is_some(),
+            "Pod" => self.pods.remove(&k).is_some(),
+            "Service" => self.services.remove(&k).is_some(),
+            "AuthorizationPolicy" => self.policies.remove(&k).is_some(),
+            "PeerAuthentication" => self.peer_authentications.remove(&k).is_some(),
+            _ => false,
+        }
     }
 }
 
@@ -362,9 +380,7 @@ fn workload(
         .take_while(|((service_ns, _), _)| service_ns == ns)
         .map(|(_, service)| service);
     for service in in_namespace {
-        if service.spec.selector.is_empty()
-            || !selects(&service.spec.selector, labels)
-        {
+        if service.spec.selector.is_empty() || !selects(&service.spec.selector, labels) {
             continue;
         }
         let ports = service

@@ -105,3 +105,37 @@ fn broken_yaml_is_reported_with_its_document() {
         errors[0]
     );
 }
+
+#[test]
+fn api_server_objects_parse_one_at_a_time_and_maintain_a_cluster() {
+    use ambit_mesh::translate::Cluster;
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "shop", "resourceVersion": "42",
+                     "managedFields": [{"manager": "kubelet"}]},
+        "spec": {"nodeName": "node-1", "serviceAccountName": "web"},
+        "status": {"podIP": "10.0.0.7", "phase": "Running"}
+    });
+    let (objects, errors) = ambit_mesh::parse_object(pod, "Kubernetes");
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut cluster = Cluster::default();
+    let key = objects[0].key();
+    cluster.insert(objects.into_iter().next().unwrap());
+    assert_eq!(cluster.pods.len(), 1);
+
+    let bad = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "shop"},
+        "status": {"podIP": "10.0.0.300"}
+    });
+    let (objects, errors) = ambit_mesh::parse_object(bad, "Kubernetes");
+    assert!(objects.is_empty());
+    assert_eq!(
+        errors[0].to_string(),
+        "Kubernetes: Pod shop/web-1: status.podIP: \"10.0.0.300\" is not an IP address"
+    );
+
+    assert!(cluster.remove(&key));
+    assert!(!cluster.remove(&key));
+    assert!(cluster.pods.is_empty());
+}

@@ -34,10 +34,7 @@ pub struct Snapshot {
     pub changed: BTreeMap<&'static str, Vec<String>>,
 }
 
-fn changed_names(
-    old: &BTreeMap<String, Entry>,
-    new: &BTreeMap<String, Entry>,
-) -> Vec<String> {
+fn changed_names(old: &BTreeMap<String, Entry>, new: &BTreeMap<String, Entry>) -> Vec<String> {
     let mut names: Vec<String> = new
         .iter()
         .filter(|(name, entry)| old.get(*name).map(|e| &e.version) != Some(&entry.version))
@@ -114,14 +111,23 @@ impl Store {
             let empty = BTreeMap::new();
             let delta: BTreeMap<&'static str, Vec<String>> = types
                 .iter()
-                .map(|(t, new)| (*t, changed_names(current.types.get(t).unwrap_or(&empty), new)))
+                .map(|(t, new)| {
+                    (
+                        *t,
+                        changed_names(current.types.get(t).unwrap_or(&empty), new),
+                    )
+                })
                 .collect();
             let changed = delta.values().any(|names| !names.is_empty());
             *current = Arc::new(Snapshot {
                 types,
                 cluster: Arc::new(cluster),
                 generation: current.generation + u64::from(changed),
-                changed: if changed { delta } else { current.changed.clone() },
+                changed: if changed {
+                    delta
+                } else {
+                    current.changed.clone()
+                },
             });
             changed
         };

@@ -89,7 +89,11 @@ impl Session {
         let candidates: Box<dyn Iterator<Item = &String>> = if incremental {
             Box::new(snapshot.changed.get(type_url).into_iter().flatten())
         } else {
-            Box::new(current.keys().chain(state.holds.keys().filter(|n| !current.contains_key(*n))))
+            Box::new(
+                current
+                    .keys()
+                    .chain(state.holds.keys().filter(|n| !current.contains_key(*n))),
+            )
         };
         let mut resources = Vec::new();
         let mut removed = Vec::new();

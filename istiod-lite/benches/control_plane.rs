@@ -9,6 +9,10 @@
 //! runs 2,000 pods and 50 clients as a smoke test.
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ambit_core::metrics::Registry;
@@ -19,12 +23,12 @@ use ambit_mesh::objects::{
 use ambit_mesh::translate::{Cluster, MeshSettings, translate};
 use ambit_proto::discovery::DeltaDiscoveryRequest;
 use ambit_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use istiod_lite::auth::TokenFileAuthenticator;
 use istiod_lite::store::Store;
 use istiod_lite::xds::XdsServer;
 use prost::Message;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 
 fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
@@ -117,8 +121,13 @@ fn main() {
     let sizes: &[usize] = if full { &[10_000, 100_000] } else { &[2_000] };
     let clients = if full { 1_000 } else { 50 };
     println!(
-        "| pods | translation | RSS growth per workload | bytes on the wire per workload |\n|---|---:|---:|---:|"
+        "| pods | translation | RSS growth per workload | Workload resource, encoded | initial sync on the wire per workload, plain | with gzip |\n|---|---:|---:|---:|---:|---:|"
     );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     for &pods in sizes {
         let before = rss_kib();
         let c = cluster(pods, false);
@@ -139,19 +148,147 @@ fn main() {
             })
             .map(|a| a.encoded_len())
             .sum();
+        let (plain, gzip) = runtime.block_on(async {
+            (
+                initial_sync_wire_bytes(&store, false).await,
+                initial_sync_wire_bytes(&store, true).await,
+            )
+        });
         println!(
-            "| {pods} | {:.0} ms | {} B | {} B |",
+            "| {pods} | {:.0} ms | {} B | {} B | {} B | {} B |",
             took.as_secs_f64() * 1e3,
             grown * 1024 / pods as u64,
-            workload_bytes / pods
+            workload_bytes / pods,
+            plain / pods as u64,
+            gzip / pods as u64
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
     runtime.block_on(push_latency(if full { 10_000 } else { 2_000 }, clients));
+}
+
+/// Counts the bytes a server writes to one accepted connection: what goes on the wire (before
+/// TLS, which adds about 22 bytes per 16 KiB record).
+struct Counted {
+    inner: tokio::net::TcpStream,
+    sent: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &result {
+            self.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &result {
+            self.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Counted {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+/// Bytes the server writes for one client's initial sync of both types, over a fresh
+/// connection, with or without the client accepting gzip.
+async fn initial_sync_wire_bytes(store: &Store, gzip: bool) -> u64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(&tokens, r#"{"tokens": [{"token": "t", "node": "node-1"}]}"#).expect("tokens");
+    let server = XdsServer {
+        store: store.clone(),
+        auth: TokenFileAuthenticator::new(tokens),
+        metrics: Registry::new(),
+        debounce: Duration::from_millis(100),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let incoming = TcpListenerStream::new(listener).map(move |accepted| {
+        accepted.map(|inner| Counted {
+            inner,
+            sent: counter.clone(),
+        })
+    });
+    let serving = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(istiod_lite::xds::service(server))
+            .serve_with_incoming(incoming),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    if gzip {
+        client = client.accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    }
+    let requests = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL].map(|t| DeltaDiscoveryRequest {
+        type_url: t.into(),
+        ..Default::default()
+    });
+    let mut request =
+        tonic::Request::new(tokio_stream::iter(requests).chain(tokio_stream::pending()));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer t".parse().expect("header"));
+    let mut stream = client
+        .delta_aggregated_resources(request)
+        .await
+        .expect("stream")
+        .into_inner();
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("initial response in time")
+            .expect("initial response");
+    }
+    let bytes = sent.load(Ordering::Relaxed);
+    // Graceful shutdown would wait for the client's connection: stop the server outright.
+    serving.abort();
+    bytes
 }
 
 async fn push_latency(pods: usize, clients: usize) {
@@ -174,9 +311,7 @@ async fn push_latency(pods: usize, clients: usize) {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(
-                AggregatedDiscoveryServiceServer::new(server).max_decoding_message_size(64 << 20),
-            )
+            .add_service(istiod_lite::xds::service(server).max_decoding_message_size(64 << 20))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     // Clients share 10 HTTP/2 connections, as many proxies would share a node's uplink.
@@ -200,6 +335,7 @@ async fn push_latency(pods: usize, clients: usize) {
     for i in 0..clients {
         let mut client =
             AggregatedDiscoveryServiceClient::new(channels[i % channels.len()].clone())
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
                 .max_decoding_message_size(64 << 20);
         let held_tx = held_tx.clone();
         let synced_tx = synced_tx.clone();
@@ -241,7 +377,6 @@ async fn push_latency(pods: usize, clients: usize) {
             }
         });
     }
-    use tokio_stream::StreamExt as _;
     for _ in 0..clients {
         synced_rx.recv().await.expect("client synced");
     }

@@ -11,7 +11,6 @@ use ambit_core::readiness::Readiness;
 use ambit_identity::Identity;
 use ambit_mesh::translate::MeshSettings;
 use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
-use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use clap::Parser;
 use http::StatusCode;
 use istiod_lite::auth::TokenFileAuthenticator;
@@ -160,7 +159,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Server::builder()
         .tls_config(tls)?
         .add_service(IstioCertificateServiceServer::new(ca_service))
-        .add_service(AggregatedDiscoveryServiceServer::new(xds).max_decoding_message_size(16 << 20))
+        .add_service(istiod_lite::xds::service(xds))
         .serve_with_shutdown(args.listen, shutdown_signal())
         .await?;
     tracing::info!("istiod-lite stopped");

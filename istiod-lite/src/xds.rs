@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ambit_core::metrics::Registry;
-use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use ambit_proto::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
 use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use tokio::sync::mpsc;
@@ -29,6 +31,17 @@ pub struct XdsServer {
     pub metrics: Registry,
     /// Quiet time after a change before pushing (coalesces bursts).
     pub debounce: Duration,
+}
+
+/// The gRPC service around `server`: responses are gzip-compressed for clients that accept it
+/// (tonic only compresses when the client's `grpc-accept-encoding` names gzip, so upstream
+/// ztunnel, which does not, gets plain messages), requests may be compressed, and large
+/// requests (a reconnect listing every held resource) are accepted.
+pub fn service(server: XdsServer) -> AggregatedDiscoveryServiceServer<XdsServer> {
+    AggregatedDiscoveryServiceServer::new(server)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .max_decoding_message_size(16 << 20)
 }
 
 /// Registers the server's metric help texts.

@@ -24,6 +24,7 @@ use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::SockProtocol;
 use thiserror::Error;
 
+pub mod host;
 mod netlink;
 mod nft;
 mod route;

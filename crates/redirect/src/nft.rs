@@ -8,42 +8,43 @@ use crate::netlink::{Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
 
 pub(crate) const TABLE: &str = "ambit";
 pub(crate) const NFPROTO_INET: u8 = 1;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-const NFNL_MSG_BATCH_END: u16 = 0x11;
+pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(crate) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+pub(crate) const NFNL_MSG_BATCH_END: u16 = 0x11;
 pub(crate) const NFT_MSG_NEWTABLE: u16 = 0;
 pub(crate) const NFT_MSG_GETTABLE: u16 = 1;
-const NFT_MSG_DELTABLE: u16 = 2;
-const NFT_MSG_NEWCHAIN: u16 = 3;
-const NFT_MSG_NEWRULE: u16 = 6;
+pub(crate) const NFT_MSG_DELTABLE: u16 = 2;
+pub(crate) const NFT_MSG_NEWCHAIN: u16 = 3;
+pub(crate) const NFT_MSG_NEWRULE: u16 = 6;
 pub(crate) const NFT_MSG_GETRULE: u16 = 7;
-const NLM_F_APPEND: u16 = 0x800;
+pub(crate) const NLM_F_APPEND: u16 = 0x800;
 
 pub(crate) const NFTA_TABLE_NAME: u16 = 1;
-const NFTA_CHAIN_TABLE: u16 = 1;
-const NFTA_CHAIN_NAME: u16 = 3;
-const NFTA_CHAIN_HOOK: u16 = 4;
-const NFTA_CHAIN_POLICY: u16 = 5;
-const NFTA_CHAIN_TYPE: u16 = 7;
-const NFTA_HOOK_HOOKNUM: u16 = 1;
-const NFTA_HOOK_PRIORITY: u16 = 2;
+pub(crate) const NFTA_CHAIN_TABLE: u16 = 1;
+pub(crate) const NFTA_CHAIN_NAME: u16 = 3;
+pub(crate) const NFTA_CHAIN_HOOK: u16 = 4;
+pub(crate) const NFTA_CHAIN_POLICY: u16 = 5;
+pub(crate) const NFTA_CHAIN_TYPE: u16 = 7;
+pub(crate) const NFTA_HOOK_HOOKNUM: u16 = 1;
+pub(crate) const NFTA_HOOK_PRIORITY: u16 = 2;
 pub(crate) const NFTA_RULE_TABLE: u16 = 1;
 pub(crate) const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_LIST_ELEM: u16 = 1;
+pub(crate) const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub(crate) const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
+pub(crate) const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 
 const NF_INET_PRE_ROUTING: u32 = 0;
 const NF_INET_LOCAL_OUT: u32 = 3;
-const NF_ACCEPT: u32 = 1;
+pub(crate) const NF_ACCEPT: u32 = 1;
 const REG_VERDICT: u32 = 0;
 const REG_1: u32 = 1;
 
 const META_MARK: u32 = 3;
+const META_SKUID: u32 = 10;
 const META_OIF: u32 = 5;
 const META_NFPROTO: u32 = 15;
 const META_L4PROTO: u32 = 16;
@@ -55,23 +56,42 @@ const CMP_NEQ: u32 = 1;
 
 /// One nftables expression.
 #[derive(Clone, Debug)]
-enum Expr {
+pub(crate) enum Expr {
     MetaLoad(u32),
     MetaSet(u32),
     CtLoad(u32),
     CtSet(u32),
-    Payload { base: u32, offset: u32, len: u32 },
-    Bitwise { mask: Vec<u8>, xor: Vec<u8> },
-    Cmp { op: u32, data: Vec<u8> },
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+    },
+    Bitwise {
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    Cmp {
+        op: u32,
+        data: Vec<u8>,
+    },
     ImmediateData(Vec<u8>),
     Accept,
     Redirect,
+    /// Match register 1 against a named set (created in the same batch with `set_id`).
+    Lookup {
+        set: &'static str,
+        set_id: u32,
+    },
+    /// Source NAT to the address in register 1.
+    Snat {
+        nfproto: u8,
+    },
 }
 
 /// A rule: its expressions and its `nft` text.
 #[derive(Clone, Debug)]
 pub(crate) struct Rule {
-    exprs: Vec<Expr>,
+    pub(crate) exprs: Vec<Expr>,
     pub(crate) text: String,
 }
 
@@ -86,19 +106,19 @@ pub(crate) struct Chain {
 }
 
 /// Builds a rule from matches, then a final statement.
-struct RuleBuilder {
+pub(crate) struct RuleBuilder {
     exprs: Vec<Expr>,
     text: Vec<String>,
 }
 
 #[derive(Clone, Copy)]
-enum Family {
+pub(crate) enum Family {
     V4,
     V6,
 }
 
 impl Family {
-    fn nfproto(self) -> u8 {
+    pub(crate) fn nfproto(self) -> u8 {
         match self {
             Family::V4 => 2,
             Family::V6 => 10,
@@ -133,7 +153,7 @@ fn ip_bytes(ip: IpAddr) -> Vec<u8> {
 }
 
 impl RuleBuilder {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             exprs: Vec::new(),
             text: Vec::new(),
@@ -171,7 +191,7 @@ impl RuleBuilder {
         self
     }
 
-    fn tcp(mut self) -> Self {
+    pub(crate) fn tcp(mut self) -> Self {
         self.exprs.push(Expr::MetaLoad(META_L4PROTO));
         self.exprs.push(Expr::Cmp {
             op: CMP_EQ,
@@ -229,6 +249,42 @@ impl RuleBuilder {
         });
         self.text.push("oif \"lo\"".into());
         self
+    }
+
+    /// Matches packets a local socket sent (the socket's owner is readable; forwarded packets
+    /// have no socket, so the load fails and the rule does not match).
+    pub(crate) fn local_socket(mut self) -> Self {
+        self.exprs.push(Expr::MetaLoad(META_SKUID));
+        self.exprs.push(Expr::Cmp {
+            op: CMP_NEQ,
+            data: u32::MAX.to_ne_bytes().to_vec(),
+        });
+        self.text.push(format!("meta skuid != {}", u32::MAX));
+        self
+    }
+
+    /// Matches when the destination address is in `set`.
+    pub(crate) fn daddr_in(mut self, family: Family, set: &'static str, set_id: u32) -> Self {
+        let (_, (offset, len)) = family.addresses();
+        self = self.family(family);
+        self.exprs.push(Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset,
+            len,
+        });
+        self.exprs.push(Expr::Lookup { set, set_id });
+        self.text.push(format!("{} daddr @{set}", family.keyword()));
+        self
+    }
+
+    /// `snat ip to <address>`.
+    pub(crate) fn snat(mut self, family: Family, to: IpAddr) -> Rule {
+        self.exprs.push(Expr::ImmediateData(ip_bytes(to)));
+        self.exprs.push(Expr::Snat {
+            nfproto: family.nfproto(),
+        });
+        self.text.push(format!("snat {} to {to}", family.keyword()));
+        self.build()
     }
 
     fn accept(mut self) -> Rule {
@@ -398,7 +454,7 @@ pub(crate) fn text(chains: &[Chain]) -> String {
     out
 }
 
-fn nft_type(message: u16) -> u16 {
+pub(crate) fn nft_type(message: u16) -> u16 {
     (NFNL_SUBSYS_NFTABLES << 8) | message
 }
 
@@ -517,7 +573,7 @@ fn data(m: &mut Message, kind: u16, bytes: &[u8]) {
     m.begin(kind).attr(NFTA_DATA_VALUE, bytes).end();
 }
 
-fn encode_expr(m: &mut Message, expr: &Expr) {
+pub(crate) fn encode_expr(m: &mut Message, expr: &Expr) {
     let name = match expr {
         Expr::MetaLoad(_) | Expr::MetaSet(_) => "meta",
         Expr::CtLoad(_) | Expr::CtSet(_) => "ct",
@@ -526,6 +582,8 @@ fn encode_expr(m: &mut Message, expr: &Expr) {
         Expr::Cmp { .. } => "cmp",
         Expr::ImmediateData(_) | Expr::Accept => "immediate",
         Expr::Redirect => "redir",
+        Expr::Lookup { .. } => "lookup",
+        Expr::Snat { .. } => "nat",
     };
     m.begin(NFTA_LIST_ELEM)
         .str(NFTA_EXPR_NAME, name)
@@ -570,6 +628,14 @@ fn encode_expr(m: &mut Message, expr: &Expr) {
         }
         Expr::Redirect => {
             m.be32(1, REG_1);
+        }
+        // NFTA_LOOKUP_SET 1, SREG 2, SET_ID 4.
+        Expr::Lookup { set, set_id } => {
+            m.str(1, set).be32(2, REG_1).be32(4, *set_id);
+        }
+        // NFTA_NAT_TYPE 1 (NFT_NAT_SNAT 0), FAMILY 2, REG_ADDR_MIN 3.
+        Expr::Snat { nfproto } => {
+            m.be32(1, 0).be32(2, u32::from(*nfproto)).be32(3, REG_1);
         }
     }
     m.end().end();

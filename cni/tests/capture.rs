@@ -103,6 +103,8 @@ impl Lab {
             zds_socket: self.path("zds.sock"),
             state_dir: self.path("state"),
             config_dir: Some(self.path("config")),
+            kubernetes: None,
+            host_netns: Some(PathBuf::from(self.node.path())),
             redirect: ambit_redirect::RedirectConfig::default(),
             reconcile_every: Duration::from_millis(100),
         }
@@ -266,7 +268,21 @@ impl Lab {
     }
 
     async fn call(&self, pod: &str, dst: SocketAddr) -> String {
-        let fd = self.netns_fd(pod);
+        self.call_from(self.netns_fd(pod), dst).await
+    }
+
+    /// A connection from the node itself (as the kubelet's probes are).
+    async fn call_from_node(&self, dst: SocketAddr) -> String {
+        self.call_from(std::fs::File::open(self.node.path()).unwrap().into(), dst)
+            .await
+    }
+
+    fn probe_set(&self) -> Option<Vec<IpAddr>> {
+        let fd: std::os::fd::OwnedFd = std::fs::File::open(self.node.path()).unwrap().into();
+        ambit_redirect::host::list(fd.as_fd(), &self.node.0).unwrap()
+    }
+
+    async fn call_from(&self, fd: std::os::fd::OwnedFd, dst: SocketAddr) -> String {
         let socket = ztunnel::socket::in_netns(&fd, tokio::net::TcpSocket::new_v4).unwrap();
         let Ok(Ok(mut stream)) =
             tokio::time::timeout(Duration::from_secs(3), socket.connect(dst)).await
@@ -421,6 +437,13 @@ async fn runtime_chain_captures_ambient_pods_and_follows_labels() {
         opened("source") && opened("destination"),
         "both directions captured:\n{text}"
     );
+    // The node's own connection (a kubelet probe) goes straight to the application, from the
+    // probe address.
+    assert_eq!(lab.probe_set(), Some(vec![app_ip]));
+    assert_eq!(
+        lab.call_from_node(SocketAddr::new(app_ip, 8080)).await,
+        "app saw 169.254.7.127"
+    );
 
     // Un-labelling the namespace releases the pod: rules gone, ztunnel drops it, traffic direct.
     lab.write_namespaces(false);
@@ -432,6 +455,12 @@ async fn runtime_chain_captures_ambient_pods_and_follows_labels() {
     assert_eq!(
         lab.call("legacy", SocketAddr::new(app_ip, 8080)).await,
         format!("app saw {legacy_ip}")
+    );
+    assert_eq!(lab.probe_set(), Some(vec![]));
+    assert_eq!(
+        lab.call_from_node(SocketAddr::new(app_ip, 8080)).await,
+        format!("app saw 10.197.{}.1", lab.subnet),
+        "released: the node's connection arrives as itself"
     );
     // And labelling it again captures it again.
     lab.write_namespaces(true);

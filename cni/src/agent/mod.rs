@@ -2,10 +2,22 @@
 //! installs or removes the in-pod redirection, and keeps ztunnel informed over ZDS. Its state is
 //! persisted so a restart loses no pod, and pods queued by the plugin while it was down are
 //! captured when it returns.
+//!
+//! Labels come from a directory of cluster YAML (the lab) or, in Kubernetes mode, from watching
+//! the API server (pods on this node and all namespaces); there the agent also captures pods
+//! that never passed through the plugin (their network namespace found under `/proc`) and
+//! annotates captured pods `ambient.istio.io/redirection=enabled`.
+//!
+//! In the node's own network namespace the agent keeps the probe SNAT table
+//! (`ambit_redirect::host`): a captured pod's IPs are in it while it is captured, so the kubelet's
+//! probes reach the application instead of ztunnel.
 
+pub mod discover;
+mod kubernetes;
 mod state;
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,6 +32,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
 use crate::protocol::{EnrollmentHint, PodEvent, Verdict};
+pub use kubernetes::{KubernetesSource, REDIRECTION_ANNOTATION};
 pub use state::PodRecord;
 
 /// Agent settings.
@@ -35,6 +48,12 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Lab mode: the directory of cluster YAML to read labels from.
     pub config_dir: Option<PathBuf>,
+    /// Kubernetes mode: watch this node's pods and all namespaces through the API server.
+    /// Exclusive with `config_dir`.
+    pub kubernetes: Option<KubernetesSource>,
+    /// The node's network namespace, where the probe SNAT table lives (`None`: the agent's own,
+    /// as when it runs with `hostNetwork`).
+    pub host_netns: Option<PathBuf>,
     /// The rule set.
     pub redirect: RedirectConfig,
     /// How often the config directory is re-read.
@@ -56,6 +75,10 @@ struct Inner {
     zds: ZdsServer,
     /// Serializes capture changes so a pod is never captured and released at once.
     changes: tokio::sync::Mutex<()>,
+    /// The node's network namespace (probe SNAT), and its name for messages.
+    host: (OwnedFd, String),
+    /// Kubernetes mode.
+    kube: Option<kubernetes::KubeState>,
 }
 
 /// The running agent. Cheap to clone.
@@ -82,8 +105,30 @@ impl Agent {
     pub async fn start(
         config: AgentConfig,
     ) -> anyhow::Result<(Self, UnixListener, tokio_seqpacket::UnixSeqpacketListener)> {
+        if config.config_dir.is_some() && config.kubernetes.is_some() {
+            anyhow::bail!(
+                "the agent reads labels either from a config directory (lab) or from Kubernetes, not both"
+            );
+        }
         std::fs::create_dir_all(&config.state_dir)?;
         let records = state::load(&config.state_dir)?;
+        let host_name = config.host_netns.as_ref().map_or_else(
+            || "the node's network namespace".to_string(),
+            |p| p.display().to_string(),
+        );
+        let host_path = config
+            .host_netns
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
+        let host_fd = OwnedFd::from(std::fs::File::open(&host_path).map_err(|e| {
+            anyhow::anyhow!("cannot open {host_name} ({}): {e}", host_path.display())
+        })?);
+        ambit_redirect::host::install(host_fd.as_fd(), &host_name, &config.redirect)
+            .map_err(|e| anyhow::anyhow!("probe SNAT: {e}"))?;
+        let kube = match &config.kubernetes {
+            Some(source) => Some(kubernetes::KubeState::connect(source, &config.node_name).await?),
+            None => None,
+        };
         let snapshot_inner: Arc<Mutex<Option<std::sync::Weak<Inner>>>> = Arc::new(Mutex::new(None));
         let weak = snapshot_inner.clone();
         let source = move || -> Vec<SnapshotEntry> {
@@ -108,11 +153,15 @@ impl Agent {
             cluster: RwLock::new(ClusterView::default()),
             zds,
             changes: tokio::sync::Mutex::new(()),
+            host: (host_fd, host_name),
+            kube,
         });
         *lock(&snapshot_inner) = Some(Arc::downgrade(&inner));
         let agent = Agent { inner };
         agent.reload_cluster();
+        agent.initial_kube_sync().await;
         agent.restore().await;
+        agent.sync_host();
         agent.drain_pending().await;
         agent.reconcile().await;
         Ok((agent, plugin_listener, zds_listener))
@@ -125,7 +174,11 @@ impl Agent {
         let zds_server = self.inner.zds.clone();
         tasks.spawn(async move { zds_server.serve(zds).await });
         let watcher = self.clone();
-        tasks.spawn(async move { watcher.follow_config().await });
+        if self.inner.kube.is_some() {
+            tasks.spawn(async move { watcher.follow_kubernetes().await });
+        } else {
+            tasks.spawn(async move { watcher.follow_config().await });
+        }
         loop {
             match plugin.accept().await {
                 Ok((stream, _)) => {
@@ -172,7 +225,13 @@ impl Agent {
                 // The pod object (labels, service account) may have been written just before
                 // the runtime called us: read the latest view first.
                 self.reload_cluster();
-                let record = PodRecord::from_event(&event);
+                self.refresh_pod(&event.pod_namespace, &event.pod_name)
+                    .await;
+                let mut record = PodRecord::from_event(&event);
+                // A pod found earlier through /proc becomes this record (same namespace).
+                if let Some(old) = self.take_discovered(&event.pod_namespace, &event.pod_name) {
+                    record.captured = old.captured;
+                }
                 lock(&self.inner.pods).insert(record.container_id.clone(), record.clone());
                 let verdict = self.apply(&record.container_id).await;
                 tracing::info!(%pod, container = %event.container_id, ambient = verdict.ambient, captured = verdict.captured, reason = %verdict.reason, error = ?verdict.error, "pod added");
@@ -269,9 +328,90 @@ impl Agent {
                 record.netns
             )
         })?;
+        if let Some(expected) = record.netns_inode {
+            let inode = file
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+            if inode.ok() != Some(expected) {
+                return Err(format!(
+                    "{} is no longer the pod's network namespace (its process is gone)",
+                    record.netns
+                ));
+            }
+        }
         let fd = Arc::new(OwnedFd::from(file));
         lock(&self.inner.netns).insert(record.container_id.clone(), fd.clone());
         Ok(fd)
+    }
+
+    fn record_ips(record: &PodRecord) -> Vec<IpAddr> {
+        record.ips.iter().filter_map(|ip| ip.parse().ok()).collect()
+    }
+
+    /// Puts a captured pod's IPs into the node's probe SNAT sets.
+    async fn host_add(&self, record: &PodRecord) -> Result<(), String> {
+        let ips = Self::record_ips(record);
+        if ips.is_empty() {
+            return Ok(());
+        }
+        let agent = self.clone();
+        let redirect = self.inner.config.redirect.clone();
+        tokio::task::spawn_blocking(move || {
+            let (fd, name) = &agent.inner.host;
+            ambit_redirect::host::add(fd.as_fd(), name, &redirect, &ips)
+        })
+        .await
+        .map_err(|e| format!("probe SNAT task failed: {e}"))?
+        .map_err(|e| format!("probe SNAT: {e}"))
+    }
+
+    async fn host_remove(&self, record: &PodRecord) {
+        let ips = Self::record_ips(record);
+        if ips.is_empty() {
+            return;
+        }
+        let agent = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let (fd, name) = &agent.inner.host;
+            ambit_redirect::host::remove(fd.as_fd(), name, &ips)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "removing a pod from the probe SNAT set failed")
+            }
+            Err(e) => tracing::warn!(error = %e, "probe SNAT task failed"),
+        }
+    }
+
+    /// Makes the probe SNAT sets hold exactly the captured pods' IPs (after a restart).
+    fn sync_host(&self) {
+        let ips: Vec<IpAddr> = lock(&self.inner.pods)
+            .values()
+            .filter(|r| r.captured)
+            .flat_map(Self::record_ips)
+            .collect();
+        let (fd, name) = &self.inner.host;
+        if let Err(e) =
+            ambit_redirect::host::sync(fd.as_fd(), name, &self.inner.config.redirect, &ips)
+        {
+            tracing::error!(error = %e, "synchronizing the probe SNAT set failed");
+        }
+    }
+
+    /// On shutdown: the node's probe SNAT table goes when no pod is captured any more (captured
+    /// pods keep their entries so their probes keep working while the agent is away).
+    pub fn shutdown(&self) {
+        let (fd, name) = &self.inner.host;
+        match ambit_redirect::host::remove_if_empty(fd.as_fd(), name) {
+            Ok(ambit_redirect::host::HostRemoval::Kept(ips)) => tracing::info!(
+                pods = ips.len(),
+                "probe SNAT table kept: captured pods still need it"
+            ),
+            Ok(_) => tracing::info!("probe SNAT table removed"),
+            Err(e) => tracing::warn!(error = %e, "removing the probe SNAT table failed"),
+        }
     }
 
     /// Brings one pod to the state its labels ask for.
@@ -310,6 +450,10 @@ impl Agent {
         .await
         .map_err(|e| format!("redirection task failed: {e}"))?
         .map_err(|e| e.to_string())?;
+        if let Err(e) = self.host_add(record).await {
+            let _ = self.remove_rules(record, &fd).await;
+            return Err(e);
+        }
         let info = WorkloadInfo {
             name: record.name.clone(),
             namespace: record.namespace.clone(),
@@ -327,6 +471,7 @@ impl Agent {
             }
             Err(e) => {
                 let _ = self.remove_rules(record, &fd).await;
+                self.host_remove(record).await;
                 return Err(format!("ztunnel did not take the pod: {e}"));
             }
         }
@@ -355,6 +500,7 @@ impl Agent {
         {
             tracing::warn!(error = %e, "removing redirection failed");
         }
+        self.host_remove(record).await;
         lock(&self.inner.netns).remove(&record.container_id);
         if let Some(r) = lock(&self.inner.pods).get_mut(&record.container_id) {
             r.captured = false;
@@ -365,7 +511,17 @@ impl Agent {
     /// (idempotent); pods whose namespace is gone are forgotten.
     async fn restore(&self) {
         let records: Vec<PodRecord> = lock(&self.inner.pods).values().cloned().collect();
-        for record in records {
+        for mut record in records {
+            if self.inner.kube.is_some() && !self.netns_still_valid(&record) {
+                match self.rediscover(&record).await {
+                    Some(found) => record = found,
+                    None => {
+                        tracing::info!(pod = %format!("{}/{}", record.namespace, record.name), "pod's namespace is gone; forgetting it");
+                        lock(&self.inner.pods).remove(&record.container_id);
+                        continue;
+                    }
+                }
+            }
             if !Path::new(&record.netns).exists() {
                 tracing::info!(pod = %format!("{}/{}", record.namespace, record.name), "pod's namespace is gone; forgetting it");
                 lock(&self.inner.pods).remove(&record.container_id);
@@ -464,6 +620,10 @@ impl Agent {
 
     /// Brings every known pod to the state its labels ask for.
     pub async fn reconcile(&self) {
+        if self.inner.kube.is_some() {
+            self.reconcile_kubernetes(true).await;
+            return;
+        }
         let _serial = self.inner.changes.lock().await;
         let ids: Vec<String> = lock(&self.inner.pods).keys().cloned().collect();
         for id in ids {

@@ -25,6 +25,10 @@ pub struct PodRecord {
     pub ips: Vec<String>,
     /// Redirection installed and ztunnel told.
     pub captured: bool,
+    /// For a namespace found under `/proc` (Kubernetes mode, a pod the plugin never saw): its
+    /// inode, so a reused process id is never mistaken for the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_inode: Option<u64>,
 }
 
 impl PodRecord {
@@ -38,6 +42,7 @@ impl PodRecord {
             netns: event.netns.clone(),
             ips: event.ips.clone(),
             captured: false,
+            netns_inode: None,
         }
     }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ambit_cni::agent::{Agent, AgentConfig};
+use ambit_cni::agent::{Agent, AgentConfig, KubernetesSource};
 use ambit_cni::install::{InstallConfig, install, uninstall};
 use ambit_cni::protocol::DEFAULT_AGENT_SOCKET;
 use clap::{Parser, Subcommand};
@@ -35,15 +35,24 @@ enum Command {
         #[arg(long, default_value = "/var/run/ambit")]
         state_dir: PathBuf,
         /// Lab mode: read namespace and pod labels from this directory of cluster YAML.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "kubernetes")]
         config_dir: Option<PathBuf>,
+        /// Kubernetes mode: watch this node's pods and all namespaces through the API server.
+        #[arg(long)]
+        kubernetes: bool,
+        /// Kubernetes mode: kubeconfig file (default: in-cluster service account, `$KUBECONFIG`).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// Kubernetes mode: API server URL (overrides the kubeconfig's).
+        #[arg(long, requires = "kubernetes")]
+        kube_url: Option<String>,
         /// Output format of logs: text or json.
         #[arg(long, default_value = "text")]
         log_format: String,
     },
     /// Copy the plugin into the CNI binary directory and join the node's network configuration.
     Install(InstallArgs),
-    /// Undo `install`.
+    /// Undo `install` (and remove the node's probe SNAT table when no pod is captured).
     Uninstall(InstallArgs),
 }
 
@@ -113,6 +122,19 @@ fn main() -> anyhow::Result<()> {
                     "nothing to uninstall"
                 }
             );
+            let netns = std::fs::File::open("/proc/self/ns/net")?;
+            use ambit_redirect::host::{HostRemoval, TABLE, remove_if_empty};
+            match remove_if_empty(
+                std::os::fd::AsFd::as_fd(&netns),
+                "the node's network namespace",
+            )? {
+                HostRemoval::Absent => {}
+                HostRemoval::Removed => println!("probe SNAT table inet {TABLE} removed"),
+                HostRemoval::Kept(ips) => println!(
+                    "probe SNAT table inet {TABLE} kept: {} captured pod address(es) still need it",
+                    ips.len()
+                ),
+            }
             Ok(())
         }
         Command::Run {
@@ -121,6 +143,9 @@ fn main() -> anyhow::Result<()> {
             zds_socket,
             state_dir,
             config_dir,
+            kubernetes,
+            kubeconfig,
+            kube_url,
             log_format,
         } => {
             let format = log_format.parse().map_err(anyhow::Error::msg)?;
@@ -136,6 +161,11 @@ fn main() -> anyhow::Result<()> {
                     zds_socket,
                     state_dir,
                     config_dir,
+                    kubernetes: kubernetes.then_some(KubernetesSource {
+                        kubeconfig,
+                        url: kube_url,
+                    }),
+                    host_netns: None,
                     redirect: ambit_redirect::RedirectConfig::default(),
                     reconcile_every: Duration::from_secs(1),
                 })
@@ -145,6 +175,7 @@ fn main() -> anyhow::Result<()> {
                     () = agent.run(plugin, zds) => {}
                     () = ztunnel_free_shutdown() => tracing::info!("cni-agent stopping; captured pods stay captured"),
                 }
+                agent.shutdown();
                 anyhow::Ok(())
             })
         }

@@ -110,6 +110,10 @@ impl Agent {
                 "the agent reads labels either from a config directory (lab) or from Kubernetes, not both"
             );
         }
+        let kube = match &config.kubernetes {
+            Some(source) => Some(kubernetes::KubeState::connect(source, &config.node_name).await?),
+            None => None,
+        };
         std::fs::create_dir_all(&config.state_dir)?;
         let records = state::load(&config.state_dir)?;
         let host_name = config.host_netns.as_ref().map_or_else(
@@ -125,10 +129,6 @@ impl Agent {
         })?);
         ambit_redirect::host::install(host_fd.as_fd(), &host_name, &config.redirect)
             .map_err(|e| anyhow::anyhow!("probe SNAT: {e}"))?;
-        let kube = match &config.kubernetes {
-            Some(source) => Some(kubernetes::KubeState::connect(source, &config.node_name).await?),
-            None => None,
-        };
         let snapshot_inner: Arc<Mutex<Option<std::sync::Weak<Inner>>>> = Arc::new(Mutex::new(None));
         let weak = snapshot_inner.clone();
         let source = move || -> Vec<SnapshotEntry> {

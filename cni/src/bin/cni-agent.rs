@@ -124,16 +124,18 @@ fn main() -> anyhow::Result<()> {
             );
             let netns = std::fs::File::open("/proc/self/ns/net")?;
             use ambit_redirect::host::{HostRemoval, TABLE, remove_if_empty};
+            // The CNI configuration is restored either way; the table is a separate report.
             match remove_if_empty(
                 std::os::fd::AsFd::as_fd(&netns),
                 "the node's network namespace",
-            )? {
-                HostRemoval::Absent => {}
-                HostRemoval::Removed => println!("probe SNAT table inet {TABLE} removed"),
-                HostRemoval::Kept(ips) => println!(
+            ) {
+                Ok(HostRemoval::Absent) => {}
+                Ok(HostRemoval::Removed) => println!("probe SNAT table inet {TABLE} removed"),
+                Ok(HostRemoval::Kept(ips)) => println!(
                     "probe SNAT table inet {TABLE} kept: {} captured pod address(es) still need it",
                     ips.len()
                 ),
+                Err(e) => eprintln!("probe SNAT table inet {TABLE} not checked: {e}"),
             }
             Ok(())
         }

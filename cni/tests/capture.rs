@@ -482,9 +482,11 @@ async fn restarts_of_ztunnel_and_the_agent_lose_no_pod() {
     let mut lab = Lab::new("b", 32);
     let (_agent, agent_task) = start_agent(&lab).await;
     let zt = start_ztunnel(&lab.path("zds.sock"));
+    let mut ips = Vec::new();
     for pod in ["one", "two"] {
-        let (_, status, out) = lab.add_pod(pod, "demo", true);
+        let (ip, status, out) = lab.add_pod(pod, "demo", true);
         assert_eq!(status, 0, "{out}");
+        ips.push(ip);
     }
     eventually("both pods served", async || {
         zt.manager.pods().await.len() == 2
@@ -509,7 +511,7 @@ async fn restarts_of_ztunnel_and_the_agent_lose_no_pod() {
     let error: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(error["code"], 11, "{out}");
     // ...or, fail-open, starts and is queued.
-    let (_, status, out) = lab.add_pod("four", "demo", false);
+    let (four_ip, status, out) = lab.add_pod("four", "demo", false);
     assert_eq!(status, 0, "{out}");
     assert!(
         lab.installed("one"),
@@ -526,6 +528,13 @@ async fn restarts_of_ztunnel_and_the_agent_lose_no_pod() {
         .collect();
     assert_eq!(captured.len(), 3, "{captured:?}");
     assert!(lab.installed("four"));
+    ips.push(four_ip);
+    ips.sort();
+    assert_eq!(
+        lab.probe_set(),
+        Some(ips),
+        "the probe SNAT set holds exactly the captured pods after the restart"
+    );
     eventually("ztunnel has every pod", async || {
         zt.manager.pods().await
             == vec![

@@ -699,9 +699,18 @@ fn snapshot(inner: &Inner) -> Vec<SnapshotEntry> {
                 .get(&record.container_id)
                 .cloned()
                 .or_else(|| {
-                    std::fs::File::open(&record.netns)
-                        .ok()
-                        .map(|f| Arc::new(OwnedFd::from(f)))
+                    let file = std::fs::File::open(&record.netns).ok()?;
+                    // A namespace found under /proc: only if the path still names it.
+                    if let Some(expected) = record.netns_inode {
+                        let inode = file
+                            .metadata()
+                            .ok()
+                            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+                        if inode != Some(expected) {
+                            return None;
+                        }
+                    }
+                    Some(Arc::new(OwnedFd::from(file)))
                 });
             SnapshotEntry {
                 uid: record.zds_uid(),

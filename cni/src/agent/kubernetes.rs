@@ -112,9 +112,7 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 }
 
 fn fd_inode(fd: &OwnedFd) -> Option<u64> {
-    nix::sys::stat::fstat(fd.as_fd())
-        .ok()
-        .map(|st| st.st_ino)
+    nix::sys::stat::fstat(fd.as_fd()).ok().map(|st| st.st_ino)
 }
 
 impl Agent {

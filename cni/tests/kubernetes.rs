@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_cni::agent::{Agent, AgentConfig, KubernetesSource, REDIRECTION_ANNOTATION};
+use ambit_cni::protocol::PodEvent;
 use ambit_core::drain;
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
@@ -415,7 +416,7 @@ async fn kubernetes_mode_captures_existing_pods_from_labels_and_releases_them() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn host_network_pods_are_never_captured_and_a_relist_releases_vanished_pods() {
+async fn host_network_pods_plugin_pods_and_a_relist_in_kubernetes_mode() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "Kubernetes mode tests need root (network namespaces, nftables); run sudo scripts/test"
@@ -451,6 +452,86 @@ async fn host_network_pods_are_never_captured_and_a_relist_releases_vanished_pod
         agent.pods()
     );
     assert_eq!(setup.annotation("apps", "hostnet"), None);
+
+    // A new pod comes through the plugin (its IP not yet in the API, so only the plugin can
+    // name its namespace): one record under the runtime's container id, annotated.
+    let two = PodNetns::new(
+        format!("akm-two-{pid}"),
+        &setup.node,
+        "vtwo",
+        "10.196.42.4/24",
+    );
+    let mut two_object = pod("apps", "two", "node-1", two.ip);
+    two_object["status"] = json!({"phase": "Pending"});
+    let two_uid = server.apply(two_object)["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let event = |command: &str| PodEvent {
+        command: command.into(),
+        container_id: "ctr-two".into(),
+        netns: two.path(),
+        pod_namespace: "apps".into(),
+        pod_name: "two".into(),
+        pod_uid: two_uid.clone(),
+        ips: vec![two.ip.to_string()],
+    };
+    let verdict = agent.handle(event("ADD")).await;
+    assert!(verdict.captured && verdict.error.is_none(), "{verdict:?}");
+    assert!(two.installed());
+    eventually("plugin pod annotated", async || {
+        setup.annotation("apps", "two").as_deref() == Some("enabled")
+    })
+    .await;
+    setup.edit_pod("apps", "two", |p| {
+        p["status"] = json!({"phase": "Running", "podIP": "10.196.42.4", "podIPs": [{"ip": "10.196.42.4"}]});
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records: Vec<_> = agent
+        .pods()
+        .into_iter()
+        .filter(|p| p.name == "two")
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].container_id, "ctr-two");
+    assert_eq!(
+        records[0].netns_inode, None,
+        "the runtime's path is trusted as is"
+    );
+    // DEL: released, and not found again under /proc while the sandbox is torn down.
+    agent.handle(event("DEL")).await;
+    assert!(!two.installed());
+    eventually("annotation removed after DEL", async || {
+        setup.annotation("apps", "two").is_none()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!two.installed(), "a deleted sandbox is not captured again");
+    assert!(agent.pods().iter().all(|p| p.name != "two"));
+    // A DEL for a pod the agent found under /proc (no container id of ours) releases it too;
+    // an ADD for its new sandbox captures it again.
+    assert!(one.installed());
+    let del_one = PodEvent {
+        command: "DEL".into(),
+        container_id: "ctr-unknown".into(),
+        netns: one.path(),
+        pod_namespace: "apps".into(),
+        pod_name: "one".into(),
+        pod_uid: String::new(),
+        ips: vec![],
+    };
+    agent.handle(del_one.clone()).await;
+    assert!(!one.installed());
+    assert!(agent.pods().is_empty(), "{:?}", agent.pods());
+    let verdict = agent
+        .handle(PodEvent {
+            command: "ADD".into(),
+            ips: vec![one.ip.to_string()],
+            ..del_one
+        })
+        .await;
+    assert!(verdict.captured, "{verdict:?}");
+    assert!(one.installed());
 
     // The pod disappears while the watch is away (its next attempt fails) and history is
     // compacted: the watch must relist (410 Gone), the list no longer has the pod, and the

@@ -52,6 +52,9 @@ pub(super) struct KubeState {
     annotation_sent: Mutex<BTreeMap<(String, String), bool>>,
     /// Pods whose namespace was not found under /proc, and when to look again.
     discover_after: Mutex<BTreeMap<(String, String), Instant>>,
+    /// Pods whose sandbox the plugin reported deleted: never looked for under /proc (their
+    /// namespace is being torn down) until a new ADD or the pod object goes.
+    sandbox_deleted: Mutex<BTreeSet<(String, String)>>,
 }
 
 impl KubeState {
@@ -83,6 +86,7 @@ impl KubeState {
             synced: Mutex::new((false, false)),
             annotation_sent: Mutex::new(BTreeMap::new()),
             discover_after: Mutex::new(BTreeMap::new()),
+            sandbox_deleted: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -306,6 +310,20 @@ impl Agent {
         }
     }
 
+    /// The plugin's DEL for this pod (Kubernetes mode).
+    pub(super) fn plugin_deleted(&self, namespace: &str, name: &str) {
+        if let Some(kube) = self.kube() {
+            lock(&kube.sandbox_deleted).insert((namespace.to_string(), name.to_string()));
+        }
+    }
+
+    /// The plugin's ADD for this pod (Kubernetes mode).
+    pub(super) fn plugin_added(&self, namespace: &str, name: &str) {
+        if let Some(kube) = self.kube() {
+            lock(&kube.sandbox_deleted).remove(&(namespace.to_string(), name.to_string()));
+        }
+    }
+
     /// Removes and returns a record made from `/proc` discovery for this pod, if any.
     pub(super) fn take_discovered(&self, namespace: &str, name: &str) -> Option<PodRecord> {
         let mut pods = lock(&self.inner.pods);
@@ -383,6 +401,9 @@ impl Agent {
             view.pods.clone()
         };
 
+        lock(&kube.sandbox_deleted).retain(|key| view_pods.contains_key(key));
+        lock(&kube.discover_after).retain(|key, _| view_pods.contains_key(key));
+
         // Pods gone from the API server (deleted, or missing from a relist).
         let records: Vec<PodRecord> = lock(&self.inner.pods).values().cloned().collect();
         for record in &records {
@@ -421,7 +442,10 @@ impl Agent {
             .map(|r| (r.namespace.clone(), r.name.clone()))
             .collect();
         for (key, pod) in &view_pods {
-            if known.contains(key) || matches!(pod.status.phase.as_str(), "Succeeded" | "Failed") {
+            if known.contains(key)
+                || matches!(pod.status.phase.as_str(), "Succeeded" | "Failed")
+                || lock(&kube.sandbox_deleted).contains(key)
+            {
                 continue;
             }
             let namespace = {

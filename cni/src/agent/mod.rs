@@ -227,6 +227,7 @@ impl Agent {
                 self.reload_cluster();
                 self.refresh_pod(&event.pod_namespace, &event.pod_name)
                     .await;
+                self.plugin_added(&event.pod_namespace, &event.pod_name);
                 let mut record = PodRecord::from_event(&event);
                 // A pod found earlier through /proc becomes this record (same namespace).
                 if let Some(old) = self.take_discovered(&event.pod_namespace, &event.pod_name) {
@@ -240,11 +241,21 @@ impl Agent {
             }
             "DEL" => {
                 let record = lock(&self.inner.pods).get(&event.container_id).cloned();
+                // Kubernetes mode: the sandbox goes away; do not look for it under /proc again
+                // (a new sandbox comes with its own ADD). A pod found under /proc has no
+                // container id of ours: it is released by name.
+                self.plugin_deleted(&event.pod_namespace, &event.pod_name);
+                let record = record.or_else(|| {
+                    let found = self.take_discovered(&event.pod_namespace, &event.pod_name)?;
+                    lock(&self.inner.pods).insert(found.container_id.clone(), found.clone());
+                    Some(found)
+                });
                 if let Some(record) = record {
                     if record.captured {
                         self.release(&record).await;
                     }
-                    lock(&self.inner.pods).remove(&event.container_id);
+                    lock(&self.inner.pods).remove(&record.container_id);
+                    lock(&self.inner.netns).remove(&record.container_id);
                     self.persist();
                     tracing::info!(%pod, container = %event.container_id, "pod deleted");
                 }

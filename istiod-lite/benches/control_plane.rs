@@ -234,7 +234,7 @@ async fn initial_sync_wire_bytes(store: &Store, gzip: bool) -> u64 {
     std::fs::write(&tokens, r#"{"tokens": [{"token": "t", "node": "node-1"}]}"#).expect("tokens");
     let server = XdsServer {
         store: store.clone(),
-        auth: TokenFileAuthenticator::new(tokens),
+        auth: TokenFileAuthenticator::new(tokens).into(),
         metrics: Registry::new(),
         debounce: Duration::from_millis(100),
     };
@@ -301,7 +301,7 @@ async fn push_latency(pods: usize, clients: usize) {
     store.replace(c, &resources);
     let server = XdsServer {
         store: store.clone(),
-        auth: TokenFileAuthenticator::new(tokens),
+        auth: TokenFileAuthenticator::new(tokens).into(),
         metrics: Registry::new(),
         debounce: Duration::from_millis(100),
     };

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod ca;
+pub mod kube_ca;
 pub mod source;
 pub mod store;
 pub mod xds;

@@ -13,7 +13,7 @@ use ambit_mesh::translate::MeshSettings;
 use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use clap::Parser;
 use http::StatusCode;
-use istiod_lite::auth::TokenFileAuthenticator;
+use istiod_lite::auth::{Authenticator, TokenFileAuthenticator};
 use istiod_lite::ca::{CaService, load_or_create};
 use istiod_lite::store::Store;
 use istiod_lite::xds::{XdsServer, describe_metrics};
@@ -58,6 +58,13 @@ struct Args {
     /// Longest lifetime granted.
     #[arg(long, default_value = "2160h", value_parser = ambit_core::config::parse_duration_arg)]
     max_ttl: Duration,
+    /// The control plane's namespace (Kubernetes mode keeps the CA's Secrets there).
+    #[arg(long, default_value = "istio-system")]
+    system_namespace: String,
+    /// Accounts (`namespace/name`, comma-separated) that may obtain identities of pods on their
+    /// own node (ImpersonatedIdentity); everyone else gets only its own identity.
+    #[arg(long, default_value = "istio-system/ztunnel", value_delimiter = ',')]
+    trusted_node_accounts: Vec<String>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -76,15 +83,11 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Registry::new();
     describe_metrics(&metrics);
-    metrics.describe_counter("ambit_ca_signed_total", "Workload certificates signed");
-    metrics.describe_counter(
-        "ambit_ca_refused_total",
-        "Certificate requests refused, by reason",
-    );
+    istiod_lite::ca::describe_metrics(&metrics);
     let readiness = Readiness::new();
     let store = Store::new();
     let ca = Arc::new(load_or_create(&args.ca_dir, &args.trust_domain)?);
-    let auth = TokenFileAuthenticator::new(args.tokens.clone());
+    let auth: Authenticator = TokenFileAuthenticator::new(args.tokens.clone()).into();
 
     let settings = MeshSettings {
         trust_domain: args.trust_domain.clone(),
@@ -144,6 +147,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ca,
         store: store.clone(),
         auth: auth.clone(),
+        trusted_node_accounts: args.trusted_node_accounts.clone(),
         trust_domain: args.trust_domain.clone(),
         default_ttl: args.default_ttl,
         max_ttl: args.max_ttl,

@@ -2,9 +2,9 @@
 //! (a hash of its encoding, so versions survive restarts and unchanged resources are never
 //! re-sent to a client that reports holding them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use ambit_mesh::translate::{Cluster, Resources};
 use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -32,6 +32,34 @@ pub struct Snapshot {
     /// Names added, changed or removed since the previous generation, by type URL: a stream
     /// that saw the previous generation only needs to look at these.
     pub changed: BTreeMap<&'static str, Vec<String>>,
+    /// node → (namespace, service account) of the pods on it; built on first use by the CA.
+    node_accounts: OnceLock<HashMap<String, HashSet<(String, String)>>>,
+}
+
+impl Snapshot {
+    /// Whether a pod of `namespace`'s service account `service_account` is scheduled on `node`
+    /// (an index built once per snapshot, so the CA does not scan every pod per request).
+    pub fn has_pod_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        let index = self.node_accounts.get_or_init(|| {
+            let mut index: HashMap<String, HashSet<(String, String)>> = HashMap::new();
+            for pod in self.cluster.pods.values() {
+                if pod.spec.node_name.is_empty() {
+                    continue;
+                }
+                index
+                    .entry(pod.spec.node_name.clone())
+                    .or_default()
+                    .insert((
+                        pod.metadata.namespace.clone(),
+                        pod.service_account().to_string(),
+                    ));
+            }
+            index
+        });
+        index.get(node).is_some_and(|accounts| {
+            accounts.contains(&(namespace.to_string(), service_account.to_string()))
+        })
+    }
 }
 
 fn changed_names(old: &BTreeMap<String, Entry>, new: &BTreeMap<String, Entry>) -> Vec<String> {
@@ -128,6 +156,7 @@ impl Store {
                 } else {
                     current.changed.clone()
                 },
+                node_accounts: OnceLock::new(),
             });
             changed
         };

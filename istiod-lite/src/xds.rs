@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::TokenFileAuthenticator;
+use crate::auth::Authenticator;
 use crate::store::Store;
 
 /// The ADS service.
@@ -26,7 +26,7 @@ pub struct XdsServer {
     /// Resources.
     pub store: Store,
     /// Who may connect.
-    pub auth: TokenFileAuthenticator,
+    pub auth: Authenticator,
     /// Metrics.
     pub metrics: Registry,
     /// Quiet time after a change before pushing (coalesces bursts).
@@ -203,15 +203,20 @@ impl AggregatedDiscoveryService for XdsServer {
         let caller = self
             .auth
             .authenticate(request.metadata())
-            .inspect_err(|s| {
-                tracing::warn!(reason = %s.message(), "xDS client refused");
+            .await
+            .map_err(|r| {
+                tracing::warn!(reason = r.reason, message = %r.status.message(), "xDS client refused");
+                r.status
             })?;
         let mut requests = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let mut session = Session {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
-            client: format!("node {}", caller.node),
+            client: match &caller.node {
+                Some(node) => format!("node {node} ({})", caller.account()),
+                None => caller.account(),
+            },
             types: BTreeMap::new(),
             nonce: 0,
             tx,

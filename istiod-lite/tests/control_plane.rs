@@ -87,7 +87,8 @@ impl Fixture {
         let store = Store::new();
         load(&store, OBJECTS);
         let metrics = Registry::new();
-        let auth = TokenFileAuthenticator::new(dir.path().join("tokens.json"));
+        let auth: istiod_lite::auth::Authenticator =
+            TokenFileAuthenticator::new(dir.path().join("tokens.json")).into();
         let identity = Identity::new("cluster.local", "istio-system", "istiod").unwrap();
         let serving = ca
             .issue_serving_certificate(
@@ -107,6 +108,7 @@ impl Fixture {
             ca,
             store: store.clone(),
             auth: auth.clone(),
+            trusted_node_accounts: istiod_lite::ca::default_trusted_node_accounts(),
             trust_domain: "cluster.local".into(),
             default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(7200),

@@ -372,7 +372,15 @@ kind: Pod
 metadata: {name: echo, namespace: demo, uid: uid-echo}
 spec: {nodeName: node-2, serviceAccountName: echo}
 status: {podIP: 10.244.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: default, uid: uid-legacy}
+spec: {nodeName: node-1, serviceAccountName: legacy}
 "#;
+
+/// An RSA 1024 CSR for spiffe://cluster.local/ns/default/sa/legacy (the identity crate's fixture).
+const RSA_1024_CSR: &str = include_str!("../../crates/identity/tests/fixtures/rsa1024.csr.pem");
 
 /// A TokenReview answer for `token`, as an API server would give it.
 fn review(token: &str) -> Result<Value, (u16, String)> {
@@ -716,6 +724,16 @@ async fn bad_tokens_and_bad_csrs_are_refused_with_their_reasons() {
         status.message()
     );
 
+    // A weak key: RSA 1024, for a pod on the ztunnel's node.
+    let legacy = id("default", "legacy");
+    let status = refused(&c, "zt-node-1", RSA_1024_CSR, Some(&legacy)).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("RSA 1024 bits"),
+        "{}",
+        status.message()
+    );
+
     // SAN of another pod on the same node.
     let status = refused(&c, "zt-node-1", &csr(&id("demo", "other")), Some(&client)).await;
     assert!(
@@ -736,7 +754,6 @@ async fn bad_tokens_and_bad_csrs_are_refused_with_their_reasons() {
         "not-service-account",
         "caller-pod-missing",
         "token-review-failed",
-        "weak-key",
         "san-mismatch",
     ] {
         assert!(
@@ -744,6 +761,10 @@ async fn bad_tokens_and_bad_csrs_are_refused_with_their_reasons() {
             "{reason}: {text}"
         );
     }
+    assert!(
+        text.contains("ambit_ca_refused_total{reason=\"weak-key\"} 2"),
+        "{text}"
+    );
     assert!(!text.contains("ambit_ca_signed_total 1"), "{text}");
 }
 

@@ -340,3 +340,74 @@ pub async fn publish_root(client: kube::Client, root_pem: String) {
         }
     }
 }
+
+/// Where the CA and callers' credentials come from (the command line's choices).
+#[derive(Clone, Debug)]
+pub struct CaOptions {
+    /// `--ca-dir`: keep the CA in this directory (always, also in Kubernetes mode).
+    pub ca_dir: Option<std::path::PathBuf>,
+    /// `--tokens`: authenticate callers from this file instead of TokenReview.
+    pub tokens: Option<std::path::PathBuf>,
+    /// `--system-namespace`: where the CA's Secrets live.
+    pub system_namespace: String,
+    /// `--trust-domain`: of a generated root.
+    pub trust_domain: String,
+}
+
+/// The CA, the root workloads trust, and the authenticator, as chosen by [`setup`].
+#[derive(Debug)]
+pub struct CaSetup {
+    /// The signer.
+    pub ca: std::sync::Arc<ambit_identity::ca::CertificateAuthority>,
+    /// The root bundle workloads trust.
+    pub root_pem: String,
+    /// Who may call the CA and xDS.
+    pub auth: crate::auth::Authenticator,
+    /// The task publishing the root ConfigMaps (Kubernetes mode).
+    pub publisher: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Sets up the CA for the mode istiod-lite runs in. With a Kubernetes client: the CA in Secrets
+/// unless `--ca-dir` is given, TokenReview unless `--tokens` is given, and the root published to
+/// every namespace (spawned). Without one, `--ca-dir` and `--tokens` are required.
+pub async fn setup(
+    kube: Option<&kube::Client>,
+    options: &CaOptions,
+    store: &crate::store::Store,
+) -> anyhow::Result<CaSetup> {
+    use crate::auth::{TokenFileAuthenticator, TokenReviewAuthenticator, TokenReviewConfig};
+    let loaded = match (&options.ca_dir, kube) {
+        (Some(dir), _) => ca::load_or_create_dir(dir, &options.trust_domain)?,
+        (None, Some(client)) => {
+            load_or_create_in_secrets(
+                client.clone(),
+                &options.system_namespace,
+                &options.trust_domain,
+            )
+            .await?
+        }
+        (None, None) => {
+            anyhow::bail!("--ca-dir is required unless istiod-lite runs in Kubernetes mode")
+        }
+    };
+    let auth = match (&options.tokens, kube) {
+        (Some(path), _) => TokenFileAuthenticator::new(path.clone()).into(),
+        (None, Some(client)) => TokenReviewAuthenticator::new(
+            client.clone(),
+            store.clone(),
+            TokenReviewConfig::default(),
+        )
+        .into(),
+        (None, None) => {
+            anyhow::bail!("--tokens is required unless istiod-lite runs in Kubernetes mode")
+        }
+    };
+    let publisher =
+        kube.map(|client| tokio::spawn(publish_root(client.clone(), loaded.root_pem.clone())));
+    Ok(CaSetup {
+        ca: std::sync::Arc::new(loaded.ca),
+        root_pem: loaded.root_pem,
+        auth,
+        publisher,
+    })
+}

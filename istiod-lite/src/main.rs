@@ -2,7 +2,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_core::http::{Handler, text};
@@ -13,8 +12,8 @@ use ambit_mesh::translate::MeshSettings;
 use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use clap::Parser;
 use http::StatusCode;
-use istiod_lite::auth::{Authenticator, TokenFileAuthenticator};
-use istiod_lite::ca::{CaService, load_or_create};
+use istiod_lite::ca::CaService;
+use istiod_lite::kube_ca::CaOptions;
 use istiod_lite::store::Store;
 use istiod_lite::xds::{XdsServer, describe_metrics};
 use tonic::transport::{Server, ServerTlsConfig};
@@ -29,11 +28,14 @@ struct Args {
     #[arg(long)]
     config_dir: PathBuf,
     /// Where the CA lives (generated on first start; ca-cert.pem, ca-key.pem, root-cert.pem).
+    /// Required outside Kubernetes mode; in Kubernetes mode the CA is kept in Secrets of
+    /// --system-namespace unless this is given.
     #[arg(long)]
-    ca_dir: PathBuf,
-    /// Tokens file: {"tokens": [{"token": "...", "node": "node-1"}]}.
+    ca_dir: Option<PathBuf>,
+    /// Tokens file: {"tokens": [{"token": "...", "node": "node-1"}]}. Required outside
+    /// Kubernetes mode; in Kubernetes mode callers are checked with TokenReview unless given.
     #[arg(long)]
-    tokens: PathBuf,
+    tokens: Option<PathBuf>,
     /// gRPC (CA and xDS) over TLS.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
@@ -86,8 +88,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     istiod_lite::ca::describe_metrics(&metrics);
     let readiness = Readiness::new();
     let store = Store::new();
-    let ca = Arc::new(load_or_create(&args.ca_dir, &args.trust_domain)?);
-    let auth: Authenticator = TokenFileAuthenticator::new(args.tokens.clone()).into();
+    let ca_options = CaOptions {
+        ca_dir: args.ca_dir.clone(),
+        tokens: args.tokens.clone(),
+        system_namespace: args.system_namespace.clone(),
+        trust_domain: args.trust_domain.clone(),
+    };
+    // The Kubernetes client (Kubernetes mode) goes here: Secrets, TokenReview, root ConfigMaps.
+    let ca_setup = istiod_lite::kube_ca::setup(None, &ca_options, &store).await?;
+    let (ca, auth) = (ca_setup.ca.clone(), ca_setup.auth.clone());
 
     let settings = MeshSettings {
         trust_domain: args.trust_domain.clone(),

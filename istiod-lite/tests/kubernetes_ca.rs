@@ -17,7 +17,8 @@ use ambit_proto::ca::istio_certificate_service_server::IstioCertificateService;
 use istiod_lite::auth::{TokenReviewAuthenticator, TokenReviewConfig};
 use istiod_lite::ca::{CaService, default_trusted_node_accounts, load_or_create_dir};
 use istiod_lite::kube_ca::{
-    CACERTS_SECRET, ROOT_CONFIGMAP, SELF_SIGNED_SECRET, load_or_create_in_secrets, publish_root,
+    CACERTS_SECRET, CaOptions, ROOT_CONFIGMAP, SELF_SIGNED_SECRET, load_or_create_in_secrets,
+    publish_root,
 };
 use istiod_lite::store::Store;
 use rcgen::{
@@ -426,6 +427,17 @@ fn review(token: &str) -> Result<Value, (u16, String)> {
     }))
 }
 
+/// A store holding [`PODS`], as the config source would fill it.
+fn store_with_pods() -> Store {
+    let store = Store::new();
+    let (objects, errors) = parse_documents(PODS, "pods.yaml");
+    assert!(errors.is_empty(), "{errors:?}");
+    let cluster = Cluster::from_objects(objects);
+    let resources = translate(&cluster, &MeshSettings::default());
+    store.replace(cluster, &resources);
+    store
+}
+
 struct Cluster1 {
     server: FakeApiServer,
     ca: CaService,
@@ -449,12 +461,7 @@ async fn cluster() -> Cluster1 {
     let loaded = load_or_create_in_secrets(client.clone(), NS, "cluster.local")
         .await
         .unwrap();
-    let store = Store::new();
-    let (objects, errors) = parse_documents(PODS, "pods.yaml");
-    assert!(errors.is_empty(), "{errors:?}");
-    let cluster = Cluster::from_objects(objects);
-    let resources = translate(&cluster, &MeshSettings::default());
-    store.replace(cluster, &resources);
+    let store = store_with_pods();
     let metrics = Registry::new();
     let auth = TokenReviewAuthenticator::new(client, store.clone(), TokenReviewConfig::default());
     let ca = CaService {
@@ -861,5 +868,106 @@ fn directory_mode_generates_once_and_reloads() {
     assert_eq!(
         std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap(),
         first.root_pem
+    );
+}
+
+#[tokio::test]
+async fn kubernetes_mode_keeps_the_ca_in_secrets_reviews_tokens_and_publishes_the_root() {
+    let server = FakeApiServer::start().await;
+    server.on_create("tokenreviews", |request: Value| {
+        review(request["spec"]["token"].as_str().unwrap_or(""))
+    });
+    server.apply(namespace("demo"));
+    let client = client(&server).await;
+    let store = store_with_pods();
+    let options = CaOptions {
+        ca_dir: None,
+        tokens: None,
+        system_namespace: NS.into(),
+        trust_domain: "cluster.local".into(),
+    };
+    let setup = istiod_lite::kube_ca::setup(Some(&client), &options, &store)
+        .await
+        .unwrap();
+    let stored = server
+        .get("v1", "Secret", NS, SELF_SIGNED_SECRET)
+        .expect("the root is kept in istio-ca-secret");
+    assert_eq!(secret_data(&stored, "root-cert.pem"), setup.root_pem);
+    eventually("root published", || {
+        root_in(&server, "demo").as_ref() == Some(&setup.root_pem)
+    })
+    .await;
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert("authorization", "Bearer client-own".parse().unwrap());
+    let caller = setup.auth.authenticate(&metadata).await.unwrap();
+    assert_eq!(
+        caller.account(),
+        "demo/client",
+        "authenticated by TokenReview"
+    );
+    assert_eq!(caller.node.as_deref(), Some("node-1"));
+    if let Some(task) = setup.publisher {
+        task.abort();
+    }
+
+    // --ca-dir and --tokens win over Kubernetes.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tokens.json"),
+        r#"{"tokens": [{"token": "t1", "node": "node-1"}]}"#,
+    )
+    .unwrap();
+    let options = CaOptions {
+        ca_dir: Some(dir.path().join("ca")),
+        tokens: Some(dir.path().join("tokens.json")),
+        ..options
+    };
+    let setup = istiod_lite::kube_ca::setup(Some(&client), &options, &store)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap(),
+        setup.root_pem
+    );
+    assert_ne!(secret_data(&stored, "root-cert.pem"), setup.root_pem);
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert("authorization", "Bearer t1".parse().unwrap());
+    let caller = setup.auth.authenticate(&metadata).await.unwrap();
+    assert_eq!(caller.account(), "istio-system/ztunnel");
+    if let Some(task) = setup.publisher {
+        task.abort();
+    }
+
+    // Outside Kubernetes mode both are required.
+    let error = istiod_lite::kube_ca::setup(
+        None,
+        &CaOptions {
+            ca_dir: None,
+            ..options.clone()
+        },
+        &store,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("--ca-dir is required"), "{error}");
+}
+
+#[test]
+fn the_binary_without_kubernetes_needs_a_ca_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_istiod-lite"))
+        .args(["--config-dir"])
+        .arg(dir.path())
+        .args(["--tokens"])
+        .arg(dir.path().join("tokens.json"))
+        .args(["--listen", "127.0.0.1:0", "--monitoring", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--ca-dir is required unless istiod-lite runs in Kubernetes mode"),
+        "{stderr}"
     );
 }

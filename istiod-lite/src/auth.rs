@@ -229,9 +229,45 @@ impl Default for TokenReviewConfig {
 
 type TokenHash = [u8; 32];
 
+/// Positive reviews by token hash, each kept for at most `ttl`, at most `size` of them.
 #[derive(Debug, Default)]
 struct ReviewCache {
     entries: HashMap<TokenHash, (Instant, Reviewed)>,
+}
+
+impl ReviewCache {
+    fn get(&mut self, hash: &TokenHash, ttl: Duration) -> Option<Reviewed> {
+        match self.entries.get(hash) {
+            Some((at, reviewed)) if at.elapsed() < ttl => Some(reviewed.clone()),
+            Some(_) => {
+                self.entries.remove(hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Adds a review, first dropping expired ones and then the oldest while full.
+    fn insert(&mut self, hash: TokenHash, reviewed: Reviewed, ttl: Duration, size: usize) {
+        if size == 0 {
+            return;
+        }
+        if self.entries.len() >= size {
+            self.entries.retain(|_, (at, _)| at.elapsed() < ttl);
+        }
+        while self.entries.len() >= size {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+        self.entries.insert(hash, (Instant::now(), reviewed));
+    }
 }
 
 /// Checks bearer tokens with the API server's TokenReview (`authentication.k8s.io/v1`), for
@@ -293,38 +329,19 @@ impl TokenReviewAuthenticator {
     }
 
     fn cached_review(&self, hash: &TokenHash) -> Option<Reviewed> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match cache.entries.get(hash) {
-            Some((at, reviewed)) if at.elapsed() < self.config.cache_ttl => Some(reviewed.clone()),
-            Some(_) => {
-                cache.entries.remove(hash);
-                None
-            }
-            None => None,
-        }
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash, self.config.cache_ttl)
     }
 
     fn remember(&self, hash: TokenHash, reviewed: Reviewed) {
-        if self.config.cache_size == 0 {
-            return;
-        }
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.entries.len() >= self.config.cache_size {
-            let ttl = self.config.cache_ttl;
-            cache.entries.retain(|_, (at, _)| at.elapsed() < ttl);
-        }
-        while cache.entries.len() >= self.config.cache_size {
-            let Some(oldest) = cache
-                .entries
-                .iter()
-                .min_by_key(|(_, (at, _))| *at)
-                .map(|(k, _)| *k)
-            else {
-                break;
-            };
-            cache.entries.remove(&oldest);
-        }
-        cache.entries.insert(hash, (Instant::now(), reviewed));
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            hash,
+            reviewed,
+            self.config.cache_ttl,
+            self.config.cache_size,
+        );
     }
 
     async fn review(&self, token: &str) -> Result<Reviewed, Refusal> {
@@ -544,6 +561,31 @@ mod tests {
             auth.authenticate_token("z").unwrap_err().reason,
             "unknown-token"
         );
+    }
+
+    #[test]
+    fn the_review_cache_is_bounded_in_size_and_time() {
+        let reviewed = |sa: &str| Reviewed {
+            namespace: "ns".into(),
+            service_account: sa.into(),
+            node: None,
+            pod: None,
+        };
+        let ttl = Duration::from_millis(200);
+        let mut cache = ReviewCache::default();
+        let (a, b, c) = (token_hash("a"), token_hash("b"), token_hash("c"));
+        cache.insert(a, reviewed("a"), ttl, 2);
+        std::thread::sleep(Duration::from_millis(5));
+        cache.insert(b, reviewed("b"), ttl, 2);
+        cache.insert(c, reviewed("c"), ttl, 2);
+        assert_eq!(cache.entries.len(), 2, "never more than the size");
+        assert_eq!(cache.get(&a, ttl), None, "the oldest made room");
+        assert_eq!(cache.get(&c, ttl), Some(reviewed("c")));
+        std::thread::sleep(ttl);
+        assert_eq!(cache.get(&b, ttl), None, "expired");
+        assert_eq!(cache.entries.len(), 1);
+        cache.insert(a, reviewed("a"), ttl, 0);
+        assert_eq!(cache.get(&a, ttl), None, "size 0 caches nothing");
     }
 
     #[test]

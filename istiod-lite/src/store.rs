@@ -180,3 +180,44 @@ impl Store {
             .unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_are_indexed_by_node_namespace_and_service_account() {
+        let (objects, errors) = ambit_mesh::parse_documents(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: demo}
+spec: {nodeName: node-1, serviceAccountName: web}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: demo}
+spec: {nodeName: node-2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: demo}
+spec: {serviceAccountName: queued}
+"#,
+            "pods.yaml",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let store = Store::new();
+        let cluster = Cluster::from_objects(objects);
+        store.replace(cluster, &Resources::default());
+        let snapshot = store.snapshot();
+        assert!(snapshot.has_pod_on_node("node-1", "demo", "web"));
+        assert!(!snapshot.has_pod_on_node("node-2", "demo", "web"));
+        assert!(snapshot.has_pod_on_node("node-2", "demo", "default"));
+        assert!(!snapshot.has_pod_on_node("node-1", "other", "web"));
+        assert!(
+            !snapshot.has_pod_on_node("", "demo", "queued"),
+            "unscheduled"
+        );
+    }
+}

@@ -245,6 +245,7 @@ fn write_object(object: &Object) -> anyhow::Result<()> {
         Object::Other {
             api_version, value, ..
         } => (api_version.as_str(), value.clone()),
+        other => (other.api_version(), other.to_value()),
     };
     let mut value = value;
     value["apiVersion"] = json!(api_version);

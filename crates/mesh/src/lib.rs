@@ -2,10 +2,13 @@
 //! validation that names the object and field at fault, and the ambient enrollment rules. No
 //! Kubernetes client here: the CNI agent, istiod-lite and `ambitctl lab` all build on it.
 
+pub mod destination_rule;
 pub mod enrollment;
+pub mod gateway_api;
 pub mod objects;
 pub mod parse;
 pub mod translate;
+mod validate;
 
 pub use objects::{Namespace, Object, ObjectKey, ObjectMeta, Pod};
 pub use parse::{ObjectError, parse_documents, parse_object, read_dir};

@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::destination_rule::DestinationRule;
+pub use crate::gateway_api::{Gateway, GatewayClass, HttpRoute};
+
 /// `metadata` of any object.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -401,6 +404,146 @@ pub struct MutualTls {
     pub mode: String,
 }
 
+/// A `discovery.k8s.io/v1` EndpointSlice (its fields are at the top level, not under `spec`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    /// Metadata (label `kubernetes.io/service-name` names the Service).
+    pub metadata: ObjectMeta,
+    /// `IPv4`, `IPv6` or `FQDN`.
+    #[serde(default)]
+    pub address_type: String,
+    /// Endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// Ports every endpoint serves.
+    #[serde(default)]
+    pub ports: Vec<EndpointPort>,
+}
+
+/// The label naming an EndpointSlice's Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+impl EndpointSlice {
+    /// The Service this slice belongs to (label `kubernetes.io/service-name`).
+    pub fn service_name(&self) -> Option<&str> {
+        self.metadata
+            .labels
+            .get(SERVICE_NAME_LABEL)
+            .map(String::as_str)
+            .filter(|n| !n.is_empty())
+    }
+}
+
+/// One endpoint of a slice.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// Addresses (of `addressType`); all are the same backend.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Readiness.
+    #[serde(default)]
+    pub conditions: EndpointConditions,
+    /// Hostname.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// The node hosting it.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Its zone.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// The object behind it (usually a Pod).
+    #[serde(default)]
+    pub target_ref: Option<ObjectReference>,
+}
+
+/// `endpoints[].conditions`; an absent `ready` means ready.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct EndpointConditions {
+    /// Ready for traffic.
+    #[serde(default)]
+    pub ready: Option<bool>,
+    /// Serving (possibly while terminating).
+    #[serde(default)]
+    pub serving: Option<bool>,
+    /// Terminating.
+    #[serde(default)]
+    pub terminating: Option<bool>,
+}
+
+/// A reference to another object.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ObjectReference {
+    /// Kind (`Pod`).
+    #[serde(default)]
+    pub kind: String,
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Namespace.
+    #[serde(default)]
+    pub namespace: String,
+    /// Uid.
+    #[serde(default)]
+    pub uid: String,
+}
+
+/// A port of an EndpointSlice.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPort {
+    /// Name (matches the Service port name).
+    #[serde(default)]
+    pub name: String,
+    /// The port (absent: all ports).
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default)]
+    pub protocol: String,
+    /// Application protocol.
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+/// A Node (cluster-scoped): its topology labels give workloads their locality.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Node {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Status.
+    #[serde(default)]
+    pub status: NodeStatus,
+}
+
+/// Node label for the region.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// Node label for the zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Node label for Istio's subzone.
+pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+
+/// `Node.status`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Addresses.
+    #[serde(default)]
+    pub addresses: Vec<NodeAddress>,
+}
+
+/// A node address.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct NodeAddress {
+    /// `InternalIP`, `ExternalIP`, `Hostname`, ...
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    /// The address.
+    #[serde(default)]
+    pub address: String,
+}
+
 /// Which object: kind, namespace, name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
@@ -423,6 +566,8 @@ impl std::fmt::Display for ObjectKey {
 }
 
 /// Any object Ambit reads.
+// Objects are built once and moved into a `Cluster`: unboxed variants keep matching simple.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     /// A namespace.
@@ -435,6 +580,18 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     /// A PeerAuthentication.
     PeerAuthentication(PeerAuthentication),
+    /// A Gateway API Gateway (waypoints).
+    Gateway(Gateway),
+    /// A Gateway API GatewayClass (cluster-scoped).
+    GatewayClass(GatewayClass),
+    /// A Gateway API HTTPRoute.
+    HttpRoute(HttpRoute),
+    /// An Istio DestinationRule.
+    DestinationRule(DestinationRule),
+    /// An EndpointSlice.
+    EndpointSlice(EndpointSlice),
+    /// A Node (cluster-scoped).
+    Node(Node),
     /// A kind this crate does not model (kept so other readers can handle it).
     Other {
         /// Its key.
@@ -463,8 +620,63 @@ impl Object {
             Object::Service(s) => key_of("Service", &s.metadata),
             Object::AuthorizationPolicy(p) => key_of("AuthorizationPolicy", &p.metadata),
             Object::PeerAuthentication(p) => key_of("PeerAuthentication", &p.metadata),
+            Object::Gateway(g) => key_of("Gateway", &g.metadata),
+            Object::GatewayClass(c) => cluster_key("GatewayClass", &c.metadata),
+            Object::HttpRoute(r) => key_of("HTTPRoute", &r.metadata),
+            Object::DestinationRule(d) => key_of("DestinationRule", &d.metadata),
+            Object::EndpointSlice(e) => key_of("EndpointSlice", &e.metadata),
+            Object::Node(n) => cluster_key("Node", &n.metadata),
             Object::Other { key, .. } => key.clone(),
         }
+    }
+
+    /// The `apiVersion` this object is written with.
+    pub fn api_version(&self) -> &str {
+        match self {
+            Object::Namespace(_) | Object::Pod(_) | Object::Service(_) | Object::Node(_) => "v1",
+            Object::AuthorizationPolicy(_) | Object::PeerAuthentication(_) => {
+                "security.istio.io/v1"
+            }
+            Object::Gateway(_) | Object::GatewayClass(_) | Object::HttpRoute(_) => {
+                "gateway.networking.k8s.io/v1"
+            }
+            Object::DestinationRule(_) => "networking.istio.io/v1",
+            Object::EndpointSlice(_) => "discovery.k8s.io/v1",
+            Object::Other { api_version, .. } => api_version,
+        }
+    }
+
+    /// The object as a Kubernetes document, with `apiVersion` and `kind`.
+    pub fn to_value(&self) -> serde_json::Value {
+        let value = match self {
+            Object::Namespace(o) => serde_json::to_value(o),
+            Object::Pod(o) => serde_json::to_value(o),
+            Object::Service(o) => serde_json::to_value(o),
+            Object::AuthorizationPolicy(o) => serde_json::to_value(o),
+            Object::PeerAuthentication(o) => serde_json::to_value(o),
+            Object::Gateway(o) => serde_json::to_value(o),
+            Object::GatewayClass(o) => serde_json::to_value(o),
+            Object::HttpRoute(o) => serde_json::to_value(o),
+            Object::DestinationRule(o) => serde_json::to_value(o),
+            Object::EndpointSlice(o) => serde_json::to_value(o),
+            Object::Node(o) => serde_json::to_value(o),
+            Object::Other { value, .. } => Ok(value.clone()),
+        };
+        // Plain structs with string keys always serialize.
+        let mut value = value.unwrap_or_default();
+        if let serde_json::Value::Object(map) = &mut value {
+            map.insert("apiVersion".into(), self.api_version().into());
+            map.insert("kind".into(), self.key().kind.into());
+        }
+        value
+    }
+}
+
+fn cluster_key(kind: &str, metadata: &ObjectMeta) -> ObjectKey {
+    ObjectKey {
+        kind: kind.into(),
+        namespace: String::new(),
+        name: metadata.name.clone(),
     }
 }
 

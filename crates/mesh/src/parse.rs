@@ -9,6 +9,7 @@ use thiserror::Error;
 use crate::objects::{
     AuthorizationPolicy, Namespace, Object, ObjectKey, ObjectMeta, PeerAuthentication, Pod, Service,
 };
+use crate::validate;
 
 /// An object that could not be accepted.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -181,6 +182,22 @@ fn parse_value(
                 .and_then(|p| validate_peer_authentication(&p).map(|()| p))
                 .map(Object::PeerAuthentication)
         }
+        "Gateway" if group(&header.api_version) == "gateway.networking.k8s.io" => {
+            checked(value, validate::gateway).map(Object::Gateway)
+        }
+        "GatewayClass" if group(&header.api_version) == "gateway.networking.k8s.io" => {
+            checked(value, validate::gateway_class).map(Object::GatewayClass)
+        }
+        "HTTPRoute" if group(&header.api_version) == "gateway.networking.k8s.io" => {
+            checked(value, validate::http_route).map(Object::HttpRoute)
+        }
+        "DestinationRule" if group(&header.api_version) == "networking.istio.io" => {
+            checked(value, validate::destination_rule).map(Object::DestinationRule)
+        }
+        "EndpointSlice" if group(&header.api_version) == "discovery.k8s.io" => {
+            checked(value, validate::endpoint_slice).map(Object::EndpointSlice)
+        }
+        "Node" if header.api_version == "v1" => checked(value, validate::node).map(Object::Node),
         _ => Ok(Object::Other {
             key,
             api_version: header.api_version,
@@ -191,6 +208,20 @@ fn parse_value(
         Ok(object) => objects.push(object),
         Err((field, reason)) => errors.push(error(named, &field, reason)),
     }
+}
+
+/// The API group of an `apiVersion` (`""` for the core group).
+fn group(api_version: &str) -> &str {
+    api_version.split_once('/').map_or("", |(group, _)| group)
+}
+
+fn checked<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    check: fn(&T) -> Result<(), (String, String)>,
+) -> Result<T, (String, String)> {
+    let object = typed::<T>(value)?;
+    check(&object)?;
+    Ok(object)
 }
 
 fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, (String, String)> {
@@ -223,18 +254,7 @@ fn validate_pod(pod: &Pod) -> Result<(), (String, String)> {
     Ok(())
 }
 
-fn require_namespace(meta: &ObjectMeta) -> Result<(), (String, String)> {
-    if meta.namespace.is_empty() {
-        return Err(("metadata.namespace".into(), "required".into()));
-    }
-    if !is_dns_label(&meta.namespace) {
-        return Err((
-            "metadata.namespace".into(),
-            format!("{:?} is not a valid namespace name", meta.namespace),
-        ));
-    }
-    Ok(())
-}
+use validate::require_namespace;
 
 fn validate_service(service: &Service) -> Result<(), (String, String)> {
     require_namespace(&service.metadata)?;

@@ -8,9 +8,12 @@ use std::net::IpAddr;
 use ambit_proto::security as sec;
 use ambit_proto::workload as pb;
 
+use crate::destination_rule::DestinationRule;
 use crate::enrollment::enrollment;
+use crate::gateway_api::{Gateway, GatewayClass, HttpRoute};
 use crate::objects::{
-    AuthorizationPolicy, LabelSelector, Namespace, Object, PeerAuthentication, Pod, Service,
+    AuthorizationPolicy, EndpointSlice, LabelSelector, Namespace, Node, Object, PeerAuthentication,
+    Pod, Service,
 };
 
 /// Mesh-wide settings.
@@ -68,6 +71,18 @@ pub struct Cluster {
     pub policies: BTreeMap<(String, String), AuthorizationPolicy>,
     /// PeerAuthentications by (namespace, name).
     pub peer_authentications: BTreeMap<(String, String), PeerAuthentication>,
+    /// Gateways (waypoints among them) by (namespace, name).
+    pub gateways: BTreeMap<(String, String), Gateway>,
+    /// GatewayClasses by name.
+    pub gateway_classes: BTreeMap<String, GatewayClass>,
+    /// HTTPRoutes by (namespace, name), for waypoints.
+    pub http_routes: BTreeMap<(String, String), HttpRoute>,
+    /// DestinationRules by (namespace, name), for waypoints.
+    pub destination_rules: BTreeMap<(String, String), DestinationRule>,
+    /// EndpointSlices by (namespace, name).
+    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
 }
 
 impl Cluster {
@@ -98,6 +113,24 @@ impl Cluster {
             Object::PeerAuthentication(p) => {
                 self.peer_authentications.insert(key(&p.metadata), p);
             }
+            Object::Gateway(g) => {
+                self.gateways.insert(key(&g.metadata), g);
+            }
+            Object::GatewayClass(c) => {
+                self.gateway_classes.insert(c.metadata.name.clone(), c);
+            }
+            Object::HttpRoute(r) => {
+                self.http_routes.insert(key(&r.metadata), r);
+            }
+            Object::DestinationRule(d) => {
+                self.destination_rules.insert(key(&d.metadata), d);
+            }
+            Object::EndpointSlice(e) => {
+                self.endpoint_slices.insert(key(&e.metadata), e);
+            }
+            Object::Node(n) => {
+                self.nodes.insert(n.metadata.name.clone(), n);
+            }
             Object::Other { .. } => {}
         }
     }
@@ -111,6 +144,12 @@ impl Cluster {
             "Service" => self.services.remove(&k).is_some(),
             "AuthorizationPolicy" => self.policies.remove(&k).is_some(),
             "PeerAuthentication" => self.peer_authentications.remove(&k).is_some(),
+            "Gateway" => self.gateways.remove(&k).is_some(),
+            "GatewayClass" => self.gateway_classes.remove(&object.name).is_some(),
+            "HTTPRoute" => self.http_routes.remove(&k).is_some(),
+            "DestinationRule" => self.destination_rules.remove(&k).is_some(),
+            "EndpointSlice" => self.endpoint_slices.remove(&k).is_some(),
+            "Node" => self.nodes.remove(&object.name).is_some(),
             _ => false,
         }
     }

@@ -388,6 +388,18 @@ pub fn default_trusted_node_accounts() -> Vec<String> {
     vec!["istio-system/ztunnel".to_string()]
 }
 
+/// Checks one `--trusted-node-accounts` entry: `namespace/name`.
+pub fn parse_node_account(value: &str) -> Result<String, String> {
+    match value.trim().split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(format!("{ns}/{name}"))
+        }
+        _ => Err(format!(
+            "trusted node account {value:?} is not `namespace/service-account`"
+        )),
+    }
+}
+
 /// Registers the CA's metric help texts.
 pub fn describe_metrics(metrics: &Registry) {
     metrics.describe_counter("ambit_ca_signed_total", "Workload certificates signed");

@@ -65,7 +65,12 @@ struct Args {
     system_namespace: String,
     /// Accounts (`namespace/name`, comma-separated) that may obtain identities of pods on their
     /// own node (ImpersonatedIdentity); everyone else gets only its own identity.
-    #[arg(long, default_value = "istio-system/ztunnel", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "istio-system/ztunnel",
+        value_delimiter = ',',
+        value_parser = istiod_lite::ca::parse_node_account
+    )]
     trusted_node_accounts: Vec<String>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]

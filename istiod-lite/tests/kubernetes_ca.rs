@@ -1081,3 +1081,18 @@ async fn ztunnels_ca_client_gets_certificates_through_token_review_over_tls() {
     );
     server.abort();
 }
+
+#[test]
+fn the_binary_refuses_a_malformed_trusted_node_account() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_istiod-lite"))
+        .args(["--config-dir", "/nonexistent", "--trusted-node-accounts"])
+        .arg("istio-system/ztunnel,ztunnel")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("trusted node account \"ztunnel\" is not `namespace/service-account`"),
+        "{stderr}"
+    );
+}

@@ -4,6 +4,15 @@
 //!
 //! `cargo build --release --workspace --bins && sudo cargo bench -p ambit-e2e --bench mesh` runs
 //! the full durations; without `--bench` (under `cargo test --all-targets`) it runs a short smoke.
+//!
+//! Besides the rates it prints what the two ztunnels spent on each mesh load: CPU time (user +
+//! system, from `/proc/<pid>/stat`) per MB or per request, and context switches per request.
+//! On a shared, noisy machine these move far less than the rates do, so A/B comparisons of the
+//! data path should read them first.
+//!
+//! Environment for A/B runs: `MESH_BENCH_SECONDS` (load duration), `MESH_BENCH_ONLY` (a comma
+//! list of `throughput`, `rr1`, `rr16`, `connect`), `MESH_BENCH_ZTUNNEL_ENV` (`NAME=value` pairs
+//! separated by commas, passed to both ztunnels).
 
 use std::time::Duration;
 
@@ -77,11 +86,79 @@ fn peak_rss_kib(pid: Option<u32>) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) and context switches (all threads) of one process so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    cpu: Duration,
+    switches: u64,
+}
+
+fn usage(pid: Option<u32>) -> Usage {
+    let Some(pid) = pid else {
+        return Usage::default();
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    // USER_HZ is 100 on every Linux configuration Rust's std supports here.
+    let cpu = Duration::from_millis(ticks * 10);
+    let mut switches = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            switches += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    Usage { cpu, switches }
+}
+
+/// Summed usage of both ztunnels.
+fn ztunnels_usage(cluster: &Cluster) -> Usage {
+    cluster
+        .ztunnels
+        .iter()
+        .map(|z| usage(z.as_ref().and_then(|p| p.pid())))
+        .fold(Usage::default(), |a, b| Usage {
+            cpu: a.cpu + b.cpu,
+            switches: a.switches + b.switches,
+        })
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let seconds = if full { 10 } else { 1 };
+    let seconds = std::env::var("MESH_BENCH_SECONDS")
+        .ok()
+        .map(|s| {
+            s.parse::<u64>()
+                .expect("MESH_BENCH_SECONDS is a number of seconds")
+        })
+        .unwrap_or(if full { 10 } else { 1 });
+    let only = std::env::var("MESH_BENCH_ONLY").unwrap_or_default();
+    let wanted = |phase: &str| only.is_empty() || only.split(',').any(|p| p.trim() == phase);
+    let ztunnel_env: Vec<(&'static str, String)> = std::env::var("MESH_BENCH_ZTUNNEL_ENV")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            let (name, value) = pair
+                .split_once('=')
+                .unwrap_or_else(|| panic!("MESH_BENCH_ZTUNNEL_ENV: {pair:?} is not NAME=value"));
+            // Leaked on purpose: a handful of short strings for the process's lifetime.
+            let name: &'static str = Box::leak(name.trim().to_string().into_boxed_str());
+            (name, value.trim().to_string())
+        })
+        .collect();
     let _ = binary("ztunnel");
-    let mut cluster = Cluster::start("abm-", 2, &[]).expect("cluster");
+    let mut cluster = Cluster::start("abm-", 2, &ztunnel_env).expect("cluster");
     let pods = [MESH_CLIENT, MESH_SERVER, DIRECT_CLIENT, DIRECT_SERVER];
     cluster.write_objects(&["demo"], &pods);
     let mut ips = Vec::new();
@@ -103,41 +180,74 @@ fn main() {
 
     let (mesh, direct) = (ips[1], ips[3]);
     let mut rows = Vec::new();
+    let mut costs = Vec::new();
     let mut row = |name: String, m: f64, d: f64, unit: &str| {
         rows.push(format!(
             "| {name} | {m:.1} {unit} | {d:.1} {unit} | {:.2} |",
             if d > 0.0 { m / d } else { 0.0 }
         ));
     };
-    let t_mesh = load(
-        &cluster,
-        &MESH_CLIENT,
-        &format!("{mesh}:9001"),
-        "throughput",
-        seconds,
-        1,
-    );
-    let t_direct = load(
-        &cluster,
-        &DIRECT_CLIENT,
-        &format!("{direct}:9001"),
-        "throughput",
-        seconds,
-        1,
-    );
-    row(
-        format!("single-stream throughput ({seconds} s)"),
-        t_mesh["mb_per_s"].as_f64().unwrap(),
-        t_direct["mb_per_s"].as_f64().unwrap(),
-        "MB/s",
-    );
-    for connections in [1usize, 16] {
-        let m = load(
+    // Runs one load through the mesh, noting what both ztunnels spent on it.
+    let mut mesh_load = |what: &str, addr: String, mode: &str, connections: usize| {
+        let before = ztunnels_usage(&cluster);
+        let result = load(&cluster, &MESH_CLIENT, &addr, mode, seconds, connections);
+        let after = ztunnels_usage(&cluster);
+        let cpu = after.cpu.saturating_sub(before.cpu);
+        let switches = after.switches.saturating_sub(before.switches);
+        let (per, unit, count) = match mode {
+            "throughput" => (
+                cpu.as_secs_f64() * 1e6 / (result["bytes"].as_f64().unwrap() / 1e6),
+                "µs CPU/MB",
+                result["bytes"].as_f64().unwrap() / 1e6,
+            ),
+            "rr" => (
+                cpu.as_secs_f64() * 1e6 / result["requests"].as_f64().unwrap(),
+                "µs CPU/request",
+                result["requests"].as_f64().unwrap(),
+            ),
+            _ => (
+                cpu.as_secs_f64() * 1e6 / result["connections"].as_f64().unwrap(),
+                "µs CPU/connection",
+                result["connections"].as_f64().unwrap(),
+            ),
+        };
+        costs.push(format!(
+            "| {what} | {:.0} ms | {per:.1} {unit} | {:.2} |",
+            cpu.as_secs_f64() * 1e3,
+            switches as f64 / count.max(1.0)
+        ));
+        result
+    };
+    if wanted("throughput") {
+        let t_mesh = mesh_load(
+            "single-stream throughput (per MB)",
+            format!("{mesh}:9001"),
+            "throughput",
+            1,
+        );
+        let t_direct = load(
             &cluster,
-            &MESH_CLIENT,
-            &format!("{mesh}:9000"),
-            "rr",
+            &DIRECT_CLIENT,
+            &format!("{direct}:9001"),
+            "throughput",
             seconds,
+            1,
+        );
+        row(
+            format!("single-stream throughput ({seconds} s)"),
+            t_mesh["mb_per_s"].as_f64().unwrap(),
+            t_direct["mb_per_s"].as_f64().unwrap(),
+            "MB/s",
+        );
+    }
+    for connections in [1usize, 16] {
+        if !wanted(&format!("rr{connections}")) {
+            continue;
+        }
+        let m = mesh_load(
+            &format!("64 B request/response, {connections} connection(s) (per request)"),
+            format!("{mesh}:9000"),
+            "rr",
             connections,
         );
         let d = load(
@@ -167,32 +277,38 @@ fn main() {
             "µs",
         );
     }
-    let c_mesh = load(
-        &cluster,
-        &MESH_CLIENT,
-        &format!("{mesh}:9000"),
-        "connect",
-        seconds,
-        8,
-    );
-    let c_direct = load(
-        &cluster,
-        &DIRECT_CLIENT,
-        &format!("{direct}:9000"),
-        "connect",
-        seconds,
-        8,
-    );
-    row(
-        "new connections per second (8 at a time)".into(),
-        c_mesh["per_second"].as_f64().unwrap(),
-        c_direct["per_second"].as_f64().unwrap(),
-        "conn/s",
-    );
+    if wanted("connect") {
+        let c_mesh = mesh_load(
+            "new connections, 8 at a time (per connection)",
+            format!("{mesh}:9000"),
+            "connect",
+            8,
+        );
+        let c_direct = load(
+            &cluster,
+            &DIRECT_CLIENT,
+            &format!("{direct}:9000"),
+            "connect",
+            seconds,
+            8,
+        );
+        row(
+            "new connections per second (8 at a time)".into(),
+            c_mesh["per_second"].as_f64().unwrap(),
+            c_direct["per_second"].as_f64().unwrap(),
+            "conn/s",
+        );
+    }
 
     println!("| benchmark | mesh | direct | mesh / direct |\n|---|---:|---:|---:|");
     for r in &rows {
         println!("{r}");
+    }
+    println!(
+        "\nBoth ztunnels together, per mesh load:\n\n| load | CPU | CPU cost | context switches per unit |\n|---|---:|---:|---:|"
+    );
+    for c in &costs {
+        println!("{c}");
     }
     for (i, z) in cluster.ztunnels.iter().enumerate() {
         let pid = z.as_ref().and_then(|p| p.pid());

@@ -9,6 +9,7 @@ pub mod objects;
 pub mod parse;
 pub mod translate;
 mod validate;
+mod waypoints;
 
 pub use objects::{Namespace, Object, ObjectKey, ObjectMeta, Pod};
 pub use parse::{ObjectError, parse_documents, parse_object, read_dir};

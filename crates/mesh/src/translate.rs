@@ -2,7 +2,7 @@
 //! Pure: objects in, resources out, with warnings naming the objects that could not be fully
 //! honoured. No Kubernetes client, no gRPC.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use ambit_proto::security as sec;
@@ -10,11 +10,14 @@ use ambit_proto::workload as pb;
 
 use crate::destination_rule::DestinationRule;
 use crate::enrollment::enrollment;
-use crate::gateway_api::{Gateway, GatewayClass, HttpRoute};
+use crate::gateway_api::{
+    GATEWAY_NAME_LABEL, Gateway, GatewayClass, HttpRoute, WAYPOINT_CLASS, WAYPOINT_FOR,
+};
 use crate::objects::{
     AuthorizationPolicy, EndpointSlice, LabelSelector, Namespace, Node, Object, PeerAuthentication,
-    Pod, Service,
+    Pod, REGION_LABEL, SUBZONE_LABEL, Service, ZONE_LABEL,
 };
+use crate::waypoints::{self, Waypoints};
 
 /// Mesh-wide settings.
 #[derive(Clone, Debug)]
@@ -42,6 +45,12 @@ impl Default for MeshSettings {
 
 /// The label binding a pod, service or namespace to a waypoint.
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// The label naming the namespace of the waypoint `istio.io/use-waypoint` names.
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+/// The Service/Namespace label sending ingress traffic through the waypoint too.
+pub const INGRESS_USE_WAYPOINT: &str = "istio.io/ingress-use-waypoint";
+/// The trust domain ztunnel assumes when a workload's is empty.
+const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Name of the synthesized policy enforcing STRICT PeerAuthentication.
 pub const STRICT_POLICY: &str = "istio_converted_static_strict";
 
@@ -189,46 +198,35 @@ fn hostname(service: &Service, settings: &MeshSettings) -> String {
     )
 }
 
-/// The waypoint named by `istio.io/use-waypoint` on the object, else on its namespace.
-fn waypoint(
-    labels: &BTreeMap<String, String>,
-    namespace: &str,
-    cluster: &Cluster,
-    settings: &MeshSettings,
-) -> Option<pb::GatewayAddress> {
-    let ns_labels = cluster
-        .namespaces
-        .get(namespace)
-        .map(|n| &n.metadata.labels);
-    let (name, from) = match labels.get(USE_WAYPOINT) {
-        Some(name) => (name.as_str(), labels),
-        None => (ns_labels?.get(USE_WAYPOINT)?.as_str(), ns_labels?),
-    };
-    if name.is_empty() || name == "none" {
-        return None;
-    }
-    let waypoint_ns = from
-        .get("istio.io/use-waypoint-namespace")
-        .map(String::as_str)
-        .unwrap_or(namespace);
-    Some(pb::GatewayAddress {
-        destination: Some(pb::gateway_address::Destination::Hostname(
-            pb::NamespacedHostname {
-                namespace: waypoint_ns.to_string(),
-                hostname: format!("{name}.{waypoint_ns}.svc.{}", settings.domain_suffix),
-            },
-        )),
-        hbone_mtls_port: 15008,
-    })
+/// Indexes computed once per translation, so that no per-pod work scans another kind.
+struct Context<'a> {
+    cluster: &'a Cluster,
+    settings: &'a MeshSettings,
+    strict: BTreeMap<(String, String), String>,
+    bindings: BTreeMap<(String, String), Vec<String>>,
+    waypoints: Waypoints,
+    /// Services a pod backs through EndpointSlices of selector-less services.
+    slice_services: HashMap<(String, String), Vec<(String, pb::PortList)>>,
 }
 
 /// Translates everything.
 pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
     let mut out = Resources::default();
     let strict = strict_pods(cluster, &settings.root_namespace, &mut out.warnings);
-    let selector_policies = selector_policy_bindings(cluster, settings);
+    let bindings = selector_policy_bindings(cluster, settings);
+    let waypoints = Waypoints::index(cluster);
+    namespace_binding_warnings(cluster, &waypoints, &mut out.warnings);
+    let (slice_services, slice_workloads) = slice_endpoints(cluster, settings);
+    let context = Context {
+        cluster,
+        settings,
+        strict,
+        bindings,
+        waypoints,
+        slice_services,
+    };
     for pod in cluster.pods.values() {
-        if let Some(workload) = workload(pod, cluster, settings, &strict, &selector_policies) {
+        if let Some(workload) = workload(pod, &context, &mut out.warnings) {
             out.addresses.insert(
                 workload.uid.clone(),
                 pb::Address {
@@ -237,8 +235,20 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
             );
         }
     }
+    for workload in slice_workloads {
+        out.addresses.insert(
+            workload.uid.clone(),
+            pb::Address {
+                r#type: Some(pb::address::Type::Workload(workload)),
+            },
+        );
+    }
+    let mut with_waypoint = HashSet::new();
     for service in cluster.services.values() {
-        let resource = service_resource(service, cluster, settings);
+        let resource = service_resource(service, &context, &mut out.warnings);
+        if resource.waypoint.is_some() {
+            with_waypoint.insert(key(&service.metadata));
+        }
         out.addresses.insert(
             resource.resource_name(),
             pb::Address {
@@ -246,25 +256,259 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
             },
         );
     }
+    route_warnings(cluster, &with_waypoint, &mut out.warnings);
     for policy in cluster.policies.values() {
         match authorization(policy, settings, &mut out.warnings) {
             Translated::Resource(resource) => {
                 out.authorizations
                     .insert(resource.resource_name(), resource);
             }
-            Translated::Waypoint => out.waypoint_policies.push(format!(
-                "{}/{}",
-                policy.metadata.namespace, policy.metadata.name
-            )),
+            Translated::Waypoint => {
+                target_warnings(policy, &context, &with_waypoint, &mut out.warnings);
+                out.waypoint_policies.push(format!(
+                    "{}/{}",
+                    policy.metadata.namespace, policy.metadata.name
+                ));
+            }
             Translated::Skipped => {}
         }
     }
-    for ns in strict.values().collect::<BTreeSet<_>>() {
+    for ns in context.strict.values().collect::<BTreeSet<_>>() {
         let resource = strict_policy(ns);
         out.authorizations
             .insert(resource.resource_name(), resource);
     }
     out
+}
+
+/// One warning per namespace whose `istio.io/use-waypoint` names no usable waypoint.
+fn namespace_binding_warnings(
+    cluster: &Cluster,
+    waypoints: &Waypoints,
+    warnings: &mut Vec<String>,
+) {
+    for (name, namespace) in &cluster.namespaces {
+        let Some(binding) = waypoints::binding(&namespace.metadata.labels, name, cluster) else {
+            continue;
+        };
+        if let Err(why) = waypoints.resolve(&binding) {
+            warnings.push(format!(
+                "Namespace {name}: {USE_WAYPOINT}: {why}; its pods and services get no waypoint from it"
+            ));
+        }
+    }
+}
+
+/// The waypoint of a workload or service: the label on the object (warned about when it cannot be
+/// honoured) or on its namespace (already warned about once per namespace).
+fn resolve_waypoint(
+    labels: &BTreeMap<String, String>,
+    namespace: &str,
+    named: &dyn Fn() -> String,
+    for_workload: bool,
+    context: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> Option<pb::GatewayAddress> {
+    if labels.contains_key(GATEWAY_NAME_LABEL) {
+        // The waypoint's own pods and service never go through a waypoint.
+        return None;
+    }
+    let binding = waypoints::binding(labels, namespace, context.cluster)?;
+    match context.waypoints.resolve(&binding) {
+        Ok(w) if (for_workload && w.for_workloads) || (!for_workload && w.for_services) => {
+            Some(w.address.clone())
+        }
+        Ok(w) => {
+            if !binding.from_namespace {
+                let traffic = if for_workload { "workload" } else { "service" };
+                warnings.push(format!(
+                    "{}: {USE_WAYPOINT}: Gateway {}/{} does not take {traffic} traffic ({WAYPOINT_FOR}: {}); no waypoint",
+                    named(),
+                    binding.namespace,
+                    binding.name,
+                    w.waypoint_for
+                ));
+            }
+            None
+        }
+        Err(why) => {
+            if !binding.from_namespace {
+                warnings.push(format!("{}: {USE_WAYPOINT}: {why}; no waypoint", named()));
+            }
+            None
+        }
+    }
+}
+
+/// Workload locality from the node's topology labels.
+fn node_locality(cluster: &Cluster, node: &str) -> Option<pb::Locality> {
+    let labels = &cluster.nodes.get(node)?.metadata.labels;
+    let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    let locality = pb::Locality {
+        region: get(REGION_LABEL),
+        zone: get(ZONE_LABEL),
+        subzone: get(SUBZONE_LABEL),
+    };
+    (locality != pb::Locality::default()).then_some(locality)
+}
+
+/// EndpointSlices of services without a selector: the services each known pod backs (by pod key),
+/// and workloads for addresses that are not known pods.
+#[allow(clippy::type_complexity)]
+fn slice_endpoints(
+    cluster: &Cluster,
+    settings: &MeshSettings,
+) -> (
+    HashMap<(String, String), Vec<(String, pb::PortList)>>,
+    Vec<pb::Workload>,
+) {
+    let mut pod_services: HashMap<(String, String), Vec<(String, pb::PortList)>> = HashMap::new();
+    let mut workloads = Vec::new();
+    for ((ns, slice_name), slice) in &cluster.endpoint_slices {
+        let Some(service_name) = slice.service_name() else {
+            continue;
+        };
+        let Some(service) = cluster
+            .services
+            .get(&(ns.clone(), service_name.to_string()))
+        else {
+            continue;
+        };
+        if !service.spec.selector.is_empty() {
+            // Selected pods come from the selector, as upstream does.
+            continue;
+        }
+        let service_key = format!("{ns}/{}", hostname(service, settings));
+        let ports = pb::PortList {
+            ports: service
+                .spec
+                .ports
+                .iter()
+                .filter_map(|sp| {
+                    let endpoint_port = slice.ports.iter().find(|p| p.name == sp.name)?;
+                    Some(pb::Port {
+                        service_port: u32::from(sp.port),
+                        target_port: endpoint_port.port.unwrap_or(u32::from(sp.port)),
+                        app_protocol: 0,
+                    })
+                })
+                .collect(),
+        };
+        for endpoint in &slice.endpoints {
+            if let Some(target) = endpoint.target_ref.as_ref().filter(|t| t.kind == "Pod") {
+                let pod_ns = if target.namespace.is_empty() {
+                    ns
+                } else {
+                    &target.namespace
+                };
+                let pod_key = (pod_ns.clone(), target.name.clone());
+                if cluster.pods.contains_key(&pod_key) {
+                    pod_services
+                        .entry(pod_key)
+                        .or_default()
+                        .push((service_key.clone(), ports.clone()));
+                    continue;
+                }
+            }
+            let node = endpoint.node_name.clone().unwrap_or_default();
+            let locality = node_locality(cluster, &node).or_else(|| {
+                endpoint.zone.as_ref().map(|zone| pb::Locality {
+                    zone: zone.clone(),
+                    ..Default::default()
+                })
+            });
+            for address in &endpoint.addresses {
+                let (addresses, host) = match address.parse::<IpAddr>() {
+                    Ok(ip) => (vec![ip_bytes(ip)], String::new()),
+                    Err(_) => (Vec::new(), address.clone()),
+                };
+                workloads.push(pb::Workload {
+                    uid: format!(
+                        "{}/discovery.k8s.io/EndpointSlice/{ns}/{slice_name}/{address}",
+                        settings.cluster_id
+                    ),
+                    name: slice_name.clone(),
+                    namespace: ns.clone(),
+                    addresses,
+                    hostname: host,
+                    tunnel_protocol: pb::TunnelProtocol::None as i32,
+                    node: node.clone(),
+                    canonical_name: service_name.to_string(),
+                    services: [(service_key.clone(), ports.clone())].into_iter().collect(),
+                    status: if endpoint.conditions.ready == Some(false) {
+                        pb::WorkloadStatus::Unhealthy
+                    } else {
+                        pb::WorkloadStatus::Healthy
+                    } as i32,
+                    cluster_id: settings.cluster_id.clone(),
+                    locality: locality.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    (pod_services, workloads)
+}
+
+/// HTTPRoutes attached to a Service are applied by its waypoint only: warn when it has none.
+fn route_warnings(
+    cluster: &Cluster,
+    with_waypoint: &HashSet<(String, String)>,
+    warnings: &mut Vec<String>,
+) {
+    for ((ns, name), route) in &cluster.http_routes {
+        for (i, parent) in route.spec.parent_refs.iter().enumerate() {
+            if !parent.is_service() {
+                continue;
+            }
+            let parent_ns = parent.namespace.as_deref().unwrap_or(ns);
+            let service = (parent_ns.to_string(), parent.name.clone());
+            let why = if !cluster.services.contains_key(&service) {
+                "does not exist"
+            } else if !with_waypoint.contains(&service) {
+                "has no usable waypoint"
+            } else {
+                continue;
+            };
+            warnings.push(format!(
+                "HTTPRoute {ns}/{name}: spec.parentRefs[{i}]: Service {parent_ns}/{} {why}; ztunnel alone cannot apply the route",
+                parent.name
+            ));
+        }
+    }
+}
+
+/// Policies with `targetRefs` are enforced by waypoints only: warn when none of the Services or
+/// waypoint Gateways they target has a usable waypoint. Other Gateways (ingress) enforce their own.
+fn target_warnings(
+    policy: &AuthorizationPolicy,
+    context: &Context<'_>,
+    with_waypoint: &HashSet<(String, String)>,
+    warnings: &mut Vec<String>,
+) {
+    let ns = &policy.metadata.namespace;
+    let enforced = policy
+        .spec
+        .target_refs
+        .iter()
+        .any(|target| match target.kind.as_str() {
+            "Gateway" => {
+                context.waypoints.is_usable(ns, &target.name)
+                    || context
+                        .cluster
+                        .gateways
+                        .get(&(ns.clone(), target.name.clone()))
+                        .is_some_and(|g| g.spec.gateway_class_name != WAYPOINT_CLASS)
+            }
+            "Service" => with_waypoint.contains(&(ns.clone(), target.name.clone())),
+            _ => true,
+        });
+    if !enforced {
+        warnings.push(format!(
+            "AuthorizationPolicy {ns}/{}: no target in spec.targetRefs has a usable waypoint; the policy is not enforced",
+            policy.metadata.name
+        ));
+    }
 }
 
 /// Pods whose effective PeerAuthentication mode is STRICT (workload > namespace > mesh), mapped
@@ -364,13 +608,9 @@ fn selector_policy_bindings(
     out
 }
 
-fn workload(
-    pod: &Pod,
-    cluster: &Cluster,
-    settings: &MeshSettings,
-    strict: &BTreeMap<(String, String), String>,
-    bindings: &BTreeMap<(String, String), Vec<String>>,
-) -> Option<pb::Workload> {
+fn workload(pod: &Pod, context: &Context<'_>, warnings: &mut Vec<String>) -> Option<pb::Workload> {
+    let cluster = context.cluster;
+    let settings = context.settings;
     let addresses: Vec<Vec<u8>> = pod
         .ips()
         .iter()
@@ -411,7 +651,7 @@ fn workload(
         .is_none_or(|c| c.status == "True")
         && pod.status.phase != "Failed"
         && pod.status.phase != "Succeeded";
-    let mut services = std::collections::HashMap::new();
+    let mut services = HashMap::new();
     // Only the pod's own namespace can select it: range over that part of the sorted map.
     let in_namespace = cluster
         .services
@@ -437,13 +677,26 @@ fn workload(
             pb::PortList { ports },
         );
     }
-    let mut authorization_policies = bindings
-        .get(&(ns.clone(), meta.name.clone()))
-        .cloned()
-        .unwrap_or_default();
-    if strict.contains_key(&(ns.clone(), meta.name.clone())) {
+    let pod_key = (ns.clone(), meta.name.clone());
+    if let Some(from_slices) = context.slice_services.get(&pod_key) {
+        services.extend(from_slices.iter().cloned());
+    }
+    let mut authorization_policies = context.bindings.get(&pod_key).cloned().unwrap_or_default();
+    if context.strict.contains_key(&pod_key) {
         authorization_policies.push(format!("{ns}/{STRICT_POLICY}"));
     }
+    let waypoint = if captured {
+        resolve_waypoint(
+            labels,
+            ns,
+            &|| format!("Pod {ns}/{}", meta.name),
+            true,
+            context,
+            warnings,
+        )
+    } else {
+        None
+    };
     Some(pb::Workload {
         uid: format!("{}//Pod/{ns}/{}", settings.cluster_id, meta.name),
         name: meta.name.clone(),
@@ -454,13 +707,17 @@ fn workload(
         } else {
             pb::TunnelProtocol::None
         } as i32,
-        trust_domain: settings.trust_domain.clone(),
-        service_account: pod.service_account().to_string(),
-        waypoint: if captured {
-            waypoint(labels, ns, cluster, settings)
+        // Empty means `cluster.local` and `default` to ztunnel: leave the defaults off the wire.
+        trust_domain: if settings.trust_domain == DEFAULT_TRUST_DOMAIN {
+            String::new()
         } else {
-            None
+            settings.trust_domain.clone()
         },
+        service_account: match pod.service_account() {
+            "default" => String::new(),
+            other => other.to_string(),
+        },
+        waypoint,
         node: pod.spec.node_name.clone(),
         canonical_name: canonical_name.to_string(),
         canonical_revision: canonical_revision.to_string(),
@@ -474,6 +731,7 @@ fn workload(
             pb::WorkloadStatus::Unhealthy
         } as i32,
         cluster_id: settings.cluster_id.clone(),
+        locality: node_locality(cluster, &pod.spec.node_name),
         ..Default::default()
     })
 }
@@ -500,7 +758,12 @@ fn target_port(port: &crate::objects::ServicePort, pod: &Pod) -> u16 {
     }
 }
 
-fn service_resource(service: &Service, cluster: &Cluster, settings: &MeshSettings) -> pb::Service {
+fn service_resource(
+    service: &Service,
+    context: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> pb::Service {
+    let settings = context.settings;
     let meta = &service.metadata;
     let vips: BTreeSet<&String> = std::iter::once(&service.spec.cluster_ip)
         .chain(&service.spec.cluster_ips)
@@ -520,6 +783,15 @@ fn service_resource(service: &Service, cluster: &Cluster, settings: &MeshSetting
             .annotations
             .get("networking.istio.io/traffic-distribution")
             .is_some_and(|v| v == "PreferClose");
+    let ingress_use_waypoint = match meta.labels.get(INGRESS_USE_WAYPOINT) {
+        Some(value) => value == "true",
+        None => context
+            .cluster
+            .namespaces
+            .get(&meta.namespace)
+            .and_then(|n| n.metadata.labels.get(INGRESS_USE_WAYPOINT))
+            .is_some_and(|v| v == "true"),
+    };
     use pb::load_balancing::{Mode, Scope};
     pb::Service {
         name: meta.name.clone(),
@@ -540,7 +812,14 @@ fn service_resource(service: &Service, cluster: &Cluster, settings: &MeshSetting
                 app_protocol: 0,
             })
             .collect(),
-        waypoint: waypoint(&meta.labels, &meta.namespace, cluster, settings),
+        waypoint: resolve_waypoint(
+            &meta.labels,
+            &meta.namespace,
+            &|| format!("Service {}/{}", meta.namespace, meta.name),
+            false,
+            context,
+            warnings,
+        ),
         load_balancing: prefer_close.then(|| pb::LoadBalancing {
             routing_preference: vec![
                 Scope::Network as i32,
@@ -551,6 +830,7 @@ fn service_resource(service: &Service, cluster: &Cluster, settings: &MeshSetting
             mode: Mode::Failover as i32,
             health_policy: 0,
         }),
+        ingress_use_waypoint,
         ..Default::default()
     }
 }

@@ -53,15 +53,13 @@ fn hostname(field: impl Into<String>, value: &str) -> Result<(), Invalid> {
 }
 
 fn waypoint_for(meta: &ObjectMeta) -> Result<(), Invalid> {
-    for (source, map) in [("labels", &meta.labels), ("annotations", &meta.annotations)] {
-        if let Some(value) = map.get(WAYPOINT_FOR)
-            && !matches!(value.as_str(), "service" | "workload" | "all" | "none")
-        {
-            return fail(
-                format!("metadata.{source}[{WAYPOINT_FOR}]"),
-                format!("{value:?} is not service, workload, all or none"),
-            );
-        }
+    if let Some(value) = meta.labels.get(WAYPOINT_FOR)
+        && !matches!(value.as_str(), "service" | "workload" | "all" | "none")
+    {
+        return fail(
+            format!("metadata.labels[{WAYPOINT_FOR}]"),
+            format!("{value:?} is not service, workload, all or none"),
+        );
     }
     Ok(())
 }

@@ -1,0 +1,159 @@
+//! Waypoint bindings: `istio.io/use-waypoint` on a pod, service or namespace resolves to a Gateway
+//! of class `istio-waypoint` that has `status.addresses`; `istio.io/waypoint-for` on the Gateway
+//! (else its GatewayClass, default `service`) says which traffic it takes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use ambit_proto::workload as pb;
+
+use crate::gateway_api::{Gateway, WAYPOINT_CLASS, WAYPOINT_FOR};
+use crate::translate::{Cluster, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
+
+/// A usable waypoint.
+pub(crate) struct Waypoint {
+    /// Where ztunnel sends traffic for it.
+    pub(crate) address: pb::GatewayAddress,
+    /// `istio.io/waypoint-for` is `service` or `all`.
+    pub(crate) for_services: bool,
+    /// `istio.io/waypoint-for` is `workload` or `all`.
+    pub(crate) for_workloads: bool,
+    /// The effective `istio.io/waypoint-for` value.
+    pub(crate) waypoint_for: String,
+}
+
+/// A binding found on an object or its namespace.
+pub(crate) struct Binding<'a> {
+    /// Namespace of the Gateway.
+    pub(crate) namespace: &'a str,
+    /// Name of the Gateway.
+    pub(crate) name: &'a str,
+    /// True when the label came from the namespace.
+    pub(crate) from_namespace: bool,
+}
+
+/// Every Gateway that can act as a waypoint, by (namespace, name), and why the others cannot.
+pub(crate) struct Waypoints {
+    usable: HashMap<(String, String), Waypoint>,
+    unusable: HashMap<(String, String), String>,
+}
+
+impl Waypoints {
+    /// Indexes the Gateways of `cluster` once.
+    pub(crate) fn index(cluster: &Cluster) -> Self {
+        let mut usable = HashMap::new();
+        let mut unusable = HashMap::new();
+        for ((ns, name), gateway) in &cluster.gateways {
+            let key = (ns.clone(), name.clone());
+            match waypoint(gateway, cluster) {
+                Ok(w) => {
+                    usable.insert(key, w);
+                }
+                Err(why) => {
+                    unusable.insert(key, why);
+                }
+            }
+        }
+        Self { usable, unusable }
+    }
+
+    /// The waypoint a binding names, or why there is none.
+    pub(crate) fn resolve(&self, binding: &Binding<'_>) -> Result<&Waypoint, String> {
+        let key = (binding.namespace.to_string(), binding.name.to_string());
+        if let Some(w) = self.usable.get(&key) {
+            return Ok(w);
+        }
+        Err(match self.unusable.get(&key) {
+            Some(why) => why.clone(),
+            None => format!(
+                "Gateway {}/{} does not exist",
+                binding.namespace, binding.name
+            ),
+        })
+    }
+
+    /// True when the Gateway (namespace, name) is a usable waypoint.
+    pub(crate) fn is_usable(&self, namespace: &str, name: &str) -> bool {
+        self.usable
+            .contains_key(&(namespace.to_string(), name.to_string()))
+    }
+}
+
+fn waypoint(gateway: &Gateway, cluster: &Cluster) -> Result<Waypoint, String> {
+    let meta = &gateway.metadata;
+    let named = format!("Gateway {}/{}", meta.namespace, meta.name);
+    let class = &gateway.spec.gateway_class_name;
+    if class != WAYPOINT_CLASS {
+        return Err(format!("{named} is of class {class}, not {WAYPOINT_CLASS}"));
+    }
+    let addresses = &gateway.status.addresses;
+    let destination = if let Some(host) = addresses.iter().find(|a| a.is_hostname()) {
+        pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
+            namespace: meta.namespace.clone(),
+            hostname: host.value.clone(),
+        })
+    } else if let Some(ip) = addresses
+        .iter()
+        .find_map(|a| a.value.parse::<IpAddr>().ok())
+    {
+        pb::gateway_address::Destination::Address(pb::NetworkAddress {
+            network: String::new(),
+            address: match ip {
+                IpAddr::V4(v4) => v4.octets().to_vec(),
+                IpAddr::V6(v6) => v6.octets().to_vec(),
+            },
+            length: None,
+        })
+    } else {
+        return Err(format!("{named} has no status.addresses yet"));
+    };
+    let waypoint_for = meta
+        .labels
+        .get(WAYPOINT_FOR)
+        .or_else(|| {
+            cluster
+                .gateway_classes
+                .get(class)
+                .and_then(|c| c.metadata.labels.get(WAYPOINT_FOR))
+        })
+        .map(String::as_str)
+        .unwrap_or("service");
+    Ok(Waypoint {
+        address: pb::GatewayAddress {
+            destination: Some(destination),
+            hbone_mtls_port: 15008,
+        },
+        for_services: matches!(waypoint_for, "service" | "all"),
+        for_workloads: matches!(waypoint_for, "workload" | "all"),
+        waypoint_for: waypoint_for.to_string(),
+    })
+}
+
+/// The binding of an object with `labels` in `namespace`: its own `istio.io/use-waypoint`, else its
+/// namespace's. `none` (or an empty value) means no waypoint.
+pub(crate) fn binding<'a>(
+    labels: &'a BTreeMap<String, String>,
+    namespace: &'a str,
+    cluster: &'a Cluster,
+) -> Option<Binding<'a>> {
+    let (from, from_namespace) = if labels.contains_key(USE_WAYPOINT) {
+        (labels, false)
+    } else {
+        let ns_labels = &cluster.namespaces.get(namespace)?.metadata.labels;
+        (ns_labels, true)
+    };
+    let name = from.get(USE_WAYPOINT)?.as_str();
+    if name.is_empty() || name == "none" {
+        return None;
+    }
+    let waypoint_ns = from
+        .get(USE_WAYPOINT_NAMESPACE)
+        .map(String::as_str)
+        .filter(|n| !n.is_empty())
+        .unwrap_or(namespace);
+    Some(Binding {
+        namespace: waypoint_ns,
+        name,
+        from_namespace,
+    })
+}

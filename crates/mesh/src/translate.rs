@@ -530,19 +530,26 @@ fn strict_pods(
         .values()
         .find(|pa| pa.metadata.namespace == root && pa.spec.selector.is_none())
         .and_then(mode_of);
+    // Index by namespace once: no per-pod scan over every PeerAuthentication.
+    let mut by_namespace: HashMap<&str, Vec<&PeerAuthentication>> = HashMap::new();
+    for pa in cluster.peer_authentications.values() {
+        by_namespace
+            .entry(pa.metadata.namespace.as_str())
+            .or_default()
+            .push(pa);
+    }
     let mut out = BTreeMap::new();
     for ((ns, name), pod) in &cluster.pods {
-        let namespace_mode = cluster
-            .peer_authentications
-            .values()
-            .find(|pa| pa.metadata.namespace == *ns && pa.spec.selector.is_none())
-            .and_then(mode_of);
-        let workload_mode = cluster
-            .peer_authentications
-            .values()
-            .filter(|pa| pa.metadata.namespace == *ns && pa.spec.selector.is_some())
+        let in_namespace = by_namespace.get(ns.as_str()).map_or(&[][..], Vec::as_slice);
+        let namespace_mode = in_namespace
+            .iter()
+            .find(|pa| pa.spec.selector.is_none())
+            .and_then(|pa| mode_of(pa));
+        let workload_mode = in_namespace
+            .iter()
+            .filter(|pa| pa.spec.selector.is_some())
             .find(|pa| selector_matches(&pa.spec.selector, &pod.metadata.labels))
-            .and_then(mode_of);
+            .and_then(|pa| mode_of(pa));
         let mode = workload_mode
             .or(namespace_mode)
             .or(mesh)

@@ -32,25 +32,31 @@ pub(crate) struct Binding<'a> {
     pub(crate) from_namespace: bool,
 }
 
-/// Every Gateway that can act as a waypoint, by (namespace, name), and why the others cannot.
+/// Every Gateway that can act as a waypoint, by namespace then name, and why the others cannot.
+/// Nested maps so that per-pod lookups borrow instead of building keys.
 pub(crate) struct Waypoints {
-    usable: HashMap<(String, String), Waypoint>,
-    unusable: HashMap<(String, String), String>,
+    usable: HashMap<String, HashMap<String, Waypoint>>,
+    unusable: HashMap<String, HashMap<String, String>>,
 }
 
 impl Waypoints {
     /// Indexes the Gateways of `cluster` once.
     pub(crate) fn index(cluster: &Cluster) -> Self {
-        let mut usable = HashMap::new();
-        let mut unusable = HashMap::new();
+        let mut usable: HashMap<String, HashMap<String, Waypoint>> = HashMap::new();
+        let mut unusable: HashMap<String, HashMap<String, String>> = HashMap::new();
         for ((ns, name), gateway) in &cluster.gateways {
-            let key = (ns.clone(), name.clone());
             match waypoint(gateway, cluster) {
                 Ok(w) => {
-                    usable.insert(key, w);
+                    usable
+                        .entry(ns.clone())
+                        .or_default()
+                        .insert(name.clone(), w);
                 }
                 Err(why) => {
-                    unusable.insert(key, why);
+                    unusable
+                        .entry(ns.clone())
+                        .or_default()
+                        .insert(name.clone(), why);
                 }
             }
         }
@@ -59,23 +65,33 @@ impl Waypoints {
 
     /// The waypoint a binding names, or why there is none.
     pub(crate) fn resolve(&self, binding: &Binding<'_>) -> Result<&Waypoint, String> {
-        let key = (binding.namespace.to_string(), binding.name.to_string());
-        if let Some(w) = self.usable.get(&key) {
+        if let Some(w) = self
+            .usable
+            .get(binding.namespace)
+            .and_then(|m| m.get(binding.name))
+        {
             return Ok(w);
         }
-        Err(match self.unusable.get(&key) {
-            Some(why) => why.clone(),
-            None => format!(
-                "Gateway {}/{} does not exist",
-                binding.namespace, binding.name
-            ),
-        })
+        Err(
+            match self
+                .unusable
+                .get(binding.namespace)
+                .and_then(|m| m.get(binding.name))
+            {
+                Some(why) => why.clone(),
+                None => format!(
+                    "Gateway {}/{} does not exist",
+                    binding.namespace, binding.name
+                ),
+            },
+        )
     }
 
     /// True when the Gateway (namespace, name) is a usable waypoint.
     pub(crate) fn is_usable(&self, namespace: &str, name: &str) -> bool {
         self.usable
-            .contains_key(&(namespace.to_string(), name.to_string()))
+            .get(namespace)
+            .is_some_and(|m| m.contains_key(name))
     }
 }
 

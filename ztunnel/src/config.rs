@@ -62,9 +62,20 @@ pub struct Config {
     pub log_level: String,
     /// Proxy settings.
     pub proxy: ProxyConfig,
+    /// Threads of the async runtime that runs the proxies (`ZTUNNEL_WORKER_THREADS`).
+    pub worker_threads: usize,
     /// The settings as read, for `/config_dump` (secrets masked).
     pub effective: Vec<(String, String)>,
 }
+
+/// Runtime threads unless `ZTUNNEL_WORKER_THREADS` says otherwise: a quarter of the CPUs this
+/// process may use, rounded up, and at least two (upstream's rule without its CPU-limit lookup).
+pub fn default_worker_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    cpus.div_ceil(4).max(2)
+}
+/// More threads than this is a typo, not a setting.
+const MAX_WORKER_THREADS: usize = 1024;
 
 const DEFAULT_TOKEN_FILE: &str = "./var/run/secrets/tokens/istio-token";
 
@@ -152,6 +163,14 @@ pub fn from_env(
     let log_level = env.string("RUST_LOG", "info");
     let network = env.string("NETWORK", "");
     let preserve_source = env.bool("ENABLE_ORIG_SRC", true);
+    let worker_threads = env.parse("ZTUNNEL_WORKER_THREADS", default_worker_threads());
+    if worker_threads == 0 || worker_threads > MAX_WORKER_THREADS {
+        env.invalid(
+            "ZTUNNEL_WORKER_THREADS",
+            &worker_threads.to_string(),
+            format!("a number of threads from 1 to {MAX_WORKER_THREADS}"),
+        );
+    }
     let effective = env.finish()?;
     Ok(Config {
         node_name,
@@ -178,6 +197,7 @@ pub fn from_env(
             preserve_source,
             ..ProxyConfig::default()
         },
+        worker_threads,
         effective,
     })
 }
@@ -185,4 +205,48 @@ pub fn from_env(
 fn default_root(path: &str) -> Option<PathBuf> {
     let path = PathBuf::from(path);
     path.is_file().then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut env: BTreeMap<String, String> = [
+            ("NODE_NAME", "node-1"),
+            ("LOCAL_XDS_PATH", "/dev/null"),
+            ("LOCAL_CA_DIR", "/nonexistent"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        from_env(&env, &BTreeMap::new())
+    }
+
+    #[test]
+    fn worker_threads_default_and_override() {
+        let config = read(&[]).unwrap();
+        assert_eq!(config.worker_threads, default_worker_threads());
+        assert!(config.worker_threads >= 2);
+        assert_eq!(
+            read(&[("ZTUNNEL_WORKER_THREADS", "1")])
+                .unwrap()
+                .worker_threads,
+            1
+        );
+    }
+
+    #[test]
+    fn bad_worker_threads_name_the_variable() {
+        for bad in ["0", "two", "-1", "5000"] {
+            let error = read(&[("ZTUNNEL_WORKER_THREADS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("ZTUNNEL_WORKER_THREADS") && error.contains(bad),
+                "{bad}: {error}"
+            );
+        }
+    }
 }

@@ -6,7 +6,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::stream::HboneStream;
 
 /// Bytes moved in each direction, updated as they are written so a metrics layer can read live
 /// values while the copy runs.
@@ -56,6 +59,160 @@ where
         }
     })
     .await
+}
+
+/// Like [`copy_bidirectional`] between a socket (`a`) and a tunnel (`b`), without copying the
+/// bytes in user space: what is read from the socket is handed to HTTP/2 as is, and received DATA
+/// is written to the socket from HTTP/2's own buffers. `counters.a_to_b()` counts socket to tunnel.
+pub async fn copy_with_tunnel<S>(
+    socket: S,
+    tunnel: HboneStream,
+    counters: &ByteCounters,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut socket, mut tunnel) = (socket, tunnel);
+    let mut to_tunnel = ToTunnel::new();
+    let mut from_tunnel = FromTunnel::default();
+    std::future::poll_fn(|cx| {
+        let forward = to_tunnel.poll(cx, Pin::new(&mut socket), &mut tunnel, &counters.a_to_b)?;
+        let backward =
+            from_tunnel.poll(cx, &mut tunnel, Pin::new(&mut socket), &counters.b_to_a)?;
+        if forward.is_ready() && backward.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Socket to tunnel: reads into a shared buffer and hands each read to HTTP/2 as a `Bytes`.
+struct ToTunnel {
+    buffer: BytesMut,
+    /// Read and not yet accepted by the tunnel (its window was short).
+    pending: Bytes,
+    moved: u64,
+    read_done: bool,
+    finished: bool,
+}
+
+impl ToTunnel {
+    fn new() -> Self {
+        Self {
+            buffer: BytesMut::new(),
+            pending: Bytes::new(),
+            moved: 0,
+            read_done: false,
+            finished: false,
+        }
+    }
+
+    fn poll<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        tunnel: &mut HboneStream,
+        counter: &AtomicU64,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        for _ in 0..READS_PER_POLL {
+            if self.pending.is_empty() && !self.read_done {
+                let wanted = Transfer::buffer_size_for(self.moved);
+                // Small reads share one allocation until a quarter of it is left; then a new one
+                // (or the same, once the tunnel has let go of everything read into it).
+                if self.buffer.capacity() < wanted / 4 {
+                    self.buffer.reserve(wanted);
+                }
+                let read = ready!(tokio_util::io::poll_read_buf(
+                    reader.as_mut(),
+                    cx,
+                    &mut self.buffer
+                ))?;
+                if read == 0 {
+                    self.read_done = true;
+                } else {
+                    self.pending = self.buffer.split().freeze();
+                }
+            }
+            while !self.pending.is_empty() {
+                let sent = ready!(tunnel.poll_write_bytes(cx, &mut self.pending))?;
+                self.moved += sent as u64;
+                counter.fetch_add(sent as u64, Ordering::Relaxed);
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *tunnel).poll_shutdown(cx))?;
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Tunnel to socket: writes each received DATA chunk straight from HTTP/2's buffer.
+#[derive(Default)]
+struct FromTunnel {
+    pending: Bytes,
+    read_done: bool,
+    needs_flush: bool,
+    finished: bool,
+}
+
+impl FromTunnel {
+    fn poll<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        tunnel: &mut HboneStream,
+        mut writer: Pin<&mut W>,
+        counter: &AtomicU64,
+    ) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + ?Sized,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        for _ in 0..READS_PER_POLL {
+            if self.pending.is_empty() && !self.read_done {
+                match tunnel.poll_read_bytes(cx) {
+                    Poll::Ready(Ok(Some(data))) => self.pending = data,
+                    Poll::Ready(Ok(None)) => self.read_done = true,
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Pending => {
+                        if self.needs_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.needs_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while !self.pending.is_empty() {
+                let written = ready!(writer.as_mut().poll_write(cx, &self.pending))?;
+                if written == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.advance(written);
+                counter.fetch_add(written as u64, Ordering::Relaxed);
+                self.needs_flush = true;
+            }
+            if self.read_done {
+                ready!(writer.as_mut().poll_shutdown(cx))?;
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 }
 
 const INITIAL_BUFFER: usize = 1024;

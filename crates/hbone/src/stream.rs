@@ -105,6 +105,84 @@ impl HboneStream {
         }
     }
 
+    /// Waits until the peer's windows let us send at least one byte; returns how many may go now.
+    /// `wanted` is how much the caller has to send (the window h2 asks for on our behalf).
+    fn poll_send_capacity(
+        &mut self,
+        cx: &mut Context<'_>,
+        wanted: usize,
+    ) -> Poll<io::Result<usize>> {
+        let capacity = self.send.capacity();
+        if capacity > 0 {
+            return Poll::Ready(Ok(capacity));
+        }
+        // Ask for a window for this write; h2 assigns it as the peer's WINDOW_UPDATEs arrive.
+        self.send.reserve_capacity(wanted);
+        // A zero assignment (capacity taken back) is polled again, which registers for the next
+        // change; a few in a row yield to the runtime instead of spinning here.
+        for _ in 0..4 {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(capacity)) => return Poll::Ready(Ok(capacity)),
+                Some(Err(error)) => {
+                    return Poll::Ready(Err(self.poll_write_failure(cx, Some(error))));
+                }
+                None => return Poll::Ready(Err(self.poll_write_failure(cx, None))),
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Sends the start of `data` as DATA without copying it: as much as the peer's windows allow,
+    /// split off the front of `data`. Returns how many bytes went (at least one), like
+    /// `poll_write` but handing the buffer to HTTP/2 instead of copying it.
+    pub fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write on an HBONE stream after shutdown",
+            )));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let capacity = ready!(self.poll_send_capacity(cx, data.len()))?;
+        let chunk = data.split_to(capacity.min(data.len()));
+        let sent = chunk.len();
+        match self.send.send_data(chunk, false) {
+            Ok(()) => Poll::Ready(Ok(sent)),
+            Err(error) => Poll::Ready(Err(self.poll_write_failure(cx, Some(error)))),
+        }
+    }
+
+    /// The next bytes the peer sent, without copying them; `None` at EOF (END_STREAM, or a reset
+    /// with `NO_ERROR`/`CANCEL`). The window is reopened for them at once: the caller owns them.
+    pub fn poll_read_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        // Bounded like `poll_read`: each turn returns or takes a new frame.
+        loop {
+            if !self.unread.is_empty() {
+                let data = std::mem::take(&mut self.unread);
+                // Releasing can only fail once the stream is gone, when windows no longer matter.
+                let _ = self.recv.flow_control().release_capacity(data.len());
+                return Poll::Ready(Ok(Some(data)));
+            }
+            if self.read_closed {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => self.unread = data,
+                None => self.read_closed = true,
+                Some(Err(error)) if is_clean_reset(&error) => self.read_closed = true,
+                Some(Err(error)) => return Poll::Ready(Err(h2_to_io(error))),
+            }
+        }
+    }
+
     fn send_chunk(&mut self, cx: &mut Context<'_>, chunk: &[u8]) -> Poll<io::Result<usize>> {
         match self.send.send_data(Bytes::copy_from_slice(chunk), false) {
             Ok(()) => Poll::Ready(Ok(chunk.len())),
@@ -159,17 +237,8 @@ impl AsyncWrite for HboneStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let capacity = this.send.capacity();
-        if capacity > 0 {
-            return this.send_chunk(cx, &buf[..capacity.min(buf.len())]);
-        }
-        // Ask for a window for this write; h2 assigns it as the peer's WINDOW_UPDATEs arrive.
-        this.send.reserve_capacity(buf.len());
-        match ready!(this.send.poll_capacity(cx)) {
-            Some(Ok(capacity)) => this.send_chunk(cx, &buf[..capacity.min(buf.len())]),
-            Some(Err(error)) => Poll::Ready(Err(this.poll_write_failure(cx, Some(error)))),
-            None => Poll::Ready(Err(this.poll_write_failure(cx, None))),
-        }
+        let capacity = ready!(this.poll_send_capacity(cx, buf.len()))?;
+        this.send_chunk(cx, &buf[..capacity.min(buf.len())])
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -418,3 +418,87 @@ async fn graceful_shutdown_lets_open_streams_finish_and_the_pool_recovers() {
     );
     assert_eq!(pool.stats().connections_opened, 2);
 }
+
+/// The zero-copy splice at both ends, as ztunnel uses it: client socket → tunnel on one side,
+/// tunnel → application socket on the other. A bulk upload large enough to grow the buffers to
+/// their largest size arrives intact, the client's FIN reaches the application as EOF, the reply
+/// written after it comes back, and each side's counters are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_with_tunnel_splices_both_ends_with_half_close_and_exact_counts() {
+    const UPLOAD: usize = 12 * 1024 * 1024;
+    // The application: reads to EOF, then answers with what it got and closes.
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = app.accept().await.unwrap();
+        let mut received = Vec::new();
+        socket.read_to_end(&mut received).await.unwrap();
+        let reply = format!("{} bytes, checksum {}", received.len(), checksum(&received));
+        socket.write_all(reply.as_bytes()).await.unwrap();
+        socket.shutdown().await.unwrap();
+    });
+    let (server_counts_tx, mut server_counts_rx) = mpsc::unbounded_channel();
+    let certs = Certs::new();
+    let server = TestServer::start(
+        &certs,
+        handler(move |request: InboundRequest, responder: Responder| {
+            let server_counts_tx = server_counts_tx.clone();
+            async move {
+                let target: SocketAddr = request.authority.parse().unwrap();
+                let upstream = TcpStream::connect(target).await.unwrap();
+                let tunnel = responder.accept(HeaderMap::new()).unwrap();
+                let counters = ambit_hbone::copy::ByteCounters::new();
+                ambit_hbone::copy::copy_with_tunnel(upstream, tunnel, &counters)
+                    .await
+                    .unwrap();
+                server_counts_tx
+                    .send((counters.a_to_b(), counters.b_to_a()))
+                    .unwrap();
+            }
+        }),
+    )
+    .await;
+    let pool = pool(&certs, PoolConfig::default());
+    let tunnel = pool
+        .connect(server.key(), ConnectRequest::new(app_addr.to_string()))
+        .await
+        .unwrap();
+    // The client's captured connection: `client` is the application's end, `captured` ours.
+    let capture = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = TcpStream::connect(capture.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (captured, _) = capture.accept().await.unwrap();
+    let client_side = tokio::spawn(async move {
+        let counters = ambit_hbone::copy::ByteCounters::new();
+        let result = ambit_hbone::copy::copy_with_tunnel(captured, tunnel, &counters).await;
+        (result, counters.a_to_b(), counters.b_to_a())
+    });
+
+    let upload = pseudo_random_bytes(7, UPLOAD);
+    let expected = format!("{UPLOAD} bytes, checksum {}", checksum(&upload));
+    let (mut read, mut write) = client.split();
+    let send = async {
+        write.write_all(&upload).await.unwrap();
+        write.shutdown().await.unwrap();
+    };
+    let mut reply = String::new();
+    let receive = read.read_to_string(&mut reply);
+    let ((), received) = timeout(WAIT, async { tokio::join!(send, receive) })
+        .await
+        .unwrap();
+    received.unwrap();
+    assert_eq!(reply, expected);
+
+    let (result, sent, returned) = timeout(WAIT, client_side).await.unwrap().unwrap();
+    result.unwrap();
+    assert_eq!((sent, returned), (UPLOAD as u64, expected.len() as u64));
+    let (app_to_tunnel, tunnel_to_app) = timeout(WAIT, server_counts_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (app_to_tunnel, tunnel_to_app),
+        (expected.len() as u64, UPLOAD as u64)
+    );
+}

@@ -12,7 +12,9 @@ use ambit_hbone::server::{InboundRequest, Responder, serve_connection};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::metrics::{ConnectionRecord, Reporter, ResponseFlags, copy_counted};
+use super::metrics::{
+    ConnectionRecord, Reporter, ResponseFlags, copy_counted, copy_counted_from_tunnel,
+};
 use super::outbound::{baggage, finish_copy};
 use super::{PodContext, ProxyInputs, accept_loop};
 use crate::rbac::ConnectionContext;
@@ -221,7 +223,7 @@ async fn handle_connect(
         }
     };
     record.opened();
-    let result = copy_counted(tunnel, app, &mut record, drain.forced()).await;
+    let result = copy_counted_from_tunnel(tunnel, app, &mut record, drain.forced()).await;
     finish_copy(record, result);
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_core::metrics::{LabelSet, Registry, label_value};
+use ambit_hbone::HboneStream;
 use ambit_hbone::copy::ByteCounters;
 use ambit_identity::Identity;
 use metrics::Label;
@@ -344,6 +345,77 @@ where
 {
     let counters = ByteCounters::new();
     let copy = ambit_hbone::copy::copy_bidirectional(downstream, upstream, &counters);
+    counted(
+        copy,
+        &counters,
+        Direction::SocketIsDownstream,
+        record,
+        forced,
+    )
+    .await
+}
+
+/// [`copy_counted`] for a client socket and an HBONE tunnel to the server side, handing bytes to
+/// HTTP/2 without copying them.
+pub async fn copy_counted_to_tunnel<D>(
+    downstream: D,
+    tunnel: HboneStream,
+    record: &mut ConnectionRecord,
+    forced: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let counters = ByteCounters::new();
+    let copy = ambit_hbone::copy::copy_with_tunnel(downstream, tunnel, &counters);
+    counted(
+        copy,
+        &counters,
+        Direction::SocketIsDownstream,
+        record,
+        forced,
+    )
+    .await
+}
+
+/// [`copy_counted`] for a tunnel from the client and a socket to the application, without copying
+/// the bytes in user space.
+pub async fn copy_counted_from_tunnel<U>(
+    tunnel: HboneStream,
+    upstream: U,
+    record: &mut ConnectionRecord,
+    forced: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let counters = ByteCounters::new();
+    let copy = ambit_hbone::copy::copy_with_tunnel(upstream, tunnel, &counters);
+    counted(copy, &counters, Direction::SocketIsUpstream, record, forced).await
+}
+
+/// Which side of the copy the counters' `a` is.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// `a` is the client side: `a_to_b` is bytes sent.
+    SocketIsDownstream,
+    /// `a` is the application side: `a_to_b` is bytes received.
+    SocketIsUpstream,
+}
+
+/// Drives `copy`, flushing `counters` to `record` every few seconds and at the end, or aborts it
+/// when the drain deadline (`forced`) passes.
+async fn counted(
+    copy: impl std::future::Future<Output = std::io::Result<()>>,
+    counters: &ByteCounters,
+    direction: Direction,
+    record: &mut ConnectionRecord,
+    forced: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let flush = |record: &mut ConnectionRecord| match direction {
+        Direction::SocketIsDownstream => record.flush_bytes(counters.a_to_b(), counters.b_to_a()),
+        Direction::SocketIsUpstream => record.flush_bytes(counters.b_to_a(), counters.a_to_b()),
+    };
     tokio::pin!(copy);
     tokio::pin!(forced);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -351,13 +423,13 @@ where
     let result = loop {
         tokio::select! {
             result = &mut copy => break result,
-            _ = tick.tick() => record.flush_bytes(counters.a_to_b(), counters.b_to_a()),
+            _ = tick.tick() => flush(record),
             () = &mut forced => break Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "closed by ztunnel: drain deadline reached",
             )),
         }
     };
-    record.flush_bytes(counters.a_to_b(), counters.b_to_a());
+    flush(record);
     result
 }

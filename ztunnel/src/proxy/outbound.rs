@@ -13,7 +13,9 @@ use http::{HeaderMap, HeaderValue};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::metrics::{ConnectionRecord, Reporter, ResponseFlags, copy_counted};
+use super::metrics::{
+    ConnectionRecord, Reporter, ResponseFlags, copy_counted, copy_counted_to_tunnel,
+};
 use super::{PodContext, ProxyInputs, accept_loop};
 use crate::state::{
     Address, GatewayAddress, GatewayDestination, LoadBalancingMode, Protocol, Service, StateIndex,
@@ -419,7 +421,8 @@ pub async fn proxy(
                 }
             };
             record.opened();
-            let result = copy_counted(downstream, stream, &mut record, drain.forced()).await;
+            let result =
+                copy_counted_to_tunnel(downstream, stream, &mut record, drain.forced()).await;
             finish_copy(record, result);
         }
         Route::Direct {

@@ -1,4 +1,5 @@
-//! istiod-lite: `istiod-lite --config-dir DIR --ca-dir DIR --tokens FILE`.
+//! istiod-lite: `istiod-lite --config-dir DIR --ca-dir DIR --tokens FILE`, or
+//! `istiod-lite --kubernetes [--kubeconfig PATH | --kube-url URL]`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -24,9 +25,21 @@ use tonic::transport::{Server, ServerTlsConfig};
     about = "Ambit's control plane: CA and delta xDS"
 )]
 struct Args {
-    /// Directory of cluster objects (multi-document YAML), re-read on change.
+    /// Directory of cluster objects (multi-document YAML), re-read on change. Exactly one of
+    /// --config-dir and --kubernetes is required.
     #[arg(long)]
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
+    /// Read cluster objects from the Kubernetes API server (watching every kind translated).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig file for --kubernetes (default: the in-cluster service account, else
+    /// KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The API server's URL for --kubernetes, overriding the kubeconfig's (alone: plain, no
+    /// credentials; for tests).
+    #[arg(long)]
+    kube_url: Option<String>,
     /// Where the CA lives (generated on first start; ca-cert.pem, ca-key.pem, root-cert.pem).
     /// Required outside Kubernetes mode; in Kubernetes mode the CA is kept in Secrets of
     /// --system-namespace unless this is given.
@@ -99,8 +112,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         system_namespace: args.system_namespace.clone(),
         trust_domain: args.trust_domain.clone(),
     };
-    // The Kubernetes client (Kubernetes mode) goes here: Secrets, TokenReview, root ConfigMaps.
-    let ca_setup = istiod_lite::kube_ca::setup(None, &ca_options, &store).await?;
+    let source = config_source(&args)?;
+    // Kubernetes mode: one client for the config watch, the CA's Secrets, TokenReview and root
+    // ConfigMaps.
+    let kube_client: Option<kube::Client> = match &source {
+        ConfigSource::Kubernetes(options) => Some(
+            ambit_kube::client::connect(options)
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API server: {e:#}"))?,
+        ),
+        ConfigSource::Directory(_) => None,
+    };
+    let ca_setup = istiod_lite::kube_ca::setup(kube_client.as_ref(), &ca_options, &store).await?;
     let (ca, auth) = (ca_setup.ca.clone(), ca_setup.auth.clone());
 
     let settings = MeshSettings {
@@ -108,14 +131,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cluster_id: args.cluster_id.clone(),
         ..MeshSettings::default()
     };
-    tokio::spawn(istiod_lite::source::watch_directory(
-        args.config_dir.clone(),
-        settings,
-        store.clone(),
-        metrics.clone(),
-        Duration::from_millis(500),
-        Some(readiness.register("config")),
-    ));
+    match (&source, &kube_client) {
+        (ConfigSource::Kubernetes(_), Some(client)) => {
+            tokio::spawn(istiod_lite::source::watch_kubernetes(
+                client.clone(),
+                settings,
+                store.clone(),
+                metrics.clone(),
+                Duration::from_millis(100),
+                Some(readiness.register("config")),
+            ));
+        }
+        (ConfigSource::Directory(dir), _) => {
+            tokio::spawn(istiod_lite::source::watch_directory(
+                dir.clone(),
+                settings,
+                store.clone(),
+                metrics.clone(),
+                Duration::from_millis(500),
+                Some(readiness.register("config")),
+            ));
+        }
+        (ConfigSource::Kubernetes(_), None) => unreachable!("Kubernetes mode has a client"),
+    }
 
     let identity = Identity::new(&args.trust_domain, "istio-system", "istiod")?;
     let mut dns = vec![
@@ -182,6 +220,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await?;
     tracing::info!("istiod-lite stopped");
     Ok(())
+}
+
+/// Where cluster objects come from.
+enum ConfigSource {
+    /// `--config-dir`.
+    Directory(PathBuf),
+    /// `--kubernetes` (with `--kubeconfig`/`--kube-url`).
+    Kubernetes(ambit_kube::client::ConnectOptions),
+}
+
+/// Exactly one of `--config-dir` and `--kubernetes`; the connection flags only with the latter.
+fn config_source(args: &Args) -> anyhow::Result<ConfigSource> {
+    match (&args.config_dir, args.kubernetes) {
+        (Some(_), true) => anyhow::bail!(
+            "--config-dir and --kubernetes are exclusive: read cluster objects either from a \
+             directory or from the API server"
+        ),
+        (None, false) => anyhow::bail!(
+            "no config source: pass --config-dir DIR (objects as YAML files) or --kubernetes \
+             (watch the API server)"
+        ),
+        (Some(dir), false) => {
+            for (flag, given) in [
+                ("--kubeconfig", args.kubeconfig.is_some()),
+                ("--kube-url", args.kube_url.is_some()),
+            ] {
+                if given {
+                    anyhow::bail!(
+                        "{flag} needs --kubernetes (it says how to reach the API server)"
+                    );
+                }
+            }
+            Ok(ConfigSource::Directory(dir.clone()))
+        }
+        (None, true) => Ok(ConfigSource::Kubernetes(
+            ambit_kube::client::ConnectOptions {
+                kubeconfig: args.kubeconfig.clone(),
+                url: args.kube_url.clone(),
+            },
+        )),
+    }
 }
 
 /// SIGTERM or SIGINT: stop accepting, let in-flight calls finish (tonic's graceful shutdown).

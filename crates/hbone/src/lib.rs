@@ -21,7 +21,10 @@ pub mod server;
 mod stream;
 
 pub use config::{H2Config, PoolConfig};
-pub use dialer::{AsyncReadWrite, BoxError, BoxedIo, DialError, DialFuture, Dialer, TlsDialer};
+pub use dialer::{
+    AsyncReadWrite, BoxError, BoxedIo, DialError, DialFuture, Dialer, TLS_READ_BUFFER,
+    TLS_WRITE_BUFFER, TlsDialer, buffered,
+};
 pub use error::HboneError;
 pub use pool::{ConnectRequest, Pool, PoolKey, PoolStats};
 pub use stream::HboneStream;

@@ -57,7 +57,7 @@ async fn serve_hbone_connection(
             return;
         }
     };
-    let handshake = ambit_identity::tls::accept(config, stream);
+    let handshake = ambit_identity::tls::accept(config, ambit_hbone::buffered(stream));
     let (tls, verified) = match tokio::time::timeout(inputs.config.handshake_timeout, handshake)
         .await
     {
@@ -71,6 +71,10 @@ async fn serve_hbone_connection(
             return;
         }
     };
+    let mut tls = tls;
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(ambit_hbone::TLS_WRITE_BUFFER));
     let handler_drain = drain.clone();
     let h2 = inputs.config.pool.h2.clone();
     let handler = move |request: InboundRequest, responder: Responder| {

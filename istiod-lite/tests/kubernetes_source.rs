@@ -2,8 +2,9 @@
 //! become workload-API resources in the store (translated once for the initial sync, bursts
 //! coalesced), label changes re-translate, a dropped watch resumes without relisting, compaction
 //! forces a relist that forgets deleted objects, invalid objects are counted while the rest
-//! translate (a changed object keeps its last good version), ztunnel's xDS client receives the
-//! state, and the binary's `--kubernetes` command line.
+//! translate (a changed object keeps its last good version), a kind not served (CRD missing)
+//! counts as empty until it is, ztunnel's xDS client receives the state, and the binary's
+//! `--kubernetes` command line.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -456,6 +457,46 @@ async fn invalid_objects_are_counted_and_the_rest_translate() {
     eventually("the fixed pod is served", || held(&source.store) == want).await;
     let text = source.metrics.render();
     assert!(text.contains(&rejected(2)), "{text}");
+}
+
+#[tokio::test]
+async fn a_kind_not_served_counts_as_empty_and_is_picked_up_once_served() {
+    let server = FakeApiServer::start().await;
+    let objects = demo();
+    for object in &objects {
+        server.apply(object.clone());
+    }
+    // AuthorizationPolicy's CRD "missing" for the first four lists (404), then installed: the
+    // retries back off 250 ms, 500 ms, 1 s, 2 s (plus jitter).
+    const POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
+    for _ in 0..4 {
+        server.fail_next("GET", POLICIES, 404);
+    }
+    let source = start_source(&server, Duration::from_millis(20)).await;
+    let without_policy: Vec<Value> = objects
+        .iter()
+        .filter(|o| o["kind"] != "AuthorizationPolicy")
+        .cloned()
+        .collect();
+    let want = expected(&without_policy);
+    eventually("ready without the missing kind", || {
+        source.readiness.is_ready() && held(&source.store) == want
+    })
+    .await;
+    assert!(
+        lists(&server.requests(), POLICIES) < 5,
+        "readiness waited for the kind: {:#?}",
+        server.requests()
+    );
+    assert!(policies(&source.store).is_empty());
+
+    let want = expected(&objects);
+    eventually("the policy is served once its kind is", || {
+        held(&source.store) == want
+    })
+    .await;
+    assert_eq!(policies(&source.store), ["demo/allow-client"]);
+    assert_eq!(lists(&server.requests(), POLICIES), 5);
 }
 
 #[tokio::test]

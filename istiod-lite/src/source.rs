@@ -220,7 +220,7 @@ impl KubeView {
                 let key = object.key();
                 self.rejected.remove(&key.to_string());
                 self.keys.entry(key.kind.clone()).or_default().insert(key);
-                self.cluster.insert(object);
+                self.cluster.insert(*object);
                 true
             }
             Update::Deleted(key) => {

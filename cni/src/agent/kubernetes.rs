@@ -167,18 +167,20 @@ impl Agent {
                     tracing::info!(namespaces = view.namespaces.len(), "namespaces listed");
                 }
             }
-            Update::Applied(Object::Pod(pod)) => {
-                let key = pod_key(&pod);
-                if &pod.spec.node_name == node {
-                    view.pods.insert(key, pod);
-                } else {
-                    view.pods.remove(&key);
+            Update::Applied(object) => match *object {
+                Object::Pod(pod) => {
+                    let key = pod_key(&pod);
+                    if &pod.spec.node_name == node {
+                        view.pods.insert(key, pod);
+                    } else {
+                        view.pods.remove(&key);
+                    }
                 }
-            }
-            Update::Applied(Object::Namespace(ns)) => {
-                view.namespaces.insert(ns.metadata.name.clone(), ns);
-            }
-            Update::Applied(_) => {}
+                Object::Namespace(ns) => {
+                    view.namespaces.insert(ns.metadata.name.clone(), ns);
+                }
+                _ => {}
+            },
             Update::Deleted(key) => {
                 if key.kind == "Pod" {
                     view.pods.remove(&(key.namespace, key.name));

@@ -170,8 +170,8 @@ pub enum Update {
         /// Every object of that kind that failed validation.
         rejected: Vec<ObjectError>,
     },
-    /// Added or changed.
-    Applied(Object),
+    /// Added or changed (boxed: an object is large next to the other variants).
+    Applied(Box<Object>),
     /// Gone.
     Deleted(ObjectKey),
     /// A changed object failed validation: keep serving its last good version, report this.
@@ -278,7 +278,8 @@ impl KindState {
             Ok(watcher::Event::Apply(object)) => {
                 self.succeeded();
                 let (objects, errors) = convert(&self.spec, object);
-                self.ready.extend(objects.into_iter().map(Update::Applied));
+                self.ready
+                    .extend(objects.into_iter().map(|o| Update::Applied(Box::new(o))));
                 self.ready.extend(errors.into_iter().map(Update::Rejected));
             }
             Ok(watcher::Event::Delete(object)) => {

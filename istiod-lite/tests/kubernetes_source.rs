@@ -3,8 +3,8 @@
 //! coalesced), label changes re-translate, a dropped watch resumes without relisting, compaction
 //! forces a relist that forgets deleted objects, invalid objects are counted while the rest
 //! translate (a changed object keeps its last good version), a kind not served (CRD missing)
-//! counts as empty until it is, ztunnel's xDS client receives the state, and the binary's
-//! `--kubernetes` command line.
+//! counts as empty until it is, Gateways and GatewayClasses bind waypoints, ztunnel's xDS client
+//! receives the state, and the binary's `--kubernetes` command line.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -497,6 +497,78 @@ async fn a_kind_not_served_counts_as_empty_and_is_picked_up_once_served() {
     .await;
     assert_eq!(policies(&source.store), ["demo/allow-client"]);
     assert_eq!(lists(&server.requests(), POLICIES), 5);
+}
+
+/// A waypoint Gateway in `demo`, addressed by its service's hostname, with no `waypoint-for`
+/// label of its own.
+fn waypoint_gateway() -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": "demo"},
+        "spec": {
+            "gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+        "status": {"addresses": [{"type": "Hostname", "value": "wp.demo.svc.cluster.local"}]},
+    })
+}
+
+fn waypoint_class(waypoint_for: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+        "metadata": {"name": "istio-waypoint", "labels": {"istio.io/waypoint-for": waypoint_for}},
+        "spec": {"controllerName": "istio.io/mesh-controller"},
+    })
+}
+
+#[tokio::test]
+async fn gateways_and_their_class_from_the_api_server_bind_waypoints() {
+    let server = FakeApiServer::start().await;
+    let mut ns = namespace("demo", true);
+    ns["metadata"]["labels"]["istio.io/use-waypoint"] = json!("wp");
+    let mut objects = demo();
+    objects[0] = ns;
+    objects.push(waypoint_gateway());
+    objects.push(waypoint_class("workload"));
+    for object in &objects {
+        server.apply(object.clone());
+    }
+    let source = start_source(&server, Duration::from_millis(50)).await;
+    let want = expected(&objects);
+    eventually("the initial state is served", || {
+        held(&source.store) == want
+    })
+    .await;
+    let bound = |store: &Store| {
+        workloads(store)["demo/echo"]
+            .waypoint
+            .as_ref()
+            .map(|w| w.hbone_mtls_port)
+    };
+    assert_eq!(
+        bound(&source.store),
+        Some(15008),
+        "the class says the waypoint takes workload traffic"
+    );
+
+    // The class is deleted: the Gateway falls back to the default (service traffic only).
+    assert!(server.delete(
+        "gateway.networking.k8s.io/v1",
+        "GatewayClass",
+        "",
+        "istio-waypoint"
+    ));
+    objects.pop();
+    let want = expected(&objects);
+    eventually("the class deletion is translated", || {
+        held(&source.store) == want
+    })
+    .await;
+    assert_eq!(
+        bound(&source.store),
+        None,
+        "default waypoint-for is service"
+    );
 }
 
 #[tokio::test]

@@ -105,6 +105,14 @@ pub const GATEWAY: KindSpec = KindSpec {
     plural: "gateways",
     namespaced: true,
 };
+/// `gateway.networking.k8s.io/v1` GatewayClass (cluster-scoped; carries a class-wide
+/// `istio.io/waypoint-for`).
+pub const GATEWAY_CLASS: KindSpec = KindSpec {
+    api_version: "gateway.networking.k8s.io/v1",
+    kind: "GatewayClass",
+    plural: "gatewayclasses",
+    namespaced: false,
+};
 /// `gateway.networking.k8s.io/v1` HTTPRoute.
 pub const HTTP_ROUTE: KindSpec = KindSpec {
     api_version: "gateway.networking.k8s.io/v1",
@@ -130,6 +138,7 @@ pub const CONTROL_PLANE_KINDS: &[KindSpec] = &[
     AUTHORIZATION_POLICY,
     PEER_AUTHENTICATION,
     GATEWAY,
+    GATEWAY_CLASS,
     HTTP_ROUTE,
     DESTINATION_RULE,
 ];

@@ -236,20 +236,7 @@ fn current_objects() -> anyhow::Result<Vec<Object>> {
 
 fn write_object(object: &Object) -> anyhow::Result<()> {
     let key = object.key();
-    let (api_version, value) = match object {
-        Object::Namespace(n) => ("v1", serde_json::to_value(n)?),
-        Object::Pod(p) => ("v1", serde_json::to_value(p)?),
-        Object::Service(s) => ("v1", serde_json::to_value(s)?),
-        Object::AuthorizationPolicy(p) => ("security.istio.io/v1", serde_json::to_value(p)?),
-        Object::PeerAuthentication(p) => ("security.istio.io/v1", serde_json::to_value(p)?),
-        Object::Other {
-            api_version, value, ..
-        } => (api_version.as_str(), value.clone()),
-        other => (other.api_version(), other.to_value()),
-    };
-    let mut value = value;
-    value["apiVersion"] = json!(api_version);
-    value["kind"] = json!(key.kind);
+    let value = object.to_value();
     let path = dir().join("config").join(object_file(&key));
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_yaml_ng::to_string(&value)?)?;

@@ -8,7 +8,6 @@
 //! `cargo bench -p istiod-lite --bench control_plane` runs the full sizes; without `--bench` it
 //! runs 2,000 pods and 50 clients as a smoke test.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -326,10 +325,6 @@ async fn push_latency(pods: usize, clients: usize) {
         );
     }
     let (held_tx, mut held_rx) = tokio::sync::mpsc::channel::<Instant>(clients);
-    let mut snapshot_versions = BTreeMap::new();
-    for (name, entry) in &store.snapshot().types[ADDRESS_TYPE_URL] {
-        snapshot_versions.insert(name.clone(), entry.version.clone());
-    }
     let start_sync = Instant::now();
     let (synced_tx, mut synced_rx) = tokio::sync::mpsc::channel::<()>(clients);
     for i in 0..clients {
@@ -446,5 +441,4 @@ async fn push_latency(pods: usize, clients: usize) {
         }
     }
     println!("reconnect holding everything: {resources_pushed} resources, {bytes} bytes pushed");
-    let _ = snapshot_versions;
 }

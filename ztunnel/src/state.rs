@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use ambit_identity::Identity;
 use ambit_proto::workload as pb;
-use rand::seq::IndexedRandom;
+use rand::Rng as _;
 use thiserror::Error;
 
 /// A resource that could not be accepted; the message names the resource and the field.
@@ -740,6 +740,10 @@ impl StateIndex {
     /// Picks an endpoint of `service` for a connection to `service_port` from `source`, honoring
     /// health, the service's routing preferences and the port mapping; a random choice among the
     /// best candidates. Returns the workload and the target port.
+    ///
+    /// Runs on every outbound connection to a service, so it allocates nothing: one pass finds
+    /// the best preference rank present, one counts the endpoints that have it, one walks to the
+    /// randomly chosen one.
     pub fn pick_endpoint(
         &self,
         service: &Service,
@@ -755,58 +759,66 @@ impl StateIndex {
             .load_balancing
             .as_ref()
             .is_some_and(|lb| lb.allow_unhealthy);
-        let candidates: Vec<(Arc<Workload>, u16)> = self
-            .endpoints
-            .get(&service.key)
-            .into_iter()
-            .flatten()
-            .filter(|w| w.healthy || allow_unhealthy)
-            .filter_map(|w| {
-                let target = if declared != 0 {
-                    Some(declared)
-                } else {
-                    w.named_target_port(&service.key, service_port)
-                };
-                target.filter(|t| *t != 0).map(|t| (w.clone(), t))
-            })
-            .collect();
-        let best = match (&service.load_balancing, source) {
-            (Some(lb), Some(src)) if !lb.preferences.is_empty() => {
-                let rank = |w: &Workload| {
-                    lb.preferences
-                        .iter()
-                        .take_while(|p| same_scope(**p, src, w))
-                        .count()
-                };
-                match lb.mode {
-                    LoadBalancingMode::Strict => {
-                        let all = lb.preferences.len();
-                        candidates
-                            .into_iter()
-                            .filter(|(w, _)| rank(w) == all)
-                            .collect()
-                    }
-                    _ => {
-                        let top = candidates.iter().map(|(w, _)| rank(w)).max().unwrap_or(0);
-                        candidates
-                            .into_iter()
-                            .filter(|(w, _)| rank(w) == top)
-                            .collect()
-                    }
-                }
+        let endpoints = self.endpoints.get(&service.key)?;
+        // An endpoint that can take the connection, with the port it takes it on.
+        let eligible = |w: &Workload| -> Option<u16> {
+            if !(w.healthy || allow_unhealthy) {
+                return None;
             }
-            _ => candidates,
+            let target = if declared != 0 {
+                Some(declared)
+            } else {
+                w.named_target_port(&service.key, service_port)
+            };
+            target.filter(|t| *t != 0)
         };
-        best.choose(&mut rand::rng()).cloned()
+        // How many of the service's preferences (in order) the endpoint shares with the source.
+        let preferences = match (&service.load_balancing, source) {
+            (Some(lb), Some(src)) if !lb.preferences.is_empty() => Some((lb, src)),
+            _ => None,
+        };
+        let rank = |w: &Workload| match preferences {
+            Some((lb, src)) => lb
+                .preferences
+                .iter()
+                .take_while(|p| same_scope(**p, src, w))
+                .count(),
+            None => 0,
+        };
+        let wanted = match preferences {
+            Some((lb, _)) if lb.mode == LoadBalancingMode::Strict => lb.preferences.len(),
+            Some(_) => endpoints
+                .iter()
+                .filter(|w| eligible(w).is_some())
+                .map(|w| rank(w))
+                .max()?,
+            None => 0,
+        };
+        let best = |w: &&Arc<Workload>| eligible(w).is_some() && rank(w) == wanted;
+        let count = endpoints.iter().filter(best).count();
+        if count == 0 {
+            return None;
+        }
+        let chosen = endpoints
+            .iter()
+            .filter(best)
+            .nth(rand::rng().random_range(0..count))?;
+        Some((chosen.clone(), eligible(chosen)?))
     }
 }
 
 fn same_scope(scope: PreferenceScope, a: &Workload, b: &Workload) -> bool {
-    let loc = |w: &Workload| w.locality.as_deref().cloned().unwrap_or_default();
+    // A workload without a locality is in the empty region, zone and subzone.
+    fn field(w: &Workload, f: fn(&Locality) -> &Arc<str>) -> &str {
+        w.locality.as_deref().map_or("", |l| f(l))
+    }
+    let region = || field(a, |l| &l.region) == field(b, |l| &l.region);
+    let zone = || field(a, |l| &l.zone) == field(b, |l| &l.zone);
+    let subzone = || field(a, |l| &l.subzone) == field(b, |l| &l.subzone);
     match scope {
-        PreferenceScope::Region => loc(a).region == loc(b).region,
-        PreferenceScope::Zone => loc(a).region == loc(b).region && loc(a).zone == loc(b).zone,
-        PreferenceScope::Subzone => loc(a) == loc(b),
+        PreferenceScope::Region => region(),
+        PreferenceScope::Zone => region() && zone(),
+        PreferenceScope::Subzone => region() && zone() && subzone(),
         PreferenceScope::Node => a.node == b.node,
         PreferenceScope::Cluster => a.cluster_id == b.cluster_id,
         PreferenceScope::Network => a.network == b.network,

@@ -185,6 +185,76 @@ fn node_preference_keeps_traffic_local_and_fails_over() {
 }
 
 #[test]
+fn region_and_zone_preferences_rank_endpoints_and_fail_over_in_order() {
+    let mut state = StateIndex::new("node-1");
+    let mut svc = service("demo", "echo", "10.96.0.10", &[(80, 8080)]);
+    svc.load_balancing = Some(pb::LoadBalancing {
+        routing_preference: vec![
+            pb::load_balancing::Scope::Region as i32,
+            pb::load_balancing::Scope::Zone as i32,
+        ],
+        mode: pb::load_balancing::Mode::Failover as i32,
+        health_policy: 0,
+    });
+    state.insert_service(&svc).unwrap();
+    let located = |name: &str, ip: &str, node: &str, region: &str, zone: &str| {
+        let mut w = workload("demo", name, ip, node, &[(ECHO, &[(80, 8080)])]);
+        w.locality = Some(pb::Locality {
+            region: region.into(),
+            zone: zone.into(),
+            subzone: String::new(),
+        });
+        w
+    };
+    let mut client = located("client", "10.244.1.9", "node-1", "eu", "eu-a");
+    client.services.clear();
+    for w in [
+        client,
+        located("same-zone-1", "10.244.1.5", "node-1", "eu", "eu-a"),
+        located("same-zone-2", "10.244.2.5", "node-2", "eu", "eu-a"),
+        located("same-region", "10.244.3.5", "node-3", "eu", "eu-b"),
+        located("elsewhere", "10.244.4.5", "node-4", "us", "us-a"),
+    ] {
+        state.insert_workload(&w).unwrap();
+    }
+    let echo = state.service(ECHO).unwrap().clone();
+    let client = state.local_workload("demo", "client").unwrap().clone();
+    let picks = |state: &StateIndex| -> HashSet<String> {
+        (0..200)
+            .map(|_| {
+                state
+                    .pick_endpoint(&echo, 80, Some(&client))
+                    .map(|(w, port)| {
+                        assert_eq!(port, 8080);
+                        w.name.to_string()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    assert_eq!(
+        picks(&state),
+        HashSet::from(["same-zone-1".into(), "same-zone-2".into()]),
+        "both endpoints in the client's zone share the load, nothing else gets any"
+    );
+    state
+        .remove_workload("Kubernetes//Pod/demo/same-zone-1")
+        .unwrap();
+    state
+        .remove_workload("Kubernetes//Pod/demo/same-zone-2")
+        .unwrap();
+    assert_eq!(
+        picks(&state),
+        HashSet::from(["same-region".into()]),
+        "the zone is empty: the region next"
+    );
+    state
+        .remove_workload("Kubernetes//Pod/demo/same-region")
+        .unwrap();
+    assert_eq!(picks(&state), HashSet::from(["elsewhere".into()]));
+}
+
+#[test]
 fn removal_by_xds_name_clears_every_index() {
     let mut state = demo();
     assert!(state.remove("Kubernetes//Pod/demo/echo-a"));

@@ -2,7 +2,10 @@
 //! translation reaches the client, changes arrive as deltas, a reconnect with held versions gets
 //! nothing it has, and the CA signs only for pods on the caller's node.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+mod support;
+use support::eventually;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,9 +26,9 @@ use istiod_lite::ca::{CaService, load_or_create};
 use istiod_lite::store::Store;
 use istiod_lite::xds::XdsServer;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::Server;
 use ztunnel::caclient::CaClient;
-use ztunnel::control::{ControlPlane, TokenSource};
+use ztunnel::control::ControlPlane;
 use ztunnel::mesh::MeshState;
 use ztunnel::xds::{XdsClient, XdsConfig};
 
@@ -89,19 +92,7 @@ impl Fixture {
         let metrics = Registry::new();
         let auth: istiod_lite::auth::Authenticator =
             TokenFileAuthenticator::new(dir.path().join("tokens.json")).into();
-        let identity = Identity::new("cluster.local", "istio-system", "istiod").unwrap();
-        let serving = ca
-            .issue_serving_certificate(
-                &identity,
-                &[],
-                &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        let tls = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
-            serving.chain_pem.join(""),
-            &serving.key_pem,
-        ));
+        let tls = support::serving_tls(&ca);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ca_service = CaService {
@@ -137,26 +128,12 @@ impl Fixture {
     }
 
     fn control(&self, token: Option<&str>) -> ControlPlane {
-        ControlPlane {
-            address: format!("https://127.0.0.1:{}", self.addr.port()),
-            root_ca: Some(self.dir.path().join("ca/root-cert.pem")),
-            server_name: None,
-            token: token.map_or(TokenSource::None, |t| TokenSource::Static(t.into())),
-            cluster_id: "Kubernetes".into(),
-            headers: Vec::new(),
-            connect_timeout: Duration::from_secs(5),
-        }
+        support::control_plane(
+            self.addr.port(),
+            self.dir.path().join("ca/root-cert.pem"),
+            token,
+        )
     }
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..250 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never happened: {what}");
 }
 
 #[tokio::test]

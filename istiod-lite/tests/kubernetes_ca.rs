@@ -3,6 +3,9 @@
 //! root ConfigMap in every namespace, TokenReview authentication and strict authorization; and
 //! in directory mode, an operator's files left untouched.
 
+mod support;
+use support::eventually;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -265,16 +268,6 @@ async fn cacerts_that_do_not_fit_together_are_refused_naming_the_key() {
         "{error}"
     );
     assert!(server.get("v1", "Secret", NS, SELF_SIGNED_SECRET).is_none());
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..250 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never happened: {what}");
 }
 
 fn namespace(name: &str) -> Value {
@@ -980,26 +973,13 @@ async fn ztunnels_ca_client_gets_certificates_through_token_review_over_tls() {
     use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
     use ambit_proto::discovery::DeltaDiscoveryRequest;
     use ambit_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-    use tonic::transport::{Server, ServerTlsConfig};
+    use tonic::transport::Server;
     use ztunnel::caclient::CaClient;
-    use ztunnel::control::{ControlPlane, TokenSource};
 
     let c = cluster().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("root-cert.pem"), &c.root).unwrap();
-    let serving =
-        c.ca.ca
-            .issue_serving_certificate(
-                &id("istio-system", "istiod"),
-                &[],
-                &[std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)],
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-    let tls = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
-        serving.chain_pem.join(""),
-        &serving.key_pem,
-    ));
+    let tls = support::serving_tls(&c.ca.ca);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let xds = istiod_lite::xds::XdsServer {
@@ -1016,15 +996,8 @@ async fn ztunnels_ca_client_gets_certificates_through_token_review_over_tls() {
             .add_service(istiod_lite::xds::service(xds))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let control = |token: &str| ControlPlane {
-        address: format!("https://127.0.0.1:{port}"),
-        root_ca: Some(dir.path().join("root-cert.pem")),
-        server_name: None,
-        token: TokenSource::Static(token.into()),
-        cluster_id: "Kubernetes".into(),
-        headers: Vec::new(),
-        connect_timeout: Duration::from_secs(5),
-    };
+    let control =
+        |token: &str| support::control_plane(port, dir.path().join("root-cert.pem"), Some(token));
     let store = CertStore::new(
         Arc::new(CaClient::new(control("zt-node-1"), true)),
         StoreConfig {

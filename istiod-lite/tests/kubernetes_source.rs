@@ -6,15 +6,17 @@
 //! counts as empty until it is, Gateways and GatewayClasses bind waypoints, ztunnel's xDS client
 //! receives the state, and the binary's `--kubernetes` command line.
 
+mod support;
+use support::{WAIT, eventually};
+
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
 use ambit_fake_apiserver::{FakeApiServer, RecordedRequest};
-use ambit_identity::Identity;
 use ambit_kube::client::{ConnectOptions, connect};
 use ambit_mesh::translate::{Cluster, MeshSettings, translate};
 use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
@@ -27,13 +29,9 @@ use istiod_lite::store::Store;
 use istiod_lite::xds::XdsServer;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Server, ServerTlsConfig};
-use ztunnel::control::{ControlPlane, TokenSource};
+use tonic::transport::Server;
 use ztunnel::mesh::MeshState;
 use ztunnel::xds::{XdsClient, XdsConfig};
-
-/// Bound on every wait.
-const WAIT: Duration = Duration::from_secs(10);
 
 fn namespace(name: &str, ambient: bool) -> Value {
     let labels = if ambient {
@@ -163,17 +161,6 @@ fn policies(store: &Store) -> Vec<String> {
         .keys()
         .cloned()
         .collect()
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("never happened within {WAIT:?}: {what}");
 }
 
 /// The store, metrics and readiness of a Kubernetes source watching `server`.
@@ -589,18 +576,7 @@ async fn ztunnel_receives_the_state_from_a_kubernetes_sourced_server() {
     let ca = Arc::new(load_or_create(&dir.path().join("ca"), "cluster.local").unwrap());
     let auth: istiod_lite::auth::Authenticator =
         TokenFileAuthenticator::new(dir.path().join("tokens.json")).into();
-    let serving = ca
-        .issue_serving_certificate(
-            &Identity::new("cluster.local", "istio-system", "istiod").unwrap(),
-            &[],
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-    let tls = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
-        serving.chain_pem.join(""),
-        &serving.key_pem,
-    ));
+    let tls = support::serving_tls(&ca);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let xds = XdsServer {
@@ -622,15 +598,11 @@ async fn ztunnel_receives_the_state_from_a_kubernetes_sourced_server() {
     let (_trigger, drain) = ambit_core::drain::new();
     let client = XdsClient::new(
         XdsConfig {
-            control_plane: ControlPlane {
-                address: format!("https://127.0.0.1:{}", addr.port()),
-                root_ca: Some(dir.path().join("ca/root-cert.pem")),
-                server_name: None,
-                token: TokenSource::Static("node-1-token".into()),
-                cluster_id: "Kubernetes".into(),
-                headers: Vec::new(),
-                connect_timeout: Duration::from_secs(5),
-            },
+            control_plane: support::control_plane(
+                addr.port(),
+                dir.path().join("ca/root-cert.pem"),
+                Some("node-1-token"),
+            ),
             node: ambit_proto::envoy_core::Node {
                 id: "ztunnel~10.0.0.1~zt.istio-system~istio-system.svc.cluster.local".into(),
                 ..Default::default()

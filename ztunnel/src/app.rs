@@ -1,5 +1,11 @@
 //! Wiring: builds every part from [`Config`], serves the operator endpoints, starts the config
 //! source, then (once configuration is in) the in-pod manager, and drains on SIGTERM.
+//!
+//! Two runtimes: the caller's (the data path: in-pod listeners and every proxied connection) and
+//! a single-threaded control runtime of ztunnel's own for the config source, certificate fetches
+//! and refreshes, and the admin, metrics and readiness endpoints, so that traffic saturating the
+//! data path's threads cannot delay configuration, certificates or kubelet probes, and a burst of
+//! those cannot take threads from traffic.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +46,36 @@ fn certificate_source(config: &Config) -> anyhow::Result<Arc<dyn CertificateSour
     Ok(Arc::new(ca))
 }
 
+/// The control runtime: one thread (`ztunnel-control`) running a current-thread runtime until
+/// this is dropped, which stops it and cancels what is left on it.
+struct ControlRuntime {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ControlRuntime {
+    fn start() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the control runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("ztunnel-control".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .context("starting the control thread")?;
+        Ok(ControlRuntime {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -58,10 +94,12 @@ pub async fn run(
     let readiness = Readiness::new();
     let (trigger, drain) = drain::new();
     let mesh = MeshState::new(&config.node_name);
+    let control = ControlRuntime::start()?;
     let certs = CertStore::new(
         certificate_source(&config)?,
         StoreConfig {
             ttl: config.secret_ttl,
+            runtime: Some(control.handle.clone()),
             ..StoreConfig::default()
         },
     );
@@ -72,9 +110,21 @@ pub async fn run(
         metrics: metrics.clone(),
     };
 
-    let stats = bind(config.stats_addr, "metrics").await?;
-    let ready_listener = bind(config.readiness_addr, "readiness").await?;
-    let admin_listener = bind(config.admin_addr, "admin").await?;
+    // Bound on the control runtime, whose reactor then serves them.
+    let (stats, ready_listener, admin_listener) = {
+        let (stats, ready, admin) = (config.stats_addr, config.readiness_addr, config.admin_addr);
+        control
+            .handle
+            .spawn(async move {
+                anyhow::Ok((
+                    bind(stats, "metrics").await?,
+                    bind(ready, "readiness").await?,
+                    bind(admin, "admin").await?,
+                ))
+            })
+            .await
+            .context("the control runtime stopped")??
+    };
 
     let config_ready = readiness.register("config");
     match &config.source {
@@ -98,10 +148,10 @@ pub async fn run(
                 metrics.clone(),
                 Some(config_ready),
             );
-            tokio::spawn(client.run(drain.clone()));
+            control.handle.spawn(client.run(drain.clone()));
         }
         ConfigSource::File(path) => {
-            tokio::spawn(crate::localconfig::watch(
+            control.handle.spawn(crate::localconfig::watch(
                 path.clone(),
                 mesh.clone(),
                 config.cluster_id.clone(),
@@ -147,17 +197,17 @@ pub async fn run(
     let before_scrape = Arc::new(move |registry: &Registry| {
         crate::admin::certificate_gauges(registry, &scrape_certs)
     });
-    tokio::spawn(ambit_core::http::serve(
+    control.handle.spawn(ambit_core::http::serve(
         stats,
         metrics_handler(metrics.clone(), before_scrape),
         drain.clone(),
     ));
-    tokio::spawn(ambit_core::http::serve(
+    control.handle.spawn(ambit_core::http::serve(
         ready_listener,
         readiness_handler(readiness.clone()),
         drain.clone(),
     ));
-    tokio::spawn(ambit_core::http::serve(
+    control.handle.spawn(ambit_core::http::serve(
         admin_listener,
         admin_handler(admin),
         drain.clone(),

@@ -100,6 +100,10 @@ pub struct StoreConfig {
     pub initial_backoff: Duration,
     /// Longest retry delay (default 150 s).
     pub max_backoff: Duration,
+    /// Where each identity's fetch-and-refresh task runs; `None` (the default) spawns on the
+    /// runtime of whoever first asks. ztunnel gives its control runtime, so certificate work
+    /// never competes with traffic for the data path's threads.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for StoreConfig {
@@ -109,6 +113,7 @@ impl Default for StoreConfig {
             max_concurrent_fetches: 8,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(150),
+            runtime: None,
         }
     }
 }
@@ -383,12 +388,16 @@ impl CertStore {
             wake: Notify::new(),
             task: OnceLock::new(),
         });
-        let task = tokio::spawn(maintain(
+        let maintaining = maintain(
             entry.clone(),
             self.inner.source.clone(),
             self.inner.limiter.clone(),
             self.inner.config.clone(),
-        ));
+        );
+        let task = match &self.inner.config.runtime {
+            Some(runtime) => runtime.spawn(maintaining),
+            None => tokio::spawn(maintaining),
+        };
         // A fresh OnceLock: setting cannot fail.
         let _ = entry.task.set(task.abort_handle());
         entries.insert(identity.clone(), entry.clone());

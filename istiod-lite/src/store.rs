@@ -3,7 +3,6 @@
 //! re-sent to a client that reports holding them).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use ambit_mesh::translate::{Cluster, Resources};
@@ -72,10 +71,15 @@ fn changed_names(old: &BTreeMap<String, Entry>, new: &BTreeMap<String, Entry>) -
     names
 }
 
+/// The first 64 bits of the encoding's SHA-256, in hex. A fixed algorithm (unlike std's
+/// `DefaultHasher`, which may change between Rust releases), so a client reconnecting to an
+/// upgraded istiod-lite is still sent nothing it holds.
 fn version_of(bytes: &[u8]) -> String {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    format!("{:016x}", hasher.finish())
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn entries<M: prost::Name>(resources: &BTreeMap<String, M>) -> BTreeMap<String, Entry> {
@@ -184,6 +188,14 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_are_a_fixed_function_of_the_encoding() {
+        // Pinned: a change here would make every reconnecting client receive everything again
+        // after an upgrade.
+        assert_eq!(version_of(b""), "e3b0c44298fc1c14");
+        assert_eq!(version_of(b"abc"), "ba7816bf8f01cfea");
+    }
 
     #[test]
     fn pods_are_indexed_by_node_namespace_and_service_account() {

@@ -236,6 +236,7 @@ async fn initial_sync_wire_bytes(store: &Store, gzip: bool) -> u64 {
         auth: TokenFileAuthenticator::new(tokens).into(),
         metrics: Registry::new(),
         debounce: Duration::from_millis(100),
+        shutdown: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -303,6 +304,7 @@ async fn push_latency(pods: usize, clients: usize) {
         auth: TokenFileAuthenticator::new(tokens).into(),
         metrics: Registry::new(),
         debounce: Duration::from_millis(100),
+        shutdown: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

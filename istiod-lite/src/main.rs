@@ -88,6 +88,10 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// On SIGTERM, how long in-flight calls get to finish before istiod-lite exits anyway (xDS
+    /// streams are closed at once; their clients reconnect).
+    #[arg(long, default_value = "5s", value_parser = ambit_core::config::parse_duration_arg)]
+    drain_deadline: Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -205,19 +209,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_ttl: args.max_ttl,
         metrics: metrics.clone(),
     };
+    let shutdown = tokio_util::sync::CancellationToken::new();
     let xds = XdsServer {
         store,
         auth,
         metrics,
         debounce: Duration::from_millis(100),
+        shutdown: shutdown.clone(),
     };
     tracing::info!(listen = %args.listen, monitoring = %args.monitoring, "istiod-lite serving");
-    Server::builder()
+    let signalled = shutdown.clone();
+    let serving = Server::builder()
         .tls_config(tls)?
         .add_service(IstioCertificateServiceServer::new(ca_service))
         .add_service(istiod_lite::xds::service(xds))
-        .serve_with_shutdown(args.listen, shutdown_signal())
-        .await?;
+        .serve_with_shutdown(args.listen, async move {
+            shutdown_signal().await;
+            // Ends every xDS stream; tonic then stops accepting and waits for in-flight calls.
+            signalled.cancel();
+        });
+    tokio::pin!(serving);
+    let deadline = args.drain_deadline;
+    tokio::select! {
+        served = &mut serving => served?,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(deadline).await;
+        } => tracing::warn!(?deadline, "calls still open at the drain deadline; stopping anyway"),
+    }
     tracing::info!("istiod-lite stopped");
     Ok(())
 }
@@ -277,5 +296,5 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-    tracing::info!("shutting down: draining open streams");
+    tracing::info!("shutting down: closing xDS streams, finishing in-flight calls");
 }

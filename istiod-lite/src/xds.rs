@@ -15,6 +15,7 @@ use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Reso
 use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Authenticator;
@@ -31,6 +32,11 @@ pub struct XdsServer {
     pub metrics: Registry,
     /// Quiet time after a change before pushing (coalesces bursts).
     pub debounce: Duration,
+    /// Cancelled when istiod-lite shuts down: every open stream then ends (its client reconnects,
+    /// to another replica if there is one) and new ones are refused with `Unavailable`, so that
+    /// the gRPC server's graceful shutdown is not held open by streams that never end by
+    /// themselves.
+    pub shutdown: CancellationToken,
 }
 
 /// The gRPC service around `server`: responses are gzip-compressed for clients that accept it
@@ -200,6 +206,9 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("istiod-lite is shutting down"));
+        }
         let caller = self
             .auth
             .authenticate(request.metadata())
@@ -223,6 +232,7 @@ impl AggregatedDiscoveryService for XdsServer {
         };
         let debounce = self.debounce;
         let metrics = self.metrics.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let connected = metrics.gauge("ambit_xds_connected_proxies", &());
             connected.increment(1.0);
@@ -230,6 +240,10 @@ impl AggregatedDiscoveryService for XdsServer {
             changes.borrow_and_update();
             loop {
                 tokio::select! {
+                    () = shutdown.cancelled() => {
+                        tracing::debug!(client = %session.client, "xDS stream closed: shutting down");
+                        break;
+                    }
                     message = requests.message() => match message {
                         Ok(Some(request)) => {
                             if !session.handle(request).await {

@@ -1,6 +1,7 @@
 //! istiod-lite in process over real TLS on loopback, with ztunnel's own xDS and CA clients:
 //! translation reaches the client, changes arrive as deltas, a reconnect with held versions gets
-//! nothing it has, and the CA signs only for pods on the caller's node.
+//! nothing it has, and the CA signs only for pods on the caller's node; the binary closes xDS
+//! streams and exits promptly on SIGTERM.
 
 mod support;
 use support::eventually;
@@ -110,6 +111,7 @@ impl Fixture {
             auth,
             metrics: metrics.clone(),
             debounce: Duration::from_millis(20),
+            shutdown: Default::default(),
         };
         tokio::spawn(
             Server::builder()
@@ -299,4 +301,99 @@ async fn the_ca_signs_only_for_pods_on_the_callers_node() {
         "{text}"
     );
     assert!(text.contains("ambit_ca_signed_total 1"), "{text}");
+}
+
+#[tokio::test]
+async fn the_binary_closes_xds_streams_and_exits_on_sigterm() {
+    use support::{Binary, free_port, http_status, istiod_lite};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("demo.yaml"), OBJECTS).unwrap();
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(
+        &tokens,
+        r#"{"tokens": [{"token": "node-1-token", "node": "node-1"}]}"#,
+    )
+    .unwrap();
+    let ca = dir.path().join("ca");
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let monitoring = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut binary = Binary(
+        istiod_lite()
+            .args(["--config-dir", config.to_str().unwrap()])
+            .args(["--ca-dir", ca.to_str().unwrap()])
+            .args(["--tokens", tokens.to_str().unwrap()])
+            .args(["--listen", &listen.to_string()])
+            .args(["--monitoring", &monitoring.to_string()])
+            .args(["--ip", "127.0.0.1"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    while !matches!(http_status(monitoring, "/ready").await, Some((200, _))) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "istiod-lite never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A ztunnel holds an xDS stream open, as every ztunnel of a cluster does.
+    let state = MeshState::new("node-1");
+    let readiness = Readiness::new();
+    let (_trigger, drain) = ambit_core::drain::new();
+    let client = XdsClient::new(
+        XdsConfig {
+            control_plane: support::control_plane(
+                listen.port(),
+                ca.join("root-cert.pem"),
+                Some("node-1-token"),
+            ),
+            node: ambit_proto::envoy_core::Node {
+                id: "ztunnel~10.0.0.1~zt.istio-system~istio-system.svc.cluster.local".into(),
+                ..Default::default()
+            },
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(100),
+        },
+        state.clone(),
+        Registry::new(),
+        Some(readiness.register("xds")),
+    );
+    let client_task = tokio::spawn(client.run(drain));
+    eventually("ztunnel synced", || {
+        readiness.is_ready() && state.index().len() == (2, 1)
+    })
+    .await;
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(binary.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + support::WAIT;
+    let status = loop {
+        if let Some(status) = binary.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "istiod-lite still running {:?} after SIGTERM with a connected ztunnel",
+            support::WAIT
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "istiod-lite exited with {status}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut binary.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("istiod-lite stopped") && !stderr.contains("drain deadline"),
+        "stopped without waiting for the deadline: {stderr}"
+    );
+    // The ztunnel keeps its last state while it retries.
+    assert_eq!(state.index().len(), (2, 1));
+    client_task.abort();
 }

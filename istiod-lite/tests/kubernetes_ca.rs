@@ -987,6 +987,7 @@ async fn ztunnels_ca_client_gets_certificates_through_token_review_over_tls() {
         auth: c.ca.auth.clone(),
         metrics: c.metrics.clone(),
         debounce: Duration::from_millis(20),
+        shutdown: Default::default(),
     };
     let server = tokio::spawn(
         Server::builder()

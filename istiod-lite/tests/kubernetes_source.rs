@@ -7,7 +7,7 @@
 //! receives the state, and the binary's `--kubernetes` command line.
 
 mod support;
-use support::{WAIT, eventually};
+use support::{Binary, WAIT, eventually, free_port, http_status, istiod_lite, refused};
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -584,6 +584,7 @@ async fn ztunnel_receives_the_state_from_a_kubernetes_sourced_server() {
         auth,
         metrics: source.metrics.clone(),
         debounce: Duration::from_millis(20),
+        shutdown: Default::default(),
     };
     let serving_task = tokio::spawn(
         Server::builder()
@@ -636,65 +637,6 @@ async fn ztunnel_receives_the_state_from_a_kubernetes_sourced_server() {
     .await;
     client_task.abort();
     serving_task.abort();
-}
-
-/// The built binary, killed when dropped.
-struct Binary(std::process::Child);
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn istiod_lite() -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_istiod-lite"));
-    command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    command
-}
-
-/// Runs the binary expecting it to refuse its command line; returns what it printed.
-fn refused(args: &[&str]) -> String {
-    let output = istiod_lite().args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(!output.status.success(), "{args:?} was accepted: {text}");
-    text
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` on `addr`: the status code, or None if nothing answers.
-async fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&response).to_string();
-    let code = text.split(' ').nth(1)?.parse().ok()?;
-    Some((code, text))
 }
 
 #[tokio::test]

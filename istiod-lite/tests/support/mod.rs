@@ -1,9 +1,9 @@
 //! What the istiod-lite integration tests share: bounded waits, the serving certificate of a test
-//! control plane, and ztunnel's view of where that control plane is.
+//! control plane, ztunnel's view of where that control plane is, and running the binary.
 
 #![allow(dead_code)] // each test file uses a part
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -55,4 +55,63 @@ pub(crate) fn control_plane(port: u16, root: PathBuf, token: Option<&str>) -> Co
         headers: Vec::new(),
         connect_timeout: Duration::from_secs(5),
     }
+}
+
+/// The built binary, killed when dropped.
+pub(crate) struct Binary(pub(crate) std::process::Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub(crate) fn istiod_lite() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_istiod-lite"));
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+/// Runs the binary expecting it to refuse its command line; returns what it printed.
+pub(crate) fn refused(args: &[&str]) -> String {
+    let output = istiod_lite().args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "{args:?} was accepted: {text}");
+    text
+}
+
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on `addr`: the status code, or None if nothing answers.
+pub(crate) async fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    Some((code, text))
 }

@@ -31,7 +31,6 @@ use tonic::transport::Server;
 use ztunnel::caclient::CaClient;
 use ztunnel::control::ControlPlane;
 use ztunnel::mesh::MeshState;
-use ztunnel::xds::{XdsClient, XdsConfig};
 
 const OBJECTS: &str = r#"
 apiVersion: v1
@@ -143,22 +142,7 @@ async fn ztunnel_syncs_receives_deltas_and_resumes_without_resends() {
     let cp = Fixture::start().await;
     let state = MeshState::new("node-1");
     let readiness = Readiness::new();
-    let (_trigger, drain) = ambit_core::drain::new();
-    let client = XdsClient::new(
-        XdsConfig {
-            control_plane: cp.control(Some("node-1-token")),
-            node: ambit_proto::envoy_core::Node {
-                id: "ztunnel~10.0.0.1~zt.istio-system~istio-system.svc.cluster.local".into(),
-                ..Default::default()
-            },
-            backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(100),
-        },
-        state.clone(),
-        Registry::new(),
-        Some(readiness.register("xds")),
-    );
-    tokio::spawn(client.run(drain));
+    let _client = support::start_xds_client(cp.control(Some("node-1-token")), &state, &readiness);
     eventually("initial sync", || {
         readiness.is_ready() && state.index().len() == (2, 1)
     })
@@ -344,26 +328,15 @@ async fn the_binary_closes_xds_streams_and_exits_on_sigterm() {
     // A ztunnel holds an xDS stream open, as every ztunnel of a cluster does.
     let state = MeshState::new("node-1");
     let readiness = Readiness::new();
-    let (_trigger, drain) = ambit_core::drain::new();
-    let client = XdsClient::new(
-        XdsConfig {
-            control_plane: support::control_plane(
-                listen.port(),
-                ca.join("root-cert.pem"),
-                Some("node-1-token"),
-            ),
-            node: ambit_proto::envoy_core::Node {
-                id: "ztunnel~10.0.0.1~zt.istio-system~istio-system.svc.cluster.local".into(),
-                ..Default::default()
-            },
-            backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(100),
-        },
-        state.clone(),
-        Registry::new(),
-        Some(readiness.register("xds")),
+    let client_task = support::start_xds_client(
+        support::control_plane(
+            listen.port(),
+            ca.join("root-cert.pem"),
+            Some("node-1-token"),
+        ),
+        &state,
+        &readiness,
     );
-    let client_task = tokio::spawn(client.run(drain));
     eventually("ztunnel synced", || {
         readiness.is_ready() && state.index().len() == (2, 1)
     })

@@ -31,7 +31,6 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use ztunnel::mesh::MeshState;
-use ztunnel::xds::{XdsClient, XdsConfig};
 
 fn namespace(name: &str, ambient: bool) -> Value {
     let labels = if ambient {
@@ -596,26 +595,15 @@ async fn ztunnel_receives_the_state_from_a_kubernetes_sourced_server() {
 
     let state = MeshState::new("node-1");
     let readiness = Readiness::new();
-    let (_trigger, drain) = ambit_core::drain::new();
-    let client = XdsClient::new(
-        XdsConfig {
-            control_plane: support::control_plane(
-                addr.port(),
-                dir.path().join("ca/root-cert.pem"),
-                Some("node-1-token"),
-            ),
-            node: ambit_proto::envoy_core::Node {
-                id: "ztunnel~10.0.0.1~zt.istio-system~istio-system.svc.cluster.local".into(),
-                ..Default::default()
-            },
-            backoff_initial: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(100),
-        },
-        state.clone(),
-        Registry::new(),
-        Some(readiness.register("xds")),
+    let client_task = support::start_xds_client(
+        support::control_plane(
+            addr.port(),
+            dir.path().join("ca/root-cert.pem"),
+            Some("node-1-token"),
+        ),
+        &state,
+        &readiness,
     );
-    let client_task = tokio::spawn(client.run(drain));
     eventually("ztunnel synced the Kubernetes state", || {
         readiness.is_ready()
             && state.index().len() == (2, 1)

@@ -7,10 +7,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ambit_core::metrics::Registry;
+use ambit_core::readiness::Readiness;
 use ambit_identity::Identity;
 use ambit_identity::ca::CertificateAuthority;
 use tonic::transport::ServerTlsConfig;
 use ztunnel::control::{ControlPlane, TokenSource};
+use ztunnel::mesh::MeshState;
+use ztunnel::xds::{XdsClient, XdsConfig};
 
 /// Bound on every wait.
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
@@ -114,4 +118,33 @@ pub(crate) async fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, St
     let text = String::from_utf8_lossy(&response).to_string();
     let code = text.split(' ').nth(1)?.parse().ok()?;
     Some((code, text))
+}
+
+/// Node 1's ztunnel xDS client against `control_plane`, filling `state` and registering `xds` in
+/// `readiness`; it runs until the returned task is aborted.
+pub(crate) fn start_xds_client(
+    control_plane: ControlPlane,
+    state: &MeshState,
+    readiness: &Readiness,
+) -> tokio::task::JoinHandle<()> {
+    let client = XdsClient::new(
+        XdsConfig {
+            control_plane,
+            node: ambit_proto::envoy_core::Node {
+                id: "ztunnel~10.0.0.1~zt.istio-system~istio-system.svc.cluster.local".into(),
+                ..Default::default()
+            },
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(100),
+        },
+        state.clone(),
+        Registry::new(),
+        Some(readiness.register("xds")),
+    );
+    let (trigger, drain) = ambit_core::drain::new();
+    tokio::spawn(async move {
+        // A dropped trigger counts as a drain: keep it as long as the client runs.
+        let _trigger = trigger;
+        client.run(drain).await;
+    })
 }

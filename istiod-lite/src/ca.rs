@@ -61,6 +61,7 @@ pub struct LoadedCa {
 }
 
 /// One PEM certificate block as text and DER.
+#[derive(Clone)]
 struct Block {
     text: String,
     der: Vec<u8>,
@@ -186,14 +187,7 @@ pub fn check_ca(material: &CaMaterial, name: &dyn Fn(&str) -> String) -> anyhow:
                     name(ROOT_CERT)
                 );
             }
-            let root = if chain.is_empty() {
-                Block {
-                    text: ca_block.text.clone(),
-                    der: ca_block.der.clone(),
-                }
-            } else {
-                chain.pop().expect("not empty")
-            };
+            let root = chain.pop().unwrap_or_else(|| ca_block.clone());
             let text = root.text.clone();
             (vec![root], text)
         }

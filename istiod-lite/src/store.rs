@@ -76,10 +76,9 @@ fn changed_names(old: &BTreeMap<String, Entry>, new: &BTreeMap<String, Entry>) -
 /// upgraded istiod-lite is still sent nothing it holds.
 fn version_of(bytes: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    format!("{:016x}", u64::from_be_bytes(first))
 }
 
 fn entries<M: prost::Name>(resources: &BTreeMap<String, M>) -> BTreeMap<String, Entry> {

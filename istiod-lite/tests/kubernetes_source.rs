@@ -205,6 +205,20 @@ async fn start_source(server: &FakeApiServer, debounce: Duration) -> Source {
     }
 }
 
+/// Serves `objects` from `server`, starts a source on it and waits until it serves exactly them.
+async fn synced_source(server: &FakeApiServer, objects: &[Value], debounce: Duration) -> Source {
+    for object in objects {
+        server.apply(object.clone());
+    }
+    let source = start_source(server, debounce).await;
+    let want = expected(objects);
+    eventually("the initial state is served", || {
+        held(&source.store) == want
+    })
+    .await;
+    source
+}
+
 /// Collection lists (not watches) of `path`.
 fn lists(requests: &[RecordedRequest], path: &str) -> usize {
     requests
@@ -226,15 +240,7 @@ fn watches(requests: &[RecordedRequest], path: &str) -> Vec<RecordedRequest> {
 async fn api_objects_become_workload_resources_translated_once_and_relabelled() {
     let server = FakeApiServer::start().await;
     let mut objects = demo();
-    for object in &objects {
-        server.apply(object.clone());
-    }
-    let source = start_source(&server, Duration::from_millis(100)).await;
-    let want = expected(&objects);
-    eventually("the initial state is served", || {
-        held(&source.store) == want
-    })
-    .await;
+    let source = synced_source(&server, &objects, Duration::from_millis(100)).await;
     assert!(
         source.readiness.is_ready(),
         "{:?}",
@@ -327,15 +333,7 @@ async fn api_objects_become_workload_resources_translated_once_and_relabelled() 
 async fn a_dropped_watch_resumes_without_relisting_and_delivers_changes_made_meanwhile() {
     let server = FakeApiServer::start().await;
     let mut objects = demo();
-    for object in &objects {
-        server.apply(object.clone());
-    }
-    let source = start_source(&server, Duration::from_millis(20)).await;
-    let want = expected(&objects);
-    eventually("the initial state is served", || {
-        held(&source.store) == want
-    })
-    .await;
+    let source = synced_source(&server, &objects, Duration::from_millis(20)).await;
     assert!(server.wait_for_watches("/api/v1/pods", 1, WAIT).await);
 
     server.drop_watches();
@@ -365,15 +363,7 @@ async fn a_dropped_watch_resumes_without_relisting_and_delivers_changes_made_mea
 async fn compaction_forces_a_relist_that_forgets_objects_deleted_meanwhile() {
     let server = FakeApiServer::start().await;
     let mut objects = demo();
-    for object in &objects {
-        server.apply(object.clone());
-    }
-    let source = start_source(&server, Duration::from_millis(20)).await;
-    let want = expected(&objects);
-    eventually("the initial state is served", || {
-        held(&source.store) == want
-    })
-    .await;
+    let source = synced_source(&server, &objects, Duration::from_millis(20)).await;
     assert!(server.wait_for_watches("/api/v1/pods", 1, WAIT).await);
     assert!(workloads(&source.store).contains_key("demo/echo"));
 
@@ -516,15 +506,7 @@ async fn gateways_and_their_class_from_the_api_server_bind_waypoints() {
     objects[0] = ns;
     objects.push(waypoint_gateway());
     objects.push(waypoint_class("workload"));
-    for object in &objects {
-        server.apply(object.clone());
-    }
-    let source = start_source(&server, Duration::from_millis(50)).await;
-    let want = expected(&objects);
-    eventually("the initial state is served", || {
-        held(&source.store) == want
-    })
-    .await;
+    let source = synced_source(&server, &objects, Duration::from_millis(50)).await;
     let bound = |store: &Store| {
         workloads(store)["demo/echo"]
             .waypoint

@@ -12,7 +12,6 @@ use std::time::Duration;
 use ambit_core::metrics::Registry;
 use ambit_fake_apiserver::FakeApiServer;
 use ambit_identity::Identity;
-use ambit_kube::client::{ConnectOptions, connect};
 use ambit_mesh::parse_documents;
 use ambit_mesh::translate::{Cluster, MeshSettings, translate};
 use ambit_proto::ca::IstioCertificateRequest;
@@ -32,15 +31,6 @@ use serde_json::{Value, json};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 const NS: &str = "istio-system";
-
-async fn client(server: &FakeApiServer) -> kube::Client {
-    connect(&ConnectOptions {
-        url: Some(server.url()),
-        kubeconfig: None,
-    })
-    .await
-    .expect("client for the fake API server")
-}
 
 /// An operator's CA: a root and an intermediate signed by it (the intermediate signs workloads).
 struct OperatorCa {
@@ -132,7 +122,7 @@ fn cacerts(ca: &OperatorCa, key_pem: &str) -> Value {
 #[tokio::test]
 async fn first_start_creates_istio_ca_secret_and_later_starts_reuse_it() {
     let server = FakeApiServer::start().await;
-    let client = client(&server).await;
+    let client = support::kube_client(&server).await;
     let first = load_or_create_in_secrets(client.clone(), NS, "cluster.local")
         .await
         .unwrap();
@@ -177,9 +167,10 @@ async fn cacerts_is_used_and_leaves_chain_to_the_operators_root() {
     let server = FakeApiServer::start().await;
     let ca = operator_ca("operator");
     server.apply(cacerts(&ca, &ca.ca_key_pem));
-    let loaded = load_or_create_in_secrets(client(&server).await, NS, "cluster.local")
-        .await
-        .unwrap();
+    let loaded =
+        load_or_create_in_secrets(support::kube_client(&server).await, NS, "cluster.local")
+            .await
+            .unwrap();
     assert_eq!(loaded.root_pem, ca.root_pem, "workloads get root-cert.pem");
     assert!(
         server.get("v1", "Secret", NS, SELF_SIGNED_SECRET).is_none(),
@@ -199,7 +190,7 @@ async fn cacerts_is_used_and_leaves_chain_to_the_operators_root() {
 #[tokio::test]
 async fn cacerts_that_do_not_fit_together_are_refused_naming_the_key() {
     let server = FakeApiServer::start().await;
-    let client = client(&server).await;
+    let client = support::kube_client(&server).await;
     let ca = operator_ca("operator");
     let other = operator_ca("other");
     server.apply(cacerts(&ca, &other.ca_key_pem));
@@ -292,7 +283,10 @@ async fn the_root_configmap_is_in_every_namespace_and_comes_back() {
         "data": {"root-cert.pem": "not ours"},
     }));
     let root = "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n".to_string();
-    let task = tokio::spawn(publish_root(client(&server).await, root.clone()));
+    let task = tokio::spawn(publish_root(
+        support::kube_client(&server).await,
+        root.clone(),
+    ));
 
     eventually("published in existing namespaces", || {
         root_in(&server, "istio-system").as_ref() == Some(&root)
@@ -450,7 +444,7 @@ async fn cluster() -> Cluster1 {
             review(request["spec"]["token"].as_str().unwrap_or(""))
         });
     }
-    let client = client(&server).await;
+    let client = support::kube_client(&server).await;
     let loaded = load_or_create_in_secrets(client.clone(), NS, "cluster.local")
         .await
         .unwrap();
@@ -871,7 +865,7 @@ async fn kubernetes_mode_keeps_the_ca_in_secrets_reviews_tokens_and_publishes_th
         review(request["spec"]["token"].as_str().unwrap_or(""))
     });
     server.apply(namespace("demo"));
-    let client = client(&server).await;
+    let client = support::kube_client(&server).await;
     let store = store_with_pods();
     let options = CaOptions {
         ca_dir: None,

@@ -17,7 +17,6 @@ use std::time::Duration;
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
 use ambit_fake_apiserver::{FakeApiServer, RecordedRequest};
-use ambit_kube::client::{ConnectOptions, connect};
 use ambit_mesh::translate::{Cluster, MeshSettings, translate};
 use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use ambit_proto::workload::{Address, TunnelProtocol, Workload, address};
@@ -176,21 +175,12 @@ impl Drop for Source {
     }
 }
 
-async fn client(server: &FakeApiServer) -> kube::Client {
-    connect(&ConnectOptions {
-        url: Some(server.url()),
-        kubeconfig: None,
-    })
-    .await
-    .expect("client for the fake API server")
-}
-
 async fn start_source(server: &FakeApiServer, debounce: Duration) -> Source {
     let store = Store::new();
     let metrics = Registry::new();
     let readiness = Readiness::new();
     let task = tokio::spawn(watch_kubernetes(
-        client(server).await,
+        support::kube_client(server).await,
         MeshSettings::default(),
         store.clone(),
         metrics.clone(),

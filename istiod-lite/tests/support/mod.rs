@@ -148,3 +148,13 @@ pub(crate) fn start_xds_client(
         client.run(drain).await;
     })
 }
+
+/// A kube-rs client for the scripted API server.
+pub(crate) async fn kube_client(server: &ambit_fake_apiserver::FakeApiServer) -> kube::Client {
+    ambit_kube::client::connect(&ambit_kube::client::ConnectOptions {
+        url: Some(server.url()),
+        kubeconfig: None,
+    })
+    .await
+    .expect("client for the fake API server")
+}

@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/istio/authorization.proto",
     "proto/istio/zds.proto",
     "proto/istio/ca.proto",
+    "proto/ambit/waypoint.proto",
     "proto/envoy/config/core/v3/base.proto",
     "proto/envoy/service/discovery/v3/discovery.proto",
     "proto/google/rpc/status.proto",

@@ -13,6 +13,7 @@
 //! | [`discovery`] | `envoy.service.discovery.v3` | the delta ADS stream (`DeltaAggregatedResources`) carrying WDS and authorization resources |
 //! | [`envoy_core`] | `envoy.config.core.v3` | the `Node` a client identifies itself with, plus `Locality` and `ControlPlane` |
 //! | [`google_rpc`] | `google.rpc` | `Status`, the error detail of an xDS NACK |
+//! | [`waypoint`] | `ambit.waypoint.v1` | Ambit's own waypoint resources: routes (HTTPRoute/GRPCRoute) and L7 authorization policies |
 //!
 //! Every generated message implements [`prost::Name`] with the `type.googleapis.com/` prefix,
 //! so [`pack_any`] and [`unpack_any`] produce and accept the type URLs xDS peers use.
@@ -57,6 +58,18 @@ mod generated {
         }
     }
 
+    pub(crate) mod ambit {
+        pub(crate) mod waypoint {
+            /// Ambit's waypoint resources (`ambit.waypoint.v1`): one [`Route`](v1::Route) per
+            /// HTTPRoute/GRPCRoute bound to a Service and one [`Policy`](v1::Policy) per
+            /// AuthorizationPolicy a waypoint enforces. Type URLs: [`crate::ROUTE_TYPE_URL`],
+            /// [`crate::L7_POLICY_TYPE_URL`].
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/ambit.waypoint.v1.rs"));
+            }
+        }
+    }
+
     pub(crate) mod envoy {
         pub(crate) mod service {
             pub(crate) mod discovery {
@@ -88,6 +101,7 @@ mod generated {
     }
 }
 
+pub use generated::ambit::waypoint::v1 as waypoint;
 pub use generated::envoy::config::core::v3 as envoy_core;
 pub use generated::envoy::service::discovery::v3 as discovery;
 pub use generated::google::rpc as google_rpc;
@@ -101,6 +115,12 @@ pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 
 /// Type URL of L4 authorization policies (`istio.security.Authorization`) on the delta xDS stream.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+
+/// Type URL of a waypoint route (`ambit.waypoint.v1.Route`: one HTTPRoute or GRPCRoute).
+pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.Route";
+
+/// Type URL of a waypoint's L7 authorization policy (`ambit.waypoint.v1.Policy`).
+pub const L7_POLICY_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.Policy";
 
 /// Why an `Any` could not be turned back into the expected message.
 #[derive(Debug, Error)]
@@ -173,6 +193,25 @@ impl workload::Address {
             workload::address::Type::Workload(w) => Some(w.uid.clone()),
             workload::address::Type::Service(s) => Some(s.resource_name()),
         }
+    }
+}
+
+impl waypoint::Route {
+    /// The xDS resource name of a route: `<kind>/<namespace>/<name>`, kind `HTTPRoute` or
+    /// `GRPCRoute`.
+    pub fn resource_name(&self) -> String {
+        let kind = match self.kind() {
+            waypoint::RouteKind::Http => "HTTPRoute",
+            waypoint::RouteKind::Grpc => "GRPCRoute",
+        };
+        format!("{kind}/{}/{}", self.namespace, self.name)
+    }
+}
+
+impl waypoint::Policy {
+    /// The xDS resource name of a waypoint policy: `<namespace>/<name>`.
+    pub fn resource_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
     }
 }
 

@@ -1,0 +1,2 @@
+//! The workload and service index proxies route by, with endpoint choice.
+#![forbid(unsafe_code)]

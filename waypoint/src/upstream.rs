@@ -1,0 +1,440 @@
+//! HTTP connections to backends: HTTP/1.1 or HTTP/2 over a byte stream the [`Dial`] opens (in
+//! production an HBONE tunnel to the chosen pod), pooled per endpoint and protocol.
+//!
+//! - HTTP/2: one multiplexed connection per endpoint, redialled when it closes.
+//! - HTTP/1.1: idle connections kept per endpoint; a connection goes back to the pool when its
+//!   response body has been read to the end, and is dropped (closed) when the body is abandoned.
+//! - Dialling is serialized per endpoint, so a burst of requests to a cold endpoint opens one
+//!   connection for HTTP/2 instead of a storm.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use thiserror::Error;
+
+/// Error type of request bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The request body type sent upstream.
+pub type RequestBody = BoxBody<Bytes, BoxError>;
+
+/// A byte stream to a backend.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A boxed byte stream.
+pub type BoxedIo = Box<dyn Io>;
+
+/// The HTTP version spoken to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 (prior knowledge, cleartext inside the tunnel).
+    Http2,
+}
+
+/// Opens byte streams to backends.
+pub trait Dial: Send + Sync + 'static {
+    /// A new stream to `endpoint` (`podIP:targetPort`).
+    fn dial(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Pin<Box<dyn Future<Output = Result<BoxedIo, UpstreamError>> + Send>>;
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// `podIP:targetPort`: the HBONE authority.
+    pub addr: SocketAddr,
+    /// Identities the backend may prove (the pod's, plus the Service's SANs).
+    pub identities: Vec<String>,
+}
+
+/// Why a request could not be sent or answered.
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    /// The tunnel or connection to the backend could not be opened.
+    #[error("could not connect to {endpoint}: {reason}")]
+    Connect {
+        /// The backend.
+        endpoint: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The HTTP handshake failed.
+    #[error("HTTP handshake with {endpoint} failed: {source}")]
+    Handshake {
+        /// The backend.
+        endpoint: SocketAddr,
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The backend reset or closed the connection before answering.
+    #[error("{endpoint} reset the request: {source}")]
+    Reset {
+        /// The backend.
+        endpoint: SocketAddr,
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// True when the failure happened before anything was sent (safe to report as a connect
+    /// failure, flag `UF`); otherwise the backend reset (`UR`).
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. }
+        )
+    }
+}
+
+type Key = (SocketAddr, Protocol);
+
+#[derive(Default)]
+struct PerKey {
+    h2: Option<http2::SendRequest<RequestBody>>,
+    idle_h1: Vec<http1::SendRequest<RequestBody>>,
+}
+
+/// Backend connections. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstreams {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dial: Arc<dyn Dial>,
+    keys: Mutex<HashMap<Key, PerKey>>,
+    dial_locks: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    max_idle_per_endpoint: usize,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How long a pooled HTTP/1.1 connection may take to become ready for its next request.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+impl Upstreams {
+    /// Backend connections opened through `dial`.
+    pub fn new(dial: Arc<dyn Dial>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                dial,
+                keys: Mutex::new(HashMap::new()),
+                dial_locks: Mutex::new(HashMap::new()),
+                max_idle_per_endpoint: 64,
+            }),
+        }
+    }
+
+    /// Sends `request` to `endpoint` with `protocol`. The request's URI is turned into the form
+    /// the protocol needs (origin-form and `Host` for HTTP/1.1; scheme + `:authority` from the
+    /// Host for HTTP/2), keeping the host the client asked for.
+    pub async fn send(
+        &self,
+        endpoint: &Endpoint,
+        protocol: Protocol,
+        request: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let request = shape(request, protocol);
+        let key = (endpoint.addr, protocol);
+        match protocol {
+            Protocol::Http2 => {
+                let mut sender = self.h2_sender(endpoint, key).await?;
+                let response =
+                    sender
+                        .send_request(request)
+                        .await
+                        .map_err(|source| UpstreamError::Reset {
+                            endpoint: endpoint.addr,
+                            source,
+                        })?;
+                Ok(response.map(|body| UpstreamBody::new(body, None)))
+            }
+            Protocol::Http1 => {
+                let mut sender = self.h1_sender(endpoint, key).await?;
+                let response =
+                    sender
+                        .send_request(request)
+                        .await
+                        .map_err(|source| UpstreamError::Reset {
+                            endpoint: endpoint.addr,
+                            source,
+                        })?;
+                Ok(self.return_on_end(key, sender, response))
+            }
+        }
+    }
+
+    /// Sends an HTTP/1.1 request on a connection of its own that is never pooled (Upgrade).
+    pub async fn send_unpooled(
+        &self,
+        endpoint: &Endpoint,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let request = shape(request, Protocol::Http1);
+        let mut sender = self.dial_h1(endpoint).await?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|source| UpstreamError::Reset {
+                endpoint: endpoint.addr,
+                source,
+            })
+    }
+
+    fn dial_lock(&self, key: Key) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.inner.dial_locks).entry(key).or_default().clone()
+    }
+
+    async fn h2_sender(
+        &self,
+        endpoint: &Endpoint,
+        key: Key,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+        if let Some(sender) = self.live_h2(key) {
+            return Ok(sender);
+        }
+        let dial_lock = self.dial_lock(key);
+        let _dialing = dial_lock.lock().await;
+        if let Some(sender) = self.live_h2(key) {
+            return Ok(sender);
+        }
+        let io = self.inner.dial.dial(endpoint).await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                endpoint: endpoint.addr,
+                source,
+            })?;
+        let addr = endpoint.addr;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
+            }
+        });
+        lock(&self.inner.keys).entry(key).or_default().h2 = Some(sender.clone());
+        Ok(sender)
+    }
+
+    fn live_h2(&self, key: Key) -> Option<http2::SendRequest<RequestBody>> {
+        let mut keys = lock(&self.inner.keys);
+        let entry = keys.get_mut(&key)?;
+        match &entry.h2 {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            _ => {
+                entry.h2 = None;
+                None
+            }
+        }
+    }
+
+    async fn h1_sender(
+        &self,
+        endpoint: &Endpoint,
+        key: Key,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        loop {
+            let candidate = lock(&self.inner.keys)
+                .get_mut(&key)
+                .and_then(|e| e.idle_h1.pop());
+            let Some(mut sender) = candidate else {
+                break;
+            };
+            if sender.is_closed() {
+                continue;
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                return Ok(sender);
+            }
+        }
+        self.dial_h1(endpoint).await
+    }
+
+    async fn dial_h1(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let io = self.inner.dial.dial(endpoint).await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                endpoint: endpoint.addr,
+                source,
+            })?;
+        let addr = endpoint.addr;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%addr, %error, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn return_on_end(
+        &self,
+        key: Key,
+        sender: http1::SendRequest<RequestBody>,
+        response: Response<Incoming>,
+    ) -> Response<UpstreamBody> {
+        let (parts, body) = response.into_parts();
+        if body.is_end_stream() {
+            self.give_back(key, sender);
+            return Response::from_parts(parts, UpstreamBody::new(body, None));
+        }
+        let upstreams = self.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            // The body signals a clean end; a dropped signal means it was abandoned, and the
+            // connection (with an unread response in it) is closed with the sender.
+            if rx.await.is_ok() {
+                upstreams.give_back(key, sender);
+            }
+        });
+        Response::from_parts(parts, UpstreamBody::new(body, Some(tx)))
+    }
+
+    fn give_back(&self, key: Key, sender: http1::SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut keys = lock(&self.inner.keys);
+        let idle = &mut keys.entry(key).or_default().idle_h1;
+        if idle.len() < self.inner.max_idle_per_endpoint {
+            idle.push(sender);
+        }
+    }
+}
+
+/// Puts the request in the form `protocol` needs, keeping the host the client asked for.
+fn shape(mut request: Request<RequestBody>, protocol: Protocol) -> Request<RequestBody> {
+    let host = request
+        .headers()
+        .get(http::header::HOST)
+        .cloned()
+        .or_else(|| {
+            request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    match protocol {
+        Protocol::Http1 => {
+            *request.version_mut() = http::Version::HTTP_11;
+            if let Ok(uri) = path_and_query.parse::<Uri>() {
+                *request.uri_mut() = uri;
+            }
+            if let Some(host) = host {
+                request.headers_mut().insert(http::header::HOST, host);
+            }
+        }
+        Protocol::Http2 => {
+            *request.version_mut() = http::Version::HTTP_2;
+            let authority = host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost")
+                .to_string();
+            if let Ok(uri) = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path_and_query)
+                .build()
+            {
+                *request.uri_mut() = uri;
+            }
+            request.headers_mut().remove(http::header::HOST);
+            for name in [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "transfer-encoding",
+                "upgrade",
+            ] {
+                request.headers_mut().remove(name);
+            }
+        }
+    }
+    request
+}
+
+/// A backend's response body; for HTTP/1.1 it tells the pool its connection is free once read to
+/// the end.
+pub struct UpstreamBody {
+    inner: Incoming,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("pooled", &self.done.is_some())
+            .finish()
+    }
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, done: Option<tokio::sync::oneshot::Sender<()>>) -> Self {
+        Self { inner, done }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled
+            && let Some(done) = self.done.take()
+        {
+            let _ = done.send(());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -14,7 +14,7 @@ pub mod inpod;
 pub mod localconfig;
 pub mod mesh;
 pub mod proxy;
-pub mod rbac;
+pub use ambit_authz as rbac;
 pub mod socket;
 pub mod state;
 pub mod xds;

@@ -1,33 +1,27 @@
-//! L4 authorization with Istio's semantics.
+//! The policy model with Istio's semantics, how one policy matches a connection or a request, and
+//! the conversion from the two wire forms into it.
 //!
-//! Policies arrive as `istio.security.Authorization` resources and are validated into [`Policy`]
-//! values once, when they are received, so the per-connection check does no parsing. A
-//! connection is checked at its destination against every applicable policy:
-//!
-//! 1. any matching DENY policy denies;
-//! 2. with no ALLOW policy the connection is allowed;
-//! 3. a matching ALLOW policy allows;
-//! 4. otherwise it is denied.
+//! Policies arrive as `istio.security.Authorization` (ztunnel, L4) or `ambit.waypoint.v1.Policy`
+//! (waypoints, L7) resources and are validated into [`Policy`] values once, when they are
+//! received, so the per-connection and per-request checks do no parsing.
 //!
 //! A policy matches when any of its rules matches; a rule when all of its clauses match (a rule
 //! with no clauses matches); a clause when any of its matches matches; a match when every field
 //! it sets matches (values within a field are alternatives, and a `not_` field fails when any of
-//! its values matches). A policy with no rules never matches. Dry-run policies are evaluated and
-//! reported but never change the verdict.
-//!
-//! The source identity comes only from a [`VerifiedPeer`], so a caller cannot be authorized on a
-//! name it merely claimed.
+//! its values matches). A policy with no rules never matches. A waypoint rule's `from`, `to` and
+//! each `when` condition become one clause each, so "from AND to AND when, values ORed" is the
+//! same structure.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::IpAddr;
 
 use ambit_identity::Identity;
-use ambit_identity::tls::VerifiedPeer;
 use ambit_proto::security as pb;
+use ambit_proto::waypoint as wp;
 use ipnet::IpNet;
 use thiserror::Error;
+
+use crate::context::{Facts, RequestContext, Subject};
 
 /// A policy that could not be accepted; the message names the policy and the field.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -50,15 +44,19 @@ pub enum Scope {
     Namespace,
     /// Only workloads that list the policy in their `authorization_policies`.
     WorkloadSelector,
+    /// The Gateways, Services or GatewayClasses in [`Policy::targets`] (waypoint policies).
+    Targets,
 }
 
 /// What a matching policy does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Allow the connection.
+    /// Allow the connection or request.
     Allow,
-    /// Deny the connection.
+    /// Deny the connection or request.
     Deny,
+    /// Report the match; never changes the verdict.
+    Audit,
 }
 
 impl fmt::Display for Action {
@@ -66,11 +64,33 @@ impl fmt::Display for Action {
         f.write_str(match self {
             Action::Allow => "ALLOW",
             Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
         })
     }
 }
 
-/// A string condition on a principal or namespace.
+/// What a waypoint policy is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    /// A Gateway (the waypoint itself), `namespace/name`.
+    Gateway(String),
+    /// A Service, by its address resource name `namespace/hostname`.
+    Service(String),
+    /// A GatewayClass by name (`istio-waypoint`): every waypoint of that class.
+    GatewayClass(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Gateway(g) => write!(f, "Gateway {g}"),
+            Target::Service(s) => write!(f, "Service {s}"),
+            Target::GatewayClass(c) => write!(f, "GatewayClass {c}"),
+        }
+    }
+}
+
+/// A string condition, in Istio's forms: `exact`, `prefix*`, `*suffix` and `*` (presence).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StringMatch {
     /// Equal to.
@@ -79,12 +99,14 @@ pub enum StringMatch {
     Prefix(String),
     /// Ends with.
     Suffix(String),
-    /// Any non-empty value (used for "any authenticated peer").
+    /// Any non-empty value (used for "any authenticated peer"); for a header, the header is
+    /// present.
     Presence,
 }
 
 impl StringMatch {
-    fn matches(&self, value: &str) -> bool {
+    /// True when `value` satisfies the condition (case-sensitive).
+    pub fn matches(&self, value: &str) -> bool {
         match self {
             StringMatch::Exact(s) => value == s,
             StringMatch::Prefix(s) => value.starts_with(s.as_str()),
@@ -92,9 +114,39 @@ impl StringMatch {
             StringMatch::Presence => !value.is_empty(),
         }
     }
+
+    /// [`matches`](Self::matches) ignoring ASCII case (host names).
+    pub fn matches_ignore_ascii_case(&self, value: &str) -> bool {
+        let v = value.as_bytes();
+        match self {
+            StringMatch::Exact(e) => v.eq_ignore_ascii_case(e.as_bytes()),
+            StringMatch::Prefix(p) => {
+                v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            StringMatch::Suffix(x) => {
+                v.len() >= x.len() && v[v.len() - x.len()..].eq_ignore_ascii_case(x.as_bytes())
+            }
+            StringMatch::Presence => !v.is_empty(),
+        }
+    }
+}
+
+/// A `when` condition on a request header: `request.headers[<name>]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderMatch {
+    /// Lower-cased header name.
+    pub name: String,
+    /// The header's value matches any of these (when non-empty).
+    pub values: Vec<StringMatch>,
+    /// The header's value matches none of these.
+    pub not_values: Vec<StringMatch>,
 }
 
 /// One match: every field it sets must hold.
+///
+/// The L4 fields come from the connection (the source identity only from a verified peer);
+/// `hosts`, `methods`, `paths` and `headers` (and their `not_` forms) need an HTTP request: see
+/// the crate documentation for what they do on plain TCP.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Match {
     /// Source namespace (from the verified identity).
@@ -121,6 +173,124 @@ pub struct Match {
     pub destination_ports: Vec<u16>,
     /// Destination port is none of these.
     pub not_destination_ports: Vec<u16>,
+    /// Request host (authority without port, compared ignoring case) matches one of these.
+    pub hosts: Vec<StringMatch>,
+    /// Request host matches none of these.
+    pub not_hosts: Vec<StringMatch>,
+    /// Request method matches one of these.
+    pub methods: Vec<StringMatch>,
+    /// Request method matches none of these.
+    pub not_methods: Vec<StringMatch>,
+    /// Request path (without query) matches one of these.
+    pub paths: Vec<StringMatch>,
+    /// Request path matches none of these.
+    pub not_paths: Vec<StringMatch>,
+    /// Every header condition holds.
+    pub headers: Vec<HeaderMatch>,
+}
+
+impl Match {
+    /// True when the match sets a field only an HTTP request has.
+    pub fn needs_request(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.headers.is_empty())
+    }
+
+    /// Whether the match holds. `without_request` is the value of a request field when there is
+    /// no request (plain TCP): false for ALLOW and AUDIT, true for DENY.
+    fn holds(&self, facts: &Facts<'_>, without_request: bool) -> bool {
+        let conn = facts.conn;
+        let identity = conn.src_identity();
+        let principal = facts.principal.as_deref();
+        let namespace = identity.map(Identity::namespace);
+        let is_sa = |pairs: &[(String, String)]| {
+            identity.is_some_and(|id| {
+                pairs
+                    .iter()
+                    .any(|(ns, sa)| ns == id.namespace() && sa == id.service_account())
+            })
+        };
+        let in_any = |nets: &[IpNet], ip: IpAddr| nets.iter().any(|n| n.contains(&ip));
+        let src_ip = conn.src_ip();
+        let dst_ip = conn.dst().ip();
+        let port = conn.dst().port();
+
+        let l4 = (self.namespaces.is_empty() || any_string(&self.namespaces, namespace))
+            && !any_string(&self.not_namespaces, namespace)
+            && (self.principals.is_empty() || any_string(&self.principals, principal))
+            && !any_string(&self.not_principals, principal)
+            && (self.service_accounts.is_empty() || is_sa(&self.service_accounts))
+            && !is_sa(&self.not_service_accounts)
+            && (self.source_ips.is_empty() || in_any(&self.source_ips, src_ip))
+            && !in_any(&self.not_source_ips, src_ip)
+            && (self.destination_ips.is_empty() || in_any(&self.destination_ips, dst_ip))
+            && !in_any(&self.not_destination_ips, dst_ip)
+            && (self.destination_ports.is_empty() || self.destination_ports.contains(&port))
+            && !self.not_destination_ports.contains(&port);
+        if !l4 {
+            return false;
+        }
+        if !self.needs_request() {
+            return true;
+        }
+        let Some(request) = facts.request else {
+            return without_request;
+        };
+        self.request_holds(request)
+    }
+
+    fn request_holds(&self, r: &RequestContext<'_>) -> bool {
+        let host = |ms: &[StringMatch]| ms.iter().any(|m| m.matches_ignore_ascii_case(r.host()));
+        let method = |ms: &[StringMatch]| ms.iter().any(|m| m.matches(r.method()));
+        let path = |ms: &[StringMatch]| ms.iter().any(|m| m.matches(r.path()));
+        (self.hosts.is_empty() || host(&self.hosts))
+            && !host(&self.not_hosts)
+            && (self.methods.is_empty() || method(&self.methods))
+            && !method(&self.not_methods)
+            && (self.paths.is_empty() || path(&self.paths))
+            && !path(&self.not_paths)
+            && self.headers.iter().all(|h| h.holds(r))
+    }
+}
+
+impl HeaderMatch {
+    fn holds(&self, r: &RequestContext<'_>) -> bool {
+        let value = r.header(&self.name);
+        let any = |ms: &[StringMatch]| {
+            value.as_deref().is_some_and(|v| {
+                ms.iter().any(|m| match m {
+                    // A header that is present, even empty, satisfies `*`.
+                    StringMatch::Presence => true,
+                    other => other.matches(v),
+                })
+            })
+        };
+        (self.values.is_empty() || any(&self.values)) && !any(&self.not_values)
+    }
+}
+
+/// Positive conditions need a value to hold; `not_` conditions fail only when a value matches.
+fn any_string(conditions: &[StringMatch], value: Option<&str>) -> bool {
+    value.is_some_and(|v| conditions.iter().any(|c| c.matches(v)))
+}
+
+/// Alternatives: the clause holds when any of its matches holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Clause {
+    /// ORed.
+    pub matches: Vec<Match>,
+}
+
+/// One rule: every clause must hold (a rule with no clauses matches everything).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    /// ANDed.
+    pub clauses: Vec<Clause>,
 }
 
 /// A validated authorization policy.
@@ -132,12 +302,20 @@ pub struct Policy {
     pub namespace: String,
     /// Where it applies.
     pub scope: Scope,
+    /// With [`Scope::Targets`]: what it is attached to; empty otherwise.
+    pub targets: Vec<Target>,
     /// What it does when it matches.
     pub action: Action,
     /// Evaluated and reported, never enforced.
     pub dry_run: bool,
-    /// Rules → clauses → matches.
-    pub rules: Vec<Vec<Vec<Match>>>,
+    /// ORed; no rules never matches.
+    pub rules: Vec<Rule>,
+}
+
+impl AsRef<Policy> for Policy {
+    fn as_ref(&self) -> &Policy {
+        self
+    }
 }
 
 impl Policy {
@@ -146,14 +324,33 @@ impl Policy {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Validates a received resource.
+    /// The index of the first rule that matches, if any.
+    pub fn matching_rule<'a>(&self, subject: impl Into<Subject<'a>>) -> Option<usize> {
+        self.matching_rule_in(&subject.into().facts())
+    }
+
+    /// True when any rule matches.
+    pub fn matches<'a>(&self, subject: impl Into<Subject<'a>>) -> bool {
+        self.matching_rule(subject).is_some()
+    }
+
+    pub(crate) fn matching_rule_in(&self, facts: &Facts<'_>) -> Option<usize> {
+        // Istio: on plain TCP a DENY rule ignores its HTTP-only fields (deny is the safe side),
+        // an ALLOW or AUDIT rule with such fields does not match.
+        let without_request = self.action == Action::Deny;
+        self.rules.iter().position(|rule| {
+            rule.clauses.iter().all(|clause| {
+                clause
+                    .matches
+                    .iter()
+                    .any(|m| m.holds(facts, without_request))
+            })
+        })
+    }
+
+    /// Validates an L4 policy received by ztunnel (`istio.security.Authorization`).
     pub fn from_proto(resource: &pb::Authorization) -> Result<Policy, PolicyError> {
-        let key = format!("{}/{}", resource.namespace, resource.name);
-        let err = |field: String, reason: String| PolicyError {
-            policy: key.clone(),
-            field,
-            reason,
-        };
+        let err = error_for(&resource.namespace, &resource.name);
         if resource.name.is_empty() {
             return Err(err("name".into(), "must not be empty".into()));
         }
@@ -190,30 +387,116 @@ impl Policy {
                             .map_err(|(field, reason)| err(field, reason))?,
                     );
                 }
-                clauses.push(matches);
+                clauses.push(Clause { matches });
             }
-            rules.push(clauses);
+            rules.push(Rule { clauses });
         }
         Ok(Policy {
             name: resource.name.clone(),
             namespace: resource.namespace.clone(),
             scope,
+            targets: Vec::new(),
             action,
             dry_run: resource.dry_run,
             rules,
         })
     }
 
-    /// True when any rule matches the connection.
-    pub fn matches(&self, conn: &ConnectionContext) -> bool {
-        self.rules.iter().any(|clauses| {
-            clauses
-                .iter()
-                .all(|matches| matches.iter().any(|m| match_holds(m, conn)))
+    /// Validates an L7 policy received by a waypoint (`ambit.waypoint.v1.Policy`). Each rule's
+    /// `from` list becomes one clause, its `to` list another, and each `when` condition one more.
+    pub fn from_waypoint(resource: &wp::Policy) -> Result<Policy, PolicyError> {
+        let err = error_for(&resource.namespace, &resource.name);
+        if resource.name.is_empty() {
+            return Err(err("name".into(), "must not be empty".into()));
+        }
+        let action = match wp::Action::try_from(resource.action) {
+            Ok(wp::Action::Allow) => Action::Allow,
+            Ok(wp::Action::Deny) => Action::Deny,
+            Ok(wp::Action::Audit) => Action::Audit,
+            Err(_) => {
+                return Err(err(
+                    "action".into(),
+                    format!("unknown action value {}", resource.action),
+                ));
+            }
+        };
+        if resource.targets.is_empty() {
+            return Err(err(
+                "targets".into(),
+                "must name at least one Gateway, Service or GatewayClass".into(),
+            ));
+        }
+        let mut targets = Vec::with_capacity(resource.targets.len());
+        for (i, t) in resource.targets.iter().enumerate() {
+            use wp::policy_target::Kind;
+            let (target, value) = match &t.kind {
+                Some(Kind::Gateway(g)) => (Target::Gateway(g.clone()), g),
+                Some(Kind::Service(s)) => (Target::Service(s.clone()), s),
+                Some(Kind::GatewayClass(c)) => (Target::GatewayClass(c.clone()), c),
+                None => {
+                    return Err(err(
+                        format!("targets[{i}]"),
+                        "sets none of gateway, service, gateway_class".into(),
+                    ));
+                }
+            };
+            if value.is_empty() {
+                return Err(err(format!("targets[{i}]"), "names nothing".into()));
+            }
+            targets.push(target);
+        }
+        let mut rules = Vec::with_capacity(resource.rules.len());
+        for (r, rule) in resource.rules.iter().enumerate() {
+            let at = |field: &str, i: usize| format!("rules[{r}].{field}[{i}]");
+            let convert = |result: Result<Match, FieldError>| {
+                result.map_err(|(field, reason)| err(field, reason))
+            };
+            let mut clauses = Vec::new();
+            if !rule.from.is_empty() {
+                let matches = rule
+                    .from
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| convert(convert_source(s, &at("from", i))))
+                    .collect::<Result<_, _>>()?;
+                clauses.push(Clause { matches });
+            }
+            if !rule.to.is_empty() {
+                let matches = rule
+                    .to
+                    .iter()
+                    .enumerate()
+                    .map(|(i, o)| convert(convert_operation(o, &at("to", i))))
+                    .collect::<Result<_, _>>()?;
+                clauses.push(Clause { matches });
+            }
+            for (i, condition) in rule.when.iter().enumerate() {
+                let m = convert(convert_condition(condition, &at("when", i)))?;
+                clauses.push(Clause { matches: vec![m] });
+            }
+            rules.push(Rule { clauses });
+        }
+        Ok(Policy {
+            name: resource.name.clone(),
+            namespace: resource.namespace.clone(),
+            scope: Scope::Targets,
+            targets,
+            action,
+            dry_run: resource.dry_run,
+            rules,
         })
     }
 }
 
+fn error_for<'a>(namespace: &'a str, name: &'a str) -> impl Fn(String, String) -> PolicyError + 'a {
+    move |field, reason| PolicyError {
+        policy: format!("{namespace}/{name}"),
+        field,
+        reason,
+    }
+}
+
+/// (field path, reason).
 type FieldError = (String, String);
 
 fn convert_strings(
@@ -247,14 +530,15 @@ fn convert_networks(
         .enumerate()
         .map(|(i, a)| {
             let at = || format!("{path}.{field}[{i}]");
-            let ip = match a.address.len() {
-                4 => {
-                    IpAddr::from(<[u8; 4]>::try_from(a.address.as_slice()).expect("length checked"))
-                }
-                16 => IpAddr::from(
-                    <[u8; 16]>::try_from(a.address.as_slice()).expect("length checked"),
-                ),
-                n => return Err((at(), format!("address has {n} bytes, expected 4 or 16"))),
+            let ip = if let Ok(v4) = <[u8; 4]>::try_from(a.address.as_slice()) {
+                IpAddr::from(v4)
+            } else if let Ok(v6) = <[u8; 16]>::try_from(a.address.as_slice()) {
+                IpAddr::from(v6)
+            } else {
+                return Err((
+                    at(),
+                    format!("address has {} bytes, expected 4 or 16", a.address.len()),
+                ));
             };
             let max = if ip.is_ipv4() { 32 } else { 128 };
             let prefix = u8::try_from(a.length)
@@ -313,796 +597,158 @@ fn convert_match(m: &pb::Match, path: &str) -> Result<Match, FieldError> {
             path,
             "not_destination_ports",
         )?,
+        ..Match::default()
     })
 }
 
-/// What is known about a connection at the destination.
-#[derive(Clone, Debug)]
-pub struct ConnectionContext {
-    /// The client's address as the destination sees it.
-    pub src_ip: IpAddr,
-    /// The client's identity, present only when mTLS proved it.
-    pub src_identity: Option<Identity>,
-    /// The destination workload's address and port.
-    pub dst: SocketAddr,
+fn convert_source(s: &wp::Source, path: &str) -> Result<Match, FieldError> {
+    Ok(Match {
+        principals: convert_strings(&s.principals, path, "principals")?,
+        not_principals: convert_strings(&s.not_principals, path, "not_principals")?,
+        namespaces: convert_strings(&s.namespaces, path, "namespaces")?,
+        not_namespaces: convert_strings(&s.not_namespaces, path, "not_namespaces")?,
+        source_ips: convert_networks(&s.ip_blocks, path, "ip_blocks")?,
+        not_source_ips: convert_networks(&s.not_ip_blocks, path, "not_ip_blocks")?,
+        ..Match::default()
+    })
 }
 
-impl ConnectionContext {
-    /// A connection that arrived over HBONE from a verified peer.
-    pub fn verified(src_ip: IpAddr, peer: &VerifiedPeer, dst: SocketAddr) -> Self {
-        ConnectionContext {
-            src_ip,
-            src_identity: Some(peer.identity().clone()),
-            dst,
-        }
-    }
-
-    /// A plaintext connection: no identity.
-    pub fn plaintext(src_ip: IpAddr, dst: SocketAddr) -> Self {
-        ConnectionContext {
-            src_ip,
-            src_identity: None,
-            dst,
-        }
-    }
+fn convert_operation(o: &wp::Operation, path: &str) -> Result<Match, FieldError> {
+    Ok(Match {
+        hosts: convert_strings(&o.hosts, path, "hosts")?,
+        not_hosts: convert_strings(&o.not_hosts, path, "not_hosts")?,
+        destination_ports: convert_ports(&o.ports, path, "ports")?,
+        not_destination_ports: convert_ports(&o.not_ports, path, "not_ports")?,
+        methods: convert_strings(&o.methods, path, "methods")?,
+        not_methods: convert_strings(&o.not_methods, path, "not_methods")?,
+        paths: convert_strings(&o.paths, path, "paths")?,
+        not_paths: convert_strings(&o.not_paths, path, "not_paths")?,
+        ..Match::default()
+    })
 }
 
-/// Positive conditions need a value to hold; `not_` conditions fail only when a value matches.
-fn any_string(conditions: &[StringMatch], value: Option<&str>) -> bool {
-    value.is_some_and(|v| conditions.iter().any(|c| c.matches(v)))
-}
+/// The `when` keys a waypoint policy may use.
+const CONDITION_KEYS: &str = "request.headers[<name>], source.ip, source.namespace, \
+                              source.principal, destination.port, request.method";
 
-fn match_holds(m: &Match, conn: &ConnectionContext) -> bool {
-    let identity = conn.src_identity.as_ref();
-    let principal = identity.map(Identity::principal);
-    let namespace = identity.map(Identity::namespace);
-    let is_sa = |pairs: &[(String, String)]| {
-        identity.is_some_and(|id| {
-            pairs
-                .iter()
-                .any(|(ns, sa)| ns == id.namespace() && sa == id.service_account())
-        })
-    };
-    let in_any = |nets: &[IpNet], ip: IpAddr| nets.iter().any(|n| n.contains(&ip));
-    let dst_ip = conn.dst.ip();
-    let port = conn.dst.port();
-
-    (m.namespaces.is_empty() || any_string(&m.namespaces, namespace))
-        && !any_string(&m.not_namespaces, namespace)
-        && (m.principals.is_empty() || any_string(&m.principals, principal.as_deref()))
-        && !any_string(&m.not_principals, principal.as_deref())
-        && (m.service_accounts.is_empty() || is_sa(&m.service_accounts))
-        && !is_sa(&m.not_service_accounts)
-        && (m.source_ips.is_empty() || in_any(&m.source_ips, conn.src_ip))
-        && !in_any(&m.not_source_ips, conn.src_ip)
-        && (m.destination_ips.is_empty() || in_any(&m.destination_ips, dst_ip))
-        && !in_any(&m.not_destination_ips, dst_ip)
-        && (m.destination_ports.is_empty() || m.destination_ports.contains(&port))
-        && !m.not_destination_ports.contains(&port)
-}
-
-/// The verdict on one connection, with enough detail for an access log or an explain command.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Decision {
-    /// Whether the connection may proceed.
-    pub allowed: bool,
-    /// The policy that decided (`namespace/name`), if one did.
-    pub policy: Option<String>,
-    /// A sentence saying why.
-    pub reason: String,
-    /// What dry-run policies would have done: (`namespace/name`, action) for each that matched.
-    pub dry_run_matches: Vec<(String, Action)>,
-}
-
-/// All policies, indexed by where they apply.
-#[derive(Clone, Debug, Default)]
-pub struct PolicyStore {
-    by_key: BTreeMap<String, Arc<Policy>>,
-    /// Namespace-scoped policy keys per namespace.
-    by_namespace: BTreeMap<String, BTreeSet<String>>,
-    /// Mesh-wide policy keys.
-    global: BTreeSet<String>,
-}
-
-impl PolicyStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds or replaces a policy.
-    pub fn insert(&mut self, policy: Policy) {
-        let key = policy.key();
-        self.remove(&key);
-        match policy.scope {
-            Scope::Global => {
-                self.global.insert(key.clone());
-            }
-            Scope::Namespace => {
-                self.by_namespace
-                    .entry(policy.namespace.clone())
-                    .or_default()
-                    .insert(key.clone());
-            }
-            Scope::WorkloadSelector => {}
-        }
-        self.by_key.insert(key, Arc::new(policy));
-    }
-
-    /// Removes a policy by `namespace/name`; returns whether it existed.
-    pub fn remove(&mut self, key: &str) -> bool {
-        let Some(old) = self.by_key.remove(key) else {
-            return false;
-        };
-        match old.scope {
-            Scope::Global => {
-                self.global.remove(key);
-            }
-            Scope::Namespace => {
-                if let Some(set) = self.by_namespace.get_mut(&old.namespace) {
-                    set.remove(key);
-                    if set.is_empty() {
-                        self.by_namespace.remove(&old.namespace);
-                    }
-                }
-            }
-            Scope::WorkloadSelector => {}
-        }
-        true
-    }
-
-    /// A policy by `namespace/name`.
-    pub fn get(&self, key: &str) -> Option<&Arc<Policy>> {
-        self.by_key.get(key)
-    }
-
-    /// Number of policies held.
-    pub fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
-    /// True when no policy is held.
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
-    }
-
-    /// Every policy, sorted by key (for config dumps).
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {
-        self.by_key.values()
-    }
-
-    /// The policies that apply to a workload in `namespace` whose selector-scoped policies are
-    /// `selected` (the workload's `authorization_policies`). Unknown selected keys are skipped.
-    pub fn applicable<'a>(
-        &'a self,
-        namespace: &str,
-        selected: &'a [String],
-    ) -> Vec<&'a Arc<Policy>> {
-        let mut keys: BTreeSet<&str> = self.global.iter().map(String::as_str).collect();
-        if let Some(set) = self.by_namespace.get(namespace) {
-            keys.extend(set.iter().map(String::as_str));
-        }
-        keys.extend(selected.iter().map(String::as_str));
-        keys.into_iter()
-            .filter_map(|k| self.by_key.get(k))
-            .collect()
-    }
-
-    /// Decides a connection to a workload in `namespace` with selector policies `selected`.
-    pub fn authorize(
-        &self,
-        namespace: &str,
-        selected: &[String],
-        conn: &ConnectionContext,
-    ) -> Decision {
-        let policies = self.applicable(namespace, selected);
-        let dry_run_matches = policies
-            .iter()
-            .filter(|p| p.dry_run && p.matches(conn))
-            .map(|p| (p.key(), p.action))
-            .collect();
-        let enforced = || policies.iter().filter(|p| !p.dry_run);
-        if let Some(deny) = enforced().find(|p| p.action == Action::Deny && p.matches(conn)) {
-            return Decision {
-                allowed: false,
-                policy: Some(deny.key()),
-                reason: format!("denied by DENY policy {}", deny.key()),
-                dry_run_matches,
-            };
-        }
-        let mut allows = enforced().filter(|p| p.action == Action::Allow).peekable();
-        if allows.peek().is_none() {
-            return Decision {
-                allowed: true,
-                policy: None,
-                reason: "allowed: no ALLOW policy applies to this workload".into(),
-                dry_run_matches,
-            };
-        }
-        let allow_keys: Vec<String> = allows.clone().map(|p| p.key()).collect();
-        if let Some(allow) = allows.find(|p| p.matches(conn)) {
-            return Decision {
-                allowed: true,
-                policy: Some(allow.key()),
-                reason: format!("allowed by ALLOW policy {}", allow.key()),
-                dry_run_matches,
-            };
-        }
-        Decision {
-            allowed: false,
-            policy: None,
-            reason: format!(
-                "denied: no ALLOW policy matched (applicable: {})",
-                allow_keys.join(", ")
+fn convert_condition(c: &wp::Condition, path: &str) -> Result<Match, FieldError> {
+    if c.values.is_empty() && c.not_values.is_empty() {
+        return Err((
+            format!("{path}.values"),
+            format!(
+                "condition on {:?} sets neither values nor not_values",
+                c.key
             ),
-            dry_run_matches,
+        ));
+    }
+    let values = |field: &str| {
+        let list = if field == "values" {
+            &c.values
+        } else {
+            &c.not_values
+        };
+        convert_strings(list, path, field)
+    };
+    let mut m = Match::default();
+    if let Some(name) = c
+        .key
+        .strip_prefix("request.headers[")
+        .and_then(|rest| rest.strip_suffix(']'))
+    {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err((
+                format!("{path}.key"),
+                format!("{name:?} is not a valid header name"),
+            ));
+        }
+        m.headers.push(HeaderMatch {
+            name: name.to_ascii_lowercase(),
+            values: values("values")?,
+            not_values: values("not_values")?,
+        });
+        return Ok(m);
+    }
+    match c.key.as_str() {
+        "source.ip" => {
+            m.source_ips = condition_networks(&c.values, path, "values")?;
+            m.not_source_ips = condition_networks(&c.not_values, path, "not_values")?;
+        }
+        "source.namespace" => {
+            m.namespaces = values("values")?;
+            m.not_namespaces = values("not_values")?;
+        }
+        "source.principal" => {
+            m.principals = values("values")?;
+            m.not_principals = values("not_values")?;
+        }
+        "destination.port" => {
+            m.destination_ports = condition_ports(&c.values, path, "values")?;
+            m.not_destination_ports = condition_ports(&c.not_values, path, "not_values")?;
+        }
+        "request.method" => {
+            m.methods = values("values")?;
+            m.not_methods = values("not_values")?;
+        }
+        other => {
+            return Err((
+                format!("{path}.key"),
+                format!("unsupported condition key {other:?} (supported: {CONDITION_KEYS})"),
+            ));
         }
     }
+    Ok(m)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn exact(s: &str) -> pb::StringMatch {
-        pb::StringMatch {
-            match_type: Some(pb::string_match::MatchType::Exact(s.into())),
-        }
-    }
-
-    fn presence() -> pb::StringMatch {
-        pb::StringMatch {
-            match_type: Some(pb::string_match::MatchType::Presence(())),
-        }
-    }
-
-    fn cidr(ip: &str, len: u32) -> pb::Address {
-        let ip: IpAddr = ip.parse().unwrap();
-        let address = match ip {
-            IpAddr::V4(v4) => v4.octets().to_vec(),
-            IpAddr::V6(v6) => v6.octets().to_vec(),
-        };
-        pb::Address {
-            address,
-            length: len,
-        }
-    }
-
-    fn policy(
-        ns: &str,
-        name: &str,
-        scope: pb::Scope,
-        action: pb::Action,
-        matches: Vec<pb::Match>,
-    ) -> Policy {
-        Policy::from_proto(&pb::Authorization {
-            name: name.into(),
-            namespace: ns.into(),
-            scope: scope as i32,
-            action: action as i32,
-            rules: vec![pb::Rule {
-                clauses: vec![pb::Clause { matches }],
-            }],
-            dry_run: false,
-            ..Default::default()
+/// The exact strings of a condition whose values are not patterns (addresses, ports).
+fn exact_values<'v>(
+    values: &'v [pb::StringMatch],
+    path: &str,
+    field: &str,
+    what: &str,
+) -> Result<Vec<(String, &'v str)>, FieldError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match &v.match_type {
+            Some(pb::string_match::MatchType::Exact(s)) => {
+                Ok((format!("{path}.{field}[{i}]"), s.as_str()))
+            }
+            _ => Err((
+                format!("{path}.{field}[{i}]"),
+                format!("must be an exact {what}, not a prefix, suffix or presence match"),
+            )),
         })
-        .unwrap()
-    }
+        .collect()
+}
 
-    fn from(identity: Option<&str>, src: &str, dst: &str) -> ConnectionContext {
-        ConnectionContext {
-            src_ip: src.parse().unwrap(),
-            src_identity: identity.map(|i| i.parse().unwrap()),
-            dst: dst.parse().unwrap(),
-        }
-    }
+fn condition_networks(
+    values: &[pb::StringMatch],
+    path: &str,
+    field: &str,
+) -> Result<Vec<IpNet>, FieldError> {
+    exact_values(values, path, field, "address or CIDR block")?
+        .into_iter()
+        .map(|(at, s)| {
+            s.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| (at, format!("{s:?} is not an IP address or CIDR block")))
+        })
+        .collect()
+}
 
-    const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
-    const OTHER: &str = "spiffe://cluster.local/ns/legacy/sa/default";
-
-    #[test]
-    fn no_policies_allow_everything() {
-        let store = PolicyStore::new();
-        let d = store.authorize("demo", &[], &from(None, "10.0.0.1", "10.0.1.1:8080"));
-        assert!(d.allowed);
-        assert_eq!(
-            d.reason,
-            "allowed: no ALLOW policy applies to this workload"
-        );
-    }
-
-    #[test]
-    fn allow_by_principal_denies_everyone_else() {
-        let mut store = PolicyStore::new();
-        store.insert(policy(
-            "demo",
-            "allow-client",
-            pb::Scope::Namespace,
-            pb::Action::Allow,
-            vec![pb::Match {
-                principals: vec![exact("cluster.local/ns/demo/sa/client")],
-                ..Default::default()
-            }],
-        ));
-        let ok = store.authorize(
-            "demo",
-            &[],
-            &from(Some(CLIENT), "10.0.0.1", "10.0.1.1:8080"),
-        );
-        assert!(ok.allowed);
-        assert_eq!(ok.policy.as_deref(), Some("demo/allow-client"));
-        let other = store.authorize("demo", &[], &from(Some(OTHER), "10.0.0.2", "10.0.1.1:8080"));
-        assert!(!other.allowed);
-        assert_eq!(
-            other.reason,
-            "denied: no ALLOW policy matched (applicable: demo/allow-client)"
-        );
-        let plaintext = store.authorize("demo", &[], &from(None, "10.0.0.2", "10.0.1.1:8080"));
-        assert!(!plaintext.allowed, "no identity cannot match a principal");
-        // Other namespaces are unaffected by a namespace-scoped policy.
-        assert!(
-            store
-                .authorize("legacy", &[], &from(None, "10.0.0.2", "10.0.2.1:80"))
-                .allowed
-        );
-    }
-
-    #[test]
-    fn deny_wins_over_allow() {
-        let mut store = PolicyStore::new();
-        store.insert(policy(
-            "demo",
-            "allow-all-authenticated",
-            pb::Scope::Namespace,
-            pb::Action::Allow,
-            vec![pb::Match {
-                principals: vec![presence()],
-                ..Default::default()
-            }],
-        ));
-        store.insert(policy(
-            "demo",
-            "deny-port-9090",
-            pb::Scope::Namespace,
-            pb::Action::Deny,
-            vec![pb::Match {
-                destination_ports: vec![9090],
-                ..Default::default()
-            }],
-        ));
-        assert!(
-            store
-                .authorize(
-                    "demo",
-                    &[],
-                    &from(Some(CLIENT), "10.0.0.1", "10.0.1.1:8080")
-                )
-                .allowed
-        );
-        let d = store.authorize(
-            "demo",
-            &[],
-            &from(Some(CLIENT), "10.0.0.1", "10.0.1.1:9090"),
-        );
-        assert!(!d.allowed);
-        assert_eq!(d.reason, "denied by DENY policy demo/deny-port-9090");
-    }
-
-    #[test]
-    fn strict_peer_authentication_shape_denies_plaintext_only() {
-        // PeerAuthentication STRICT becomes DENY with not_principals: [presence].
-        let mut store = PolicyStore::new();
-        store.insert(policy(
-            "istio-system",
-            "istio_converted_static_strict",
-            pb::Scope::Global,
-            pb::Action::Deny,
-            vec![pb::Match {
-                not_principals: vec![presence()],
-                ..Default::default()
-            }],
-        ));
-        assert!(
-            !store
-                .authorize("demo", &[], &from(None, "10.0.0.9", "10.0.1.1:8080"))
-                .allowed
-        );
-        assert!(
-            store
-                .authorize("demo", &[], &from(Some(OTHER), "10.0.0.9", "10.0.1.1:8080"))
-                .allowed
-        );
-    }
-
-    #[test]
-    fn namespaces_service_accounts_and_not_forms() {
-        let m = pb::Match {
-            namespaces: vec![exact("demo")],
-            not_service_accounts: vec![pb::ServiceAccountMatch {
-                namespace: "demo".into(),
-                service_account: "banned".into(),
-            }],
-            ..Default::default()
-        };
-        let mut store = PolicyStore::new();
-        store.insert(policy(
-            "demo",
-            "same-ns",
-            pb::Scope::Namespace,
-            pb::Action::Allow,
-            vec![m],
-        ));
-        assert!(
-            store
-                .authorize("demo", &[], &from(Some(CLIENT), "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-        assert!(
-            !store
-                .authorize("demo", &[], &from(Some(OTHER), "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-        let banned = from(
-            Some("spiffe://cluster.local/ns/demo/sa/banned"),
-            "10.0.0.1",
-            "10.0.1.1:80",
-        );
-        assert!(!store.authorize("demo", &[], &banned).allowed);
-
-        let sa_only = pb::Match {
-            service_accounts: vec![pb::ServiceAccountMatch {
-                namespace: "legacy".into(),
-                service_account: "default".into(),
-            }],
-            not_namespaces: vec![exact("demo")],
-            ..Default::default()
-        };
-        let mut store = PolicyStore::new();
-        store.insert(policy(
-            "demo",
-            "legacy-default",
-            pb::Scope::Namespace,
-            pb::Action::Allow,
-            vec![sa_only],
-        ));
-        assert!(
-            store
-                .authorize("demo", &[], &from(Some(OTHER), "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-        assert!(
-            !store
-                .authorize("demo", &[], &from(Some(CLIENT), "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-    }
-
-    #[test]
-    fn ip_blocks_and_ports() {
-        let m = pb::Match {
-            source_ips: vec![cidr("10.0.0.0", 24)],
-            not_source_ips: vec![cidr("10.0.0.66", 32)],
-            destination_ips: vec![cidr("10.0.1.1", 32)],
-            not_destination_ports: vec![22],
-            ..Default::default()
-        };
-        let mut store = PolicyStore::new();
-        store.insert(policy(
-            "demo",
-            "lan",
-            pb::Scope::Namespace,
-            pb::Action::Allow,
-            vec![m],
-        ));
-        assert!(
-            store
-                .authorize("demo", &[], &from(None, "10.0.0.5", "10.0.1.1:80"))
-                .allowed
-        );
-        assert!(
-            !store
-                .authorize("demo", &[], &from(None, "10.0.0.66", "10.0.1.1:80"))
-                .allowed,
-            "excluded source"
-        );
-        assert!(
-            !store
-                .authorize("demo", &[], &from(None, "10.9.0.5", "10.0.1.1:80"))
-                .allowed,
-            "outside the block"
-        );
-        assert!(
-            !store
-                .authorize("demo", &[], &from(None, "10.0.0.5", "10.0.1.2:80"))
-                .allowed,
-            "other destination"
-        );
-        assert!(
-            !store
-                .authorize("demo", &[], &from(None, "10.0.0.5", "10.0.1.1:22"))
-                .allowed,
-            "excluded port"
-        );
-    }
-
-    #[test]
-    fn clause_and_rule_structure() {
-        // Two clauses: both must hold. Inside a clause, either match may hold.
-        let auth = pb::Authorization {
-            name: "two-clauses".into(),
-            namespace: "demo".into(),
-            scope: pb::Scope::Namespace as i32,
-            action: pb::Action::Allow as i32,
-            rules: vec![pb::Rule {
-                clauses: vec![
-                    pb::Clause {
-                        matches: vec![
-                            pb::Match {
-                                namespaces: vec![exact("demo")],
-                                ..Default::default()
-                            },
-                            pb::Match {
-                                namespaces: vec![exact("legacy")],
-                                ..Default::default()
-                            },
-                        ],
-                    },
-                    pb::Clause {
-                        matches: vec![pb::Match {
-                            destination_ports: vec![80],
-                            ..Default::default()
-                        }],
-                    },
-                ],
-            }],
-            ..Default::default()
-        };
-        let mut store = PolicyStore::new();
-        store.insert(Policy::from_proto(&auth).unwrap());
-        assert!(
-            store
-                .authorize("demo", &[], &from(Some(OTHER), "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-        assert!(
-            !store
-                .authorize("demo", &[], &from(Some(OTHER), "10.0.0.1", "10.0.1.1:81"))
-                .allowed
-        );
-
-        // A policy with no rules never matches: an ALLOW without rules denies everything.
-        let mut store = PolicyStore::new();
-        store.insert(
-            Policy::from_proto(&pb::Authorization {
-                name: "allow-nothing".into(),
-                namespace: "demo".into(),
-                scope: pb::Scope::Namespace as i32,
-                action: pb::Action::Allow as i32,
-                ..Default::default()
-            })
-            .unwrap(),
-        );
-        assert!(
-            !store
-                .authorize("demo", &[], &from(Some(CLIENT), "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-
-        // A rule with no clauses matches everything.
-        let mut store = PolicyStore::new();
-        store.insert(
-            Policy::from_proto(&pb::Authorization {
-                name: "deny-all".into(),
-                namespace: "demo".into(),
-                scope: pb::Scope::Namespace as i32,
-                action: pb::Action::Deny as i32,
-                rules: vec![pb::Rule { clauses: vec![] }],
-                ..Default::default()
-            })
-            .unwrap(),
-        );
-        assert!(
-            !store
-                .authorize("demo", &[], &from(Some(CLIENT), "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-    }
-
-    #[test]
-    fn scopes_global_namespace_and_selector() {
-        let mut store = PolicyStore::new();
-        let only_client = || {
-            vec![pb::Match {
-                principals: vec![exact("cluster.local/ns/demo/sa/client")],
-                ..Default::default()
-            }]
-        };
-        store.insert(policy(
-            "demo",
-            "selected",
-            pb::Scope::WorkloadSelector,
-            pb::Action::Allow,
-            only_client(),
-        ));
-        // Not selected by this workload: does not apply.
-        assert!(
-            store
-                .authorize("demo", &[], &from(Some(OTHER), "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-        // Selected: applies.
-        let selected = vec!["demo/selected".to_string()];
-        assert!(
-            !store
-                .authorize(
-                    "demo",
-                    &selected,
-                    &from(Some(OTHER), "10.0.0.1", "10.0.1.1:80")
-                )
-                .allowed
-        );
-        // Unknown selected keys are skipped.
-        assert!(
-            store
-                .authorize(
-                    "demo",
-                    &["demo/missing".to_string()],
-                    &from(Some(OTHER), "10.0.0.1", "10.0.1.1:80")
-                )
-                .allowed
-        );
-        // Global applies everywhere.
-        store.insert(policy(
-            "istio-system",
-            "mesh-deny-legacy",
-            pb::Scope::Global,
-            pb::Action::Deny,
-            vec![pb::Match {
-                namespaces: vec![exact("legacy")],
-                ..Default::default()
-            }],
-        ));
-        assert!(
-            !store
-                .authorize(
-                    "anywhere",
-                    &[],
-                    &from(Some(OTHER), "10.0.0.1", "10.0.9.1:80")
-                )
-                .allowed
-        );
-        assert!(store.remove("istio-system/mesh-deny-legacy"));
-        assert!(
-            store
-                .authorize(
-                    "anywhere",
-                    &[],
-                    &from(Some(OTHER), "10.0.0.1", "10.0.9.1:80")
-                )
-                .allowed
-        );
-        assert!(!store.remove("istio-system/mesh-deny-legacy"));
-    }
-
-    #[test]
-    fn dry_run_is_reported_not_enforced() {
-        let mut p = policy(
-            "demo",
-            "would-deny",
-            pb::Scope::Namespace,
-            pb::Action::Deny,
-            vec![pb::Match::default()],
-        );
-        p.dry_run = true;
-        let mut store = PolicyStore::new();
-        store.insert(p);
-        let d = store.authorize("demo", &[], &from(Some(CLIENT), "10.0.0.1", "10.0.1.1:80"));
-        assert!(d.allowed);
-        assert_eq!(
-            d.dry_run_matches,
-            vec![("demo/would-deny".to_string(), Action::Deny)]
-        );
-    }
-
-    #[test]
-    fn replacing_a_policy_moves_its_scope() {
-        let mut store = PolicyStore::new();
-        let deny_all = || vec![pb::Match::default()];
-        store.insert(policy(
-            "demo",
-            "p",
-            pb::Scope::Namespace,
-            pb::Action::Deny,
-            deny_all(),
-        ));
-        assert!(
-            !store
-                .authorize("demo", &[], &from(None, "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-        store.insert(policy(
-            "demo",
-            "p",
-            pb::Scope::WorkloadSelector,
-            pb::Action::Deny,
-            deny_all(),
-        ));
-        assert_eq!(store.len(), 1);
-        assert!(
-            store
-                .authorize("demo", &[], &from(None, "10.0.0.1", "10.0.1.1:80"))
-                .allowed
-        );
-    }
-
-    #[test]
-    fn invalid_resources_name_policy_and_field() {
-        let bad_ip = pb::Authorization {
-            name: "bad".into(),
-            namespace: "demo".into(),
-            rules: vec![pb::Rule {
-                clauses: vec![pb::Clause {
-                    matches: vec![pb::Match {
-                        source_ips: vec![
-                            cidr("10.0.0.0", 8),
-                            pb::Address {
-                                address: vec![1, 2, 3],
-                                length: 8,
-                            },
-                        ],
-                        ..Default::default()
-                    }],
-                }],
-            }],
-            ..Default::default()
-        };
-        assert_eq!(
-            Policy::from_proto(&bad_ip).unwrap_err().to_string(),
-            "authorization policy demo/bad: rules[0].clauses[0].matches[0].source_ips[1]: address has 3 bytes, expected 4 or 16"
-        );
-        let bad_port = pb::Authorization {
-            name: "port".into(),
-            namespace: "demo".into(),
-            rules: vec![pb::Rule {
-                clauses: vec![pb::Clause {
-                    matches: vec![pb::Match {
-                        destination_ports: vec![70000],
-                        ..Default::default()
-                    }],
-                }],
-            }],
-            ..Default::default()
-        };
-        assert_eq!(
-            Policy::from_proto(&bad_port).unwrap_err().to_string(),
-            "authorization policy demo/port: rules[0].clauses[0].matches[0].destination_ports[0]: port 70000 is outside 1-65535"
-        );
-        let bad_action = pb::Authorization {
-            name: "act".into(),
-            namespace: "demo".into(),
-            action: 7,
-            ..Default::default()
-        };
-        assert_eq!(
-            Policy::from_proto(&bad_action).unwrap_err().to_string(),
-            "authorization policy demo/act: action: unknown action value 7"
-        );
-        let bad_len = pb::Authorization {
-            name: "len".into(),
-            namespace: "demo".into(),
-            rules: vec![pb::Rule {
-                clauses: vec![pb::Clause {
-                    matches: vec![pb::Match {
-                        not_destination_ips: vec![cidr("10.0.0.0", 33)],
-                        ..Default::default()
-                    }],
-                }],
-            }],
-            ..Default::default()
-        };
-        assert_eq!(
-            Policy::from_proto(&bad_len).unwrap_err().to_string(),
-            "authorization policy demo/len: rules[0].clauses[0].matches[0].not_destination_ips[0]: prefix length 33 is longer than 32"
-        );
-    }
+fn condition_ports(
+    values: &[pb::StringMatch],
+    path: &str,
+    field: &str,
+) -> Result<Vec<u16>, FieldError> {
+    exact_values(values, path, field, "port number")?
+        .into_iter()
+        .map(|(at, s)| {
+            s.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| (at, format!("{s:?} is not a port in 1-65535")))
+        })
+        .collect()
 }

@@ -246,8 +246,8 @@ fn authorize(
         .mesh
         .policies()
         .authorize(&workload.namespace, &selected, context);
-    for (policy, action) in &decision.dry_run_matches {
-        tracing::info!(target: "access", policy = %policy, action = ?action, src.ip = %context.src_ip, dst.addr = %context.dst, "dry-run policy matched (not enforced)");
+    for m in &decision.dry_run {
+        tracing::info!(target: "access", policy = %m.policy, action = %m.action, rule = m.rule, src.ip = %context.src_ip(), dst.addr = %context.dst(), "dry-run policy matched (not enforced)");
     }
     if decision.allowed {
         Ok(())

@@ -1,7 +1,6 @@
 //! Config sources. The directory source reads the same objects Kubernetes would hold (multi-
 //! document YAML files), re-reads them when they change, translates, and updates the store. The
-//! Kubernetes source watches the API server (every kind in
-//! [`CONTROL_PLANE_KINDS`](ambit_kube::watch::CONTROL_PLANE_KINDS)) and keeps a [`Cluster`]
+//! Kubernetes source watches the API server (every kind in [`watched_kinds`]) and keeps a [`Cluster`]
 //! current from the watch events, translating at most once per debounce interval. Either way an
 //! invalid object is logged with its source, object and field, counted, and skipped (Kubernetes:
 //! its last good version is kept).
@@ -12,12 +11,27 @@ use std::time::Duration;
 
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::BlockReady;
-use ambit_kube::watch::{CONTROL_PLANE_KINDS, Update, Watch};
+use ambit_kube::watch::{CONTROL_PLANE_KINDS, KindSpec, Update, Watch};
 use ambit_mesh::translate::{Cluster, MeshSettings, translate};
 use ambit_mesh::{ObjectError, ObjectKey};
 use futures::StreamExt;
 
 use crate::store::Store;
+
+/// `gateway.networking.k8s.io/v1` GRPCRoute (waypoint routes, like HTTPRoute).
+pub const GRPC_ROUTE: KindSpec = KindSpec {
+    api_version: "gateway.networking.k8s.io/v1",
+    kind: "GRPCRoute",
+    plural: "grpcroutes",
+    namespaced: true,
+};
+
+/// Every kind the Kubernetes source watches: the shared control-plane kinds and GRPCRoute.
+pub fn watched_kinds() -> Vec<KindSpec> {
+    let mut kinds = CONTROL_PLANE_KINDS.to_vec();
+    kinds.push(GRPC_ROUTE);
+    kinds
+}
 
 /// Counter of objects refused by validation, labelled by `kind`.
 const REJECTED: &str = "ambit_config_rejected_objects_total";
@@ -252,9 +266,8 @@ fn error_key_of(object: &str) -> Option<ObjectKey> {
     })
 }
 
-/// Watches every kind istiod-lite reads
-/// ([`CONTROL_PLANE_KINDS`](ambit_kube::watch::CONTROL_PLANE_KINDS)) through `client` and keeps
-/// `store` translated from them.
+/// Watches every kind istiod-lite reads ([`watched_kinds`]) through `client` and keeps `store`
+/// translated from them.
 ///
 /// Nothing is translated until every kind's first list arrived (a kind whose CRD is not installed
 /// counts as an empty list); then once, `ready` is marked, and afterwards at most once per
@@ -273,15 +286,9 @@ pub async fn watch_kubernetes(
     ready: Option<BlockReady>,
 ) {
     describe_metrics(&metrics);
-    let kinds: BTreeSet<&str> = CONTROL_PLANE_KINDS.iter().map(|k| k.kind).collect();
-    let updates = ambit_kube::watch::watch(
-        client,
-        CONTROL_PLANE_KINDS
-            .iter()
-            .copied()
-            .map(Watch::all)
-            .collect(),
-    );
+    let watched = watched_kinds();
+    let kinds: BTreeSet<&str> = watched.iter().map(|k| k.kind).collect();
+    let updates = ambit_kube::watch::watch(client, watched.into_iter().map(Watch::all).collect());
     let mut updates = std::pin::pin!(updates);
     let mut ready = ready;
     let mut view = KubeView::default();

@@ -1,6 +1,6 @@
-//! Gateway API objects (`gateway.networking.k8s.io/v1`): Gateway, GatewayClass and HTTPRoute, with
-//! the Kubernetes field names. A waypoint is a Gateway of class `istio-waypoint`; HTTPRoutes whose
-//! parent is a Service are what a waypoint routes by.
+//! Gateway API objects (`gateway.networking.k8s.io/v1`): Gateway, GatewayClass, HTTPRoute and
+//! GRPCRoute, with the Kubernetes field names. A waypoint is a Gateway of class `istio-waypoint`;
+//! HTTPRoutes and GRPCRoutes whose parent is a Service are what a waypoint routes by.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -645,4 +645,86 @@ pub fn parse_gateway_duration(text: &str) -> Option<Duration> {
         total += unit * u32::try_from(number).ok()?;
     }
     (1..=4).contains(&parts).then_some(total)
+}
+
+/// The largest compiled form of a route's regular expression (a bound on what one object can cost
+/// the control plane and the waypoint).
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Compiles a route's `RegularExpression` match the way Ambit applies it: RE2 syntax (the `regex`
+/// crate), matched against the whole value (path, header value, query value, gRPC service or
+/// method), as Envoy does for Istio. istiod-lite validates with it; the waypoint matches with it.
+pub fn route_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+}
+
+/// A GRPCRoute.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct GrpcRoute {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    #[serde(default)]
+    pub spec: GrpcRouteSpec,
+}
+
+/// `GRPCRoute.spec`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    /// What the route attaches to: Gateways, or Services for mesh (waypoint) routing.
+    #[serde(default)]
+    pub parent_refs: Vec<ParentReference>,
+    /// Host names matched against `:authority` (absent: all).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Rules, tried by Gateway API precedence.
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+/// One GRPCRoute rule.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    /// Optional rule name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Matches (any; absent: every gRPC request).
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    /// Filters: `RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestMirror` or
+    /// `ExtensionRef` (the GRPCRoute filter types share HTTPRoute's fields).
+    #[serde(default)]
+    pub filters: Vec<HttpRouteFilter>,
+    /// Backends, picked by weight.
+    #[serde(default)]
+    pub backend_refs: Vec<HttpBackendRef>,
+}
+
+/// One GRPCRoute match: all of its parts must hold.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct GrpcRouteMatch {
+    /// The gRPC method (absent: any).
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatch>,
+    /// Header matches.
+    #[serde(default)]
+    pub headers: Vec<HttpHeaderMatch>,
+}
+
+/// `matches[].method`: the service and method of the `/<service>/<method>` path.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct GrpcMethodMatch {
+    /// `Exact` (default) or `RegularExpression`.
+    #[serde(default, rename = "type")]
+    pub kind: MatchType,
+    /// The fully qualified service (`pkg.Service`); absent matches any.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// The method; absent matches any.
+    #[serde(default)]
+    pub method: Option<String>,
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use crate::destination_rule::DestinationRule;
-pub use crate::gateway_api::{Gateway, GatewayClass, HttpRoute};
+pub use crate::gateway_api::{Gateway, GatewayClass, GrpcRoute, HttpRoute};
 
 /// `metadata` of any object.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -27,6 +27,9 @@ pub struct ObjectMeta {
     /// Annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// When the API server created it (RFC 3339); routes use it for precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
 }
 
 /// A namespace.
@@ -586,6 +589,8 @@ pub enum Object {
     GatewayClass(GatewayClass),
     /// A Gateway API HTTPRoute.
     HttpRoute(HttpRoute),
+    /// A Gateway API GRPCRoute.
+    GrpcRoute(GrpcRoute),
     /// An Istio DestinationRule.
     DestinationRule(DestinationRule),
     /// An EndpointSlice.
@@ -623,6 +628,7 @@ impl Object {
             Object::Gateway(g) => key_of("Gateway", &g.metadata),
             Object::GatewayClass(c) => cluster_key("GatewayClass", &c.metadata),
             Object::HttpRoute(r) => key_of("HTTPRoute", &r.metadata),
+            Object::GrpcRoute(r) => key_of("GRPCRoute", &r.metadata),
             Object::DestinationRule(d) => key_of("DestinationRule", &d.metadata),
             Object::EndpointSlice(e) => key_of("EndpointSlice", &e.metadata),
             Object::Node(n) => cluster_key("Node", &n.metadata),
@@ -637,9 +643,10 @@ impl Object {
             Object::AuthorizationPolicy(_) | Object::PeerAuthentication(_) => {
                 "security.istio.io/v1"
             }
-            Object::Gateway(_) | Object::GatewayClass(_) | Object::HttpRoute(_) => {
-                "gateway.networking.k8s.io/v1"
-            }
+            Object::Gateway(_)
+            | Object::GatewayClass(_)
+            | Object::HttpRoute(_)
+            | Object::GrpcRoute(_) => "gateway.networking.k8s.io/v1",
             Object::DestinationRule(_) => "networking.istio.io/v1",
             Object::EndpointSlice(_) => "discovery.k8s.io/v1",
             Object::Other { api_version, .. } => api_version,
@@ -657,6 +664,7 @@ impl Object {
             Object::Gateway(o) => serde_json::to_value(o),
             Object::GatewayClass(o) => serde_json::to_value(o),
             Object::HttpRoute(o) => serde_json::to_value(o),
+            Object::GrpcRoute(o) => serde_json::to_value(o),
             Object::DestinationRule(o) => serde_json::to_value(o),
             Object::EndpointSlice(o) => serde_json::to_value(o),
             Object::Node(o) => serde_json::to_value(o),

@@ -191,6 +191,9 @@ fn parse_value(
         "HTTPRoute" if group(&header.api_version) == "gateway.networking.k8s.io" => {
             checked(value, validate::http_route).map(Object::HttpRoute)
         }
+        "GRPCRoute" if group(&header.api_version) == "gateway.networking.k8s.io" => {
+            checked(value, validate::grpc_route).map(Object::GrpcRoute)
+        }
         "DestinationRule" if group(&header.api_version) == "networking.istio.io" => {
             checked(value, validate::destination_rule).map(Object::DestinationRule)
         }

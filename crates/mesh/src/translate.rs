@@ -11,7 +11,7 @@ use ambit_proto::workload as pb;
 use crate::destination_rule::DestinationRule;
 use crate::enrollment::enrollment;
 use crate::gateway_api::{
-    GATEWAY_NAME_LABEL, Gateway, GatewayClass, HttpRoute, WAYPOINT_CLASS, WAYPOINT_FOR,
+    GATEWAY_NAME_LABEL, Gateway, GatewayClass, GrpcRoute, HttpRoute, WAYPOINT_CLASS, WAYPOINT_FOR,
 };
 use crate::objects::{
     AuthorizationPolicy, EndpointSlice, LabelSelector, Namespace, Node, Object, PeerAuthentication,
@@ -86,6 +86,8 @@ pub struct Cluster {
     pub gateway_classes: BTreeMap<String, GatewayClass>,
     /// HTTPRoutes by (namespace, name), for waypoints.
     pub http_routes: BTreeMap<(String, String), HttpRoute>,
+    /// GRPCRoutes by (namespace, name), for waypoints.
+    pub grpc_routes: BTreeMap<(String, String), GrpcRoute>,
     /// DestinationRules by (namespace, name), for waypoints.
     pub destination_rules: BTreeMap<(String, String), DestinationRule>,
     /// EndpointSlices by (namespace, name).
@@ -131,6 +133,9 @@ impl Cluster {
             Object::HttpRoute(r) => {
                 self.http_routes.insert(key(&r.metadata), r);
             }
+            Object::GrpcRoute(r) => {
+                self.grpc_routes.insert(key(&r.metadata), r);
+            }
             Object::DestinationRule(d) => {
                 self.destination_rules.insert(key(&d.metadata), d);
             }
@@ -156,6 +161,7 @@ impl Cluster {
             "Gateway" => self.gateways.remove(&k).is_some(),
             "GatewayClass" => self.gateway_classes.remove(&object.name).is_some(),
             "HTTPRoute" => self.http_routes.remove(&k).is_some(),
+            "GRPCRoute" => self.grpc_routes.remove(&k).is_some(),
             "DestinationRule" => self.destination_rules.remove(&k).is_some(),
             "EndpointSlice" => self.endpoint_slices.remove(&k).is_some(),
             "Node" => self.nodes.remove(&object.name).is_some(),

@@ -9,8 +9,9 @@ use crate::destination_rule::{
     OutlierDetection, TrafficPolicy, parse_istio_duration,
 };
 use crate::gateway_api::{
-    BackendRef, FilterType, Gateway, GatewayClass, HttpRoute, HttpRouteFilter, MatchType,
-    PathModifier, PathModifierType, WAYPOINT_FOR, parse_gateway_duration,
+    BackendRef, FilterType, Gateway, GatewayClass, GrpcRoute, HttpBackendRef, HttpHeaderMatch,
+    HttpRoute, HttpRouteFilter, MatchType, ParentReference, PathModifier, PathModifierType,
+    WAYPOINT_FOR, parse_gateway_duration, route_regex,
 };
 use crate::objects::{EndpointSlice, Node, ObjectMeta};
 use crate::parse::{is_dns_label, is_dns_subdomain};
@@ -294,9 +295,33 @@ const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
-pub(crate) fn http_route(route: &HttpRoute) -> Result<(), Invalid> {
-    require_namespace(&route.metadata)?;
-    for (i, parent) in route.spec.parent_refs.iter().enumerate() {
+/// A `RegularExpression` match's pattern must compile as the waypoint compiles it.
+fn regex(field: String, pattern: &str) -> Result<(), Invalid> {
+    match route_regex(pattern) {
+        Ok(_) => Ok(()),
+        Err(e) => fail(
+            field,
+            format!("{pattern:?} is not a regular expression (RE2 syntax): {e}"),
+        ),
+    }
+}
+
+/// What HTTPRoute and GRPCRoute share: namespace, creation time, parents and hostnames.
+fn route_common(
+    meta: &ObjectMeta,
+    parent_refs: &[ParentReference],
+    hostnames: &[String],
+) -> Result<(), Invalid> {
+    require_namespace(meta)?;
+    if let Some(created) = &meta.creation_timestamp
+        && humantime::parse_rfc3339_weak(created).is_err()
+    {
+        return fail(
+            "metadata.creationTimestamp",
+            format!("{created:?} is not an RFC 3339 time"),
+        );
+    }
+    for (i, parent) in parent_refs.iter().enumerate() {
         let at = format!("spec.parentRefs[{i}]");
         if parent.name.is_empty() {
             return fail(format!("{at}.name"), "required");
@@ -313,9 +338,61 @@ pub(crate) fn http_route(route: &HttpRoute) -> Result<(), Invalid> {
             port(format!("{at}.port"), p)?;
         }
     }
-    for (i, host) in route.spec.hostnames.iter().enumerate() {
+    for (i, host) in hostnames.iter().enumerate() {
         hostname(format!("spec.hostnames[{i}]"), host)?;
     }
+    Ok(())
+}
+
+/// A header or query parameter match list: type, name, and a regex that compiles.
+fn header_matches(at: &str, list: &str, entries: &[HttpHeaderMatch]) -> Result<(), Invalid> {
+    for (h, entry) in entries.iter().enumerate() {
+        match entry.kind {
+            MatchType::Exact => {}
+            MatchType::RegularExpression => {
+                regex(format!("{at}.{list}[{h}].value"), &entry.value)?;
+            }
+            _ => {
+                return fail(
+                    format!("{at}.{list}[{h}].type"),
+                    "must be Exact or RegularExpression",
+                );
+            }
+        }
+        if entry.name.is_empty() {
+            return fail(format!("{at}.{list}[{h}].name"), "required");
+        }
+    }
+    Ok(())
+}
+
+/// Backends of a rule: reference, weight, per-backend filters (checked by `filter`).
+fn backend_refs(
+    at: &str,
+    refs: &[HttpBackendRef],
+    filter: impl Fn(&str, &HttpRouteFilter) -> Result<(), Invalid>,
+) -> Result<(), Invalid> {
+    for (b, backend_ref) in refs.iter().enumerate() {
+        let at = format!("{at}.backendRefs[{b}]");
+        backend(&at, &backend_ref.backend)?;
+        if let Some(weight) = backend_ref.weight
+            && weight > 1_000_000
+        {
+            return fail(format!("{at}.weight"), format!("{weight} is not 0-1000000"));
+        }
+        for (f, entry) in backend_ref.filters.iter().enumerate() {
+            filter(&format!("{at}.filters[{f}]"), entry)?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn http_route(route: &HttpRoute) -> Result<(), Invalid> {
+    route_common(
+        &route.metadata,
+        &route.spec.parent_refs,
+        &route.spec.hostnames,
+    )?;
     for (r, rule) in route.spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{r}]");
         for (m, matched) in rule.matches.iter().enumerate() {
@@ -334,25 +411,14 @@ pub(crate) fn http_route(route: &HttpRoute) -> Result<(), Invalid> {
                             format!("{:?} does not start with '/'", path.value),
                         );
                     }
+                    MatchType::RegularExpression => {
+                        regex(format!("{at}.path.value"), &path.value)?;
+                    }
                     _ => {}
                 }
             }
-            for (list, entries) in [
-                ("headers", &matched.headers),
-                ("queryParams", &matched.query_params),
-            ] {
-                for (h, entry) in entries.iter().enumerate() {
-                    if !matches!(entry.kind, MatchType::Exact | MatchType::RegularExpression) {
-                        return fail(
-                            format!("{at}.{list}[{h}].type"),
-                            "must be Exact or RegularExpression",
-                        );
-                    }
-                    if entry.name.is_empty() {
-                        return fail(format!("{at}.{list}[{h}].name"), "required");
-                    }
-                }
-            }
+            header_matches(&at, "headers", &matched.headers)?;
+            header_matches(&at, "queryParams", &matched.query_params)?;
             if let Some(method) = &matched.method
                 && !METHODS.contains(&method.as_str())
             {
@@ -365,18 +431,7 @@ pub(crate) fn http_route(route: &HttpRoute) -> Result<(), Invalid> {
         for (f, entry) in rule.filters.iter().enumerate() {
             filter(&format!("{at}.filters[{f}]"), entry)?;
         }
-        for (b, backend_ref) in rule.backend_refs.iter().enumerate() {
-            let at = format!("{at}.backendRefs[{b}]");
-            backend(&at, &backend_ref.backend)?;
-            if let Some(weight) = backend_ref.weight
-                && weight > 1_000_000
-            {
-                return fail(format!("{at}.weight"), format!("{weight} is not 0-1000000"));
-            }
-            for (f, entry) in backend_ref.filters.iter().enumerate() {
-                filter(&format!("{at}.filters[{f}]"), entry)?;
-            }
-        }
+        backend_refs(&at, &rule.backend_refs, filter)?;
         if let Some(timeouts) = &rule.timeouts {
             let request = gateway_duration(&format!("{at}.timeouts.request"), &timeouts.request)?;
             let backend_request = gateway_duration(
@@ -406,6 +461,94 @@ pub(crate) fn http_route(route: &HttpRoute) -> Result<(), Invalid> {
             }
             gateway_duration(&format!("{at}.retry.backoff"), &retry.backoff)?;
         }
+    }
+    Ok(())
+}
+
+/// The filter types a GRPCRoute may use.
+fn grpc_filter(at: &str, entry: &HttpRouteFilter) -> Result<(), Invalid> {
+    if matches!(
+        entry.kind,
+        FilterType::RequestRedirect | FilterType::UrlRewrite | FilterType::Unknown
+    ) {
+        return fail(
+            format!("{at}.type"),
+            "must be RequestHeaderModifier, ResponseHeaderModifier, RequestMirror or ExtensionRef",
+        );
+    }
+    filter(at, entry)
+}
+
+/// A gRPC service name as GRPCRoute's Exact match allows it (`pkg.sub.Service`).
+fn is_grpc_service(name: &str) -> bool {
+    let name = name.strip_prefix('.').unwrap_or(name);
+    !name.is_empty() && name.split('.').all(is_grpc_identifier)
+}
+
+fn is_grpc_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+pub(crate) fn grpc_route(route: &GrpcRoute) -> Result<(), Invalid> {
+    route_common(
+        &route.metadata,
+        &route.spec.parent_refs,
+        &route.spec.hostnames,
+    )?;
+    for (r, rule) in route.spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{r}]");
+        for (m, matched) in rule.matches.iter().enumerate() {
+            let at = format!("{at}.matches[{m}]");
+            if let Some(method) = &matched.method {
+                let at = format!("{at}.method");
+                let service = method.service.as_deref().unwrap_or("");
+                let name = method.method.as_deref().unwrap_or("");
+                if service.is_empty() && name.is_empty() {
+                    return fail(
+                        format!("{at}.service"),
+                        "service or method is required (a match of any method leaves method out)",
+                    );
+                }
+                match method.kind {
+                    MatchType::Exact => {
+                        if !service.is_empty() && !is_grpc_service(service) {
+                            return fail(
+                                format!("{at}.service"),
+                                format!(
+                                    "{service:?} is not a gRPC service name (such as pkg.Service)"
+                                ),
+                            );
+                        }
+                        if !name.is_empty() && !is_grpc_identifier(name) {
+                            return fail(
+                                format!("{at}.method"),
+                                format!("{name:?} is not a gRPC method name"),
+                            );
+                        }
+                    }
+                    MatchType::RegularExpression => {
+                        if !service.is_empty() {
+                            regex(format!("{at}.service"), service)?;
+                        }
+                        if !name.is_empty() {
+                            regex(format!("{at}.method"), name)?;
+                        }
+                    }
+                    _ => {
+                        return fail(format!("{at}.type"), "must be Exact or RegularExpression");
+                    }
+                }
+            }
+            header_matches(&at, "headers", &matched.headers)?;
+        }
+        for (f, entry) in rule.filters.iter().enumerate() {
+            grpc_filter(&format!("{at}.filters[{f}]"), entry)?;
+        }
+        backend_refs(&at, &rule.backend_refs, grpc_filter)?;
     }
     Ok(())
 }

@@ -651,3 +651,166 @@ fn every_new_kind_is_inserted_into_and_removed_from_a_cluster() {
     assert!(cluster.destination_rules.is_empty() && cluster.gateway_classes.is_empty());
     assert!(cluster.endpoint_slices.is_empty() && cluster.nodes.is_empty());
 }
+
+const GRPC_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: shop, creationTimestamp: "2026-01-02T03:04:05Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: cart, port: 9090}]
+  hostnames: [cart.shop.svc.cluster.local]
+  rules:
+  - matches:
+    - method: {service: shop.v1.Cart, method: Add}
+      headers: [{name: X-Tenant, value: a}]
+    - method: {type: RegularExpression, service: "shop\\.v1\\..*"}
+    filters:
+    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: "1"}]}}
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {remove: [x-b]}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 9090}, percent: 10}}
+    backendRefs:
+    - {name: cart-v1, port: 9090, weight: 90}
+    - name: cart-v2
+      port: 9090
+      weight: 10
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: x-v, value: "2"}]}}]
+  - backendRefs: [{name: cart-v1, port: 9090}]
+"#;
+
+#[test]
+fn grpc_routes_are_typed_and_written_back_with_their_kind() {
+    let objects = parse_ok(GRPC_ROUTE);
+    assert_eq!(objects[0].key().to_string(), "GRPCRoute shop/g");
+    let Object::GrpcRoute(route) = &objects[0] else {
+        panic!("not a GRPCRoute: {:?}", objects[0]);
+    };
+    assert_eq!(
+        route.metadata.creation_timestamp.as_deref(),
+        Some("2026-01-02T03:04:05Z")
+    );
+    assert!(route.spec.parent_refs[0].is_service());
+    assert_eq!(route.spec.parent_refs[0].port, Some(9090));
+    let rule = &route.spec.rules[0];
+    let exact = rule.matches[0].method.as_ref().unwrap();
+    assert_eq!(exact.kind, MatchType::Exact, "default type");
+    assert_eq!(
+        (exact.service.as_deref(), exact.method.as_deref()),
+        (Some("shop.v1.Cart"), Some("Add"))
+    );
+    assert_eq!(rule.matches[0].headers[0].name, "X-Tenant");
+    let regex = rule.matches[1].method.as_ref().unwrap();
+    assert_eq!(regex.kind, MatchType::RegularExpression);
+    assert_eq!(regex.method, None, "any method");
+    assert_eq!(
+        rule.filters.iter().map(|f| f.kind).collect::<Vec<_>>(),
+        [
+            FilterType::RequestHeaderModifier,
+            FilterType::ResponseHeaderModifier,
+            FilterType::RequestMirror
+        ]
+    );
+    assert_eq!(
+        rule.backend_refs
+            .iter()
+            .map(|b| (b.backend.name.as_str(), b.weight()))
+            .collect::<Vec<_>>(),
+        [("cart-v1", 90), ("cart-v2", 10)]
+    );
+    assert_eq!(rule.backend_refs[1].filters.len(), 1);
+    assert_eq!(route.spec.rules[1].backend_refs[0].weight(), 1);
+
+    let value = objects[0].to_value();
+    assert_eq!(value["apiVersion"], "gateway.networking.k8s.io/v1");
+    assert_eq!(value["kind"], "GRPCRoute");
+    assert_eq!(
+        value["metadata"]["creationTimestamp"],
+        "2026-01-02T03:04:05Z"
+    );
+    let (again, errors) = parse_object(value, "Kubernetes");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(again, objects, "to_value round-trips");
+
+    let mut cluster = Cluster::from_objects(objects.clone());
+    assert_eq!(cluster.grpc_routes.len(), 1);
+    assert!(cluster.remove(&objects[0].key()));
+    assert!(cluster.grpc_routes.is_empty());
+}
+
+#[test]
+fn grpc_routes_are_refused_by_field() {
+    let rule = |rule: &str| {
+        refused(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: cart}}]\n  rules:\n  - {rule}\n"
+        ))
+    };
+    let prefix = "k.yaml doc 1: GRPCRoute shop/g: ";
+    let cases = [
+        (
+            "{matches: [{method: {type: Exact}}]}",
+            "spec.rules[0].matches[0].method.service: service or method is required (a match of any method leaves method out)",
+        ),
+        (
+            "{matches: [{method: {service: shop/Cart}}]}",
+            "spec.rules[0].matches[0].method.service: \"shop/Cart\" is not a gRPC service name (such as pkg.Service)",
+        ),
+        (
+            "{matches: [{method: {method: Add.Item}}]}",
+            "spec.rules[0].matches[0].method.method: \"Add.Item\" is not a gRPC method name",
+        ),
+        (
+            "{matches: [{method: {type: RegularExpression, method: \"Add(\"}}]}",
+            "spec.rules[0].matches[0].method.method: \"Add(\" is not a regular expression (RE2 syntax): ",
+        ),
+        (
+            "{matches: [{method: {type: PathPrefix, method: Add}}]}",
+            "spec.rules[0].matches[0].method.type: must be Exact or RegularExpression",
+        ),
+        (
+            "{matches: [{headers: [{type: RegularExpression, name: x, value: \"[\"}]}]}",
+            "spec.rules[0].matches[0].headers[0].value: \"[\" is not a regular expression (RE2 syntax): ",
+        ),
+        (
+            "{filters: [{type: URLRewrite, urlRewrite: {hostname: a}}]}",
+            "spec.rules[0].filters[0].type: must be RequestHeaderModifier, ResponseHeaderModifier, RequestMirror or ExtensionRef",
+        ),
+        (
+            "{backendRefs: [{name: a, port: 1, filters: [{type: RequestRedirect, requestRedirect: {}}]}]}",
+            "spec.rules[0].backendRefs[0].filters[0].type: must be RequestHeaderModifier, ResponseHeaderModifier, RequestMirror or ExtensionRef",
+        ),
+        (
+            "{backendRefs: [{name: a}]}",
+            "spec.rules[0].backendRefs[0].port: required for a Service backend",
+        ),
+    ];
+    for (input, expected) in cases {
+        let message = rule(input);
+        assert!(
+            message.starts_with(&format!("{prefix}{expected}")),
+            "for {input}: {message}"
+        );
+    }
+    assert_eq!(
+        refused(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop, creationTimestamp: yesterday}\n"
+        ),
+        format!("{prefix}metadata.creationTimestamp: \"yesterday\" is not an RFC 3339 time")
+    );
+}
+
+#[test]
+fn http_route_regular_expressions_must_compile() {
+    let (objects, errors) = parse_documents(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  rules:\n  - matches: [{path: {type: RegularExpression, value: \"/a(\"}}]\n",
+        "k.yaml",
+    );
+    assert!(objects.is_empty());
+    assert!(
+        errors[0].to_string().starts_with(
+            "k.yaml doc 1: HTTPRoute shop/r: spec.rules[0].matches[0].path.value: \"/a(\" is not a regular expression (RE2 syntax): "
+        ),
+        "{errors:?}"
+    );
+    parse_ok(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  rules:\n  - matches: [{path: {type: RegularExpression, value: \"/v[0-9]+/.*\"}, queryParams: [{type: RegularExpression, name: q, value: \"a|b\"}]}]\n",
+    );
+}

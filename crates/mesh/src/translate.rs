@@ -822,7 +822,7 @@ fn service_resource(
                     Some(serde_json::Value::String(s)) => s.parse::<u32>().unwrap_or(0),
                     _ => u32::from(p.port),
                 },
-                app_protocol: 0,
+                app_protocol: app_protocol(p) as i32,
             })
             .collect(),
         waypoint: resolve_waypoint(
@@ -846,6 +846,37 @@ fn service_resource(
         ingress_use_waypoint,
         ..Default::default()
     }
+}
+
+/// The protocol of a Service port, as Istio selects it: `appProtocol` first (`kubernetes.io/h2c`
+/// and the Istio protocol names), else the port name's prefix before the first `-` (`http-web`),
+/// both case-insensitive. Anything else, and UDP/SCTP ports, is `UNKNOWN`: the waypoint sniffs.
+pub fn app_protocol(port: &crate::objects::ServicePort) -> pb::AppProtocol {
+    if matches!(port.protocol.as_str(), "UDP" | "SCTP") {
+        return pb::AppProtocol::Unknown;
+    }
+    let from_app = match port.app_protocol.to_ascii_lowercase().as_str() {
+        "kubernetes.io/h2c" => Some(pb::AppProtocol::Http2),
+        "kubernetes.io/ws" => Some(pb::AppProtocol::Http11),
+        "kubernetes.io/wss" => Some(pb::AppProtocol::Tls),
+        other => protocol_name(other),
+    };
+    let prefix = port.name.split('-').next().unwrap_or("");
+    from_app
+        .or_else(|| protocol_name(&prefix.to_ascii_lowercase()))
+        .unwrap_or(pb::AppProtocol::Unknown)
+}
+
+/// One of Istio's protocol names (lower-case) as the workload API's protocol.
+fn protocol_name(name: &str) -> Option<pb::AppProtocol> {
+    Some(match name {
+        "http" | "http_proxy" | "grpc-web" => pb::AppProtocol::Http11,
+        "http2" => pb::AppProtocol::Http2,
+        "grpc" => pb::AppProtocol::Grpc,
+        "tcp" | "mongo" | "mysql" | "redis" => pb::AppProtocol::Tcp,
+        "tls" | "https" => pb::AppProtocol::Tls,
+        _ => return None,
+    })
 }
 
 enum Translated {

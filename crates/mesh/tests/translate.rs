@@ -830,3 +830,60 @@ spec: {clusterIP: 10.96.0.999}
     let r = translate(&Cluster::from_objects(objects), &MeshSettings::default());
     assert_eq!(r.addresses.len(), 4, "3 pods and the good service");
 }
+
+#[test]
+fn service_ports_carry_their_protocol_from_app_protocol_else_the_name_prefix() {
+    let r = run(r#"apiVersion: v1
+kind: Service
+metadata: {name: protocols, namespace: demo}
+spec:
+  selector: {app: echo}
+  clusterIP: 10.96.0.20
+  ports:
+  - {name: web, port: 1, appProtocol: http}
+  - {name: tcp-but-h2c, port: 2, appProtocol: kubernetes.io/h2c}
+  - {name: api, port: 3, appProtocol: GRPC}
+  - {name: http2-frontend, port: 4}
+  - {name: grpc-web, port: 5}
+  - {name: https, port: 6}
+  - {name: tls-passthrough, port: 7}
+  - {name: mysql, port: 8}
+  - {name: redis-cache, port: 9}
+  - {name: mongo, port: 10}
+  - {name: tcp, port: 11}
+  - {name: metrics, port: 12}
+  - {port: 13}
+  - {name: http-dns, port: 14, protocol: UDP}
+  - {name: tcp-x, port: 15, appProtocol: made-up}
+  - {name: ws, port: 16, appProtocol: kubernetes.io/ws}
+  - {name: webgrpc, port: 17, appProtocol: grpc-web}
+"#);
+    let ports: Vec<(u32, pb::AppProtocol)> = service(&r, "demo/protocols.demo.svc.cluster.local")
+        .ports
+        .iter()
+        .map(|p| (p.service_port, p.app_protocol()))
+        .collect();
+    use pb::AppProtocol::*;
+    assert_eq!(
+        ports,
+        [
+            (1, Http11),
+            (2, Http2),
+            (3, Grpc),
+            (4, Http2),
+            (5, Grpc),
+            (6, Tls),
+            (7, Tls),
+            (8, Tcp),
+            (9, Tcp),
+            (10, Tcp),
+            (11, Tcp),
+            (12, Unknown),
+            (13, Unknown),
+            (14, Unknown),
+            (15, Tcp),
+            (16, Http11),
+            (17, Http11),
+        ]
+    );
+}

@@ -17,6 +17,13 @@ use metrics_exporter_prometheus::{
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+/// Envoy's default buckets, which Istio's request histograms (`istio_request_duration_milliseconds`
+/// in milliseconds, `istio_request_bytes` and `istio_response_bytes` in bytes) use: dashboards
+/// and alerts written for Istio expect these `le` values.
+const ISTIO_REQUEST_BUCKETS: &[f64] = &[
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
 /// Buckets for sizes in bytes: 64 B to 64 MiB.
 const BYTES_BUCKETS: &[f64] = &[
     64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
@@ -90,11 +97,23 @@ fn metadata() -> Metadata<'static> {
 
 impl Registry {
     /// An empty registry. Histograms whose names end in `_seconds` or `_bytes` get buckets and
-    /// render as Prometheus histograms.
+    /// render as Prometheus histograms; Istio's request histograms get Envoy's buckets (a full
+    /// name matcher takes precedence over a suffix).
     pub fn new() -> Self {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_bytes".into()), BYTES_BUCKETS))
+            .and_then(|b| {
+                [
+                    "istio_request_duration_milliseconds",
+                    "istio_request_bytes",
+                    "istio_response_bytes",
+                ]
+                .into_iter()
+                .try_fold(b, |b, name| {
+                    b.set_buckets_for_metric(Matcher::Full(name.into()), ISTIO_REQUEST_BUCKETS)
+                })
+            })
             .expect("bucket lists are non-empty constants");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();

@@ -1,0 +1,309 @@
+//! The Istio label set of the traffic metrics, built once per connection from plain values.
+
+use std::fmt;
+
+use ambit_core::metrics::{LabelSet, label_value};
+use metrics::Label;
+
+use crate::flags::ResponseFlags;
+
+/// Which proxy reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporter {
+    /// The client's ztunnel (outbound).
+    Source,
+    /// The server's ztunnel (inbound).
+    Destination,
+    /// A waypoint between them.
+    Waypoint,
+}
+
+impl Reporter {
+    /// The `reporter` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
+        }
+    }
+
+    /// The access log's `direction`.
+    fn direction(self) -> &'static str {
+        match self {
+            Reporter::Source => "outbound",
+            Reporter::Destination => "inbound",
+            Reporter::Waypoint => "waypoint",
+        }
+    }
+}
+
+impl fmt::Display for Reporter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the metrics say about one end of the traffic. Empty strings are rendered `unknown`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadLabels {
+    /// The workload instance (pod) name; not a label: the access log shows `namespace/name`.
+    pub name: String,
+    /// `*_workload`: the owning workload (Deployment) name.
+    pub workload: String,
+    /// `*_workload_namespace`.
+    pub namespace: String,
+    /// `*_canonical_service`, also `*_app`.
+    pub canonical_service: String,
+    /// `*_canonical_revision`, also `*_version`.
+    pub canonical_revision: String,
+    /// `*_principal`: the SPIFFE URI. Fill it only from a proven identity (mTLS).
+    pub principal: String,
+    /// `*_cluster`.
+    pub cluster: String,
+    /// `*_region`.
+    pub region: String,
+    /// `*_zone`.
+    pub zone: String,
+}
+
+impl WorkloadLabels {
+    /// `namespace/name` for the access log, `-` when unknown.
+    fn log_name(&self) -> String {
+        if self.name.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// The service the client addressed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceLabels {
+    /// `destination_service`: the hostname (`echo.demo.svc.cluster.local`).
+    pub hostname: String,
+    /// `destination_service_namespace`.
+    pub namespace: String,
+    /// `destination_service_name`.
+    pub name: String,
+}
+
+/// The full Istio label set of one connection's traffic (every label always present), built
+/// once; each series adds only its protocol, response and flags labels.
+#[derive(Clone, Debug)]
+pub struct TrafficLabels {
+    reporter: Reporter,
+    source: WorkloadLabels,
+    destination: WorkloadLabels,
+    service: ServiceLabels,
+    mtls: bool,
+    /// `reporter` .. `destination_cluster`.
+    head: Vec<Label>,
+    /// `connection_security_policy` and the localities.
+    tail: Vec<Label>,
+}
+
+impl TrafficLabels {
+    /// The labels for traffic reported by `reporter` from `source` to `destination` (the
+    /// workload, or the waypoint carrying it) for `service`, over mutual TLS or not.
+    pub fn new(
+        reporter: Reporter,
+        source: WorkloadLabels,
+        destination: WorkloadLabels,
+        service: ServiceLabels,
+        mtls: bool,
+    ) -> Self {
+        let mut head = Vec::with_capacity(20);
+        head.push(Label::new("reporter", reporter.as_str()));
+        push_workload(&mut head, "source", &source);
+        head.push(Label::new(
+            "destination_service",
+            label_value(&service.hostname),
+        ));
+        head.push(Label::new(
+            "destination_service_namespace",
+            label_value(&service.namespace),
+        ));
+        head.push(Label::new(
+            "destination_service_name",
+            label_value(&service.name),
+        ));
+        push_workload(&mut head, "destination", &destination);
+        let tail = vec![
+            Label::new(
+                "connection_security_policy",
+                if mtls { "mutual_tls" } else { "unknown" },
+            ),
+            Label::new("source_region", label_value(&source.region)),
+            Label::new("source_zone", label_value(&source.zone)),
+            Label::new("destination_region", label_value(&destination.region)),
+            Label::new("destination_zone", label_value(&destination.zone)),
+        ];
+        TrafficLabels {
+            reporter,
+            source,
+            destination,
+            service,
+            mtls,
+            head,
+            tail,
+        }
+    }
+
+    /// Who reports.
+    pub fn reporter(&self) -> Reporter {
+        self.reporter
+    }
+
+    /// The source end.
+    pub fn source(&self) -> &WorkloadLabels {
+        &self.source
+    }
+
+    /// The destination end.
+    pub fn destination(&self) -> &WorkloadLabels {
+        &self.destination
+    }
+
+    /// The service addressed.
+    pub fn service(&self) -> &ServiceLabels {
+        &self.service
+    }
+
+    /// Carried over mutual TLS.
+    pub fn mtls(&self) -> bool {
+        self.mtls
+    }
+
+    pub(crate) fn direction(&self) -> &'static str {
+        self.reporter.direction()
+    }
+
+    /// The series labels of a TCP metric.
+    pub(crate) fn tcp(&self, flags: ResponseFlags) -> Labels {
+        self.series(&[
+            Label::new("request_protocol", "tcp"),
+            Label::new("response_flags", flags.as_label()),
+        ])
+    }
+
+    /// The series labels of a request metric.
+    pub(crate) fn http(
+        &self,
+        protocol: &'static str,
+        code: u16,
+        grpc_status: Option<i32>,
+        flags: ResponseFlags,
+    ) -> Labels {
+        self.series(&[
+            Label::new("request_protocol", protocol),
+            Label::new("response_code", code.to_string()),
+            Label::new(
+                "grpc_response_status",
+                grpc_status.map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+            ),
+            Label::new("response_flags", flags.as_label()),
+        ])
+    }
+
+    fn series(&self, middle: &[Label]) -> Labels {
+        let mut all = Vec::with_capacity(self.head.len() + middle.len() + self.tail.len());
+        all.extend_from_slice(&self.head);
+        all.extend_from_slice(middle);
+        all.extend_from_slice(&self.tail);
+        Labels(all)
+    }
+
+    pub(crate) fn source_log_name(&self) -> String {
+        self.source.log_name()
+    }
+
+    pub(crate) fn destination_log_name(&self) -> String {
+        self.destination.log_name()
+    }
+}
+
+fn push_workload(out: &mut Vec<Label>, prefix: &str, w: &WorkloadLabels) {
+    let values = [
+        ("workload", &w.workload),
+        ("canonical_service", &w.canonical_service),
+        ("canonical_revision", &w.canonical_revision),
+        ("workload_namespace", &w.namespace),
+        ("principal", &w.principal),
+        ("app", &w.canonical_service),
+        ("version", &w.canonical_revision),
+        ("cluster", &w.cluster),
+    ];
+    for (name, value) in values {
+        out.push(Label::new(format!("{prefix}_{name}"), label_value(value)));
+    }
+}
+
+/// One series' labels, in exposition order.
+#[derive(Debug)]
+pub(crate) struct Labels(Vec<Label>);
+
+impl LabelSet for Labels {
+    fn to_labels(&self) -> Vec<Label> {
+        self.0.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_label_is_present_in_istio_order_and_missing_values_are_unknown() {
+        let labels = TrafficLabels::new(
+            Reporter::Source,
+            WorkloadLabels {
+                workload: "client".into(),
+                namespace: "demo".into(),
+                ..Default::default()
+            },
+            WorkloadLabels::default(),
+            ServiceLabels::default(),
+            false,
+        );
+        let rendered: Vec<String> = labels
+            .tcp(ResponseFlags::NONE)
+            .to_labels()
+            .iter()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        assert_eq!(
+            rendered,
+            [
+                "reporter=source",
+                "source_workload=client",
+                "source_canonical_service=unknown",
+                "source_canonical_revision=unknown",
+                "source_workload_namespace=demo",
+                "source_principal=unknown",
+                "source_app=unknown",
+                "source_version=unknown",
+                "source_cluster=unknown",
+                "destination_service=unknown",
+                "destination_service_namespace=unknown",
+                "destination_service_name=unknown",
+                "destination_workload=unknown",
+                "destination_canonical_service=unknown",
+                "destination_canonical_revision=unknown",
+                "destination_workload_namespace=unknown",
+                "destination_principal=unknown",
+                "destination_app=unknown",
+                "destination_version=unknown",
+                "destination_cluster=unknown",
+                "request_protocol=tcp",
+                "response_flags=-",
+                "connection_security_policy=unknown",
+                "source_region=unknown",
+                "source_zone=unknown",
+                "destination_region=unknown",
+                "destination_zone=unknown",
+            ]
+        );
+    }
+}

@@ -2,7 +2,9 @@
 //!
 //! - `serve`: raw TCP on one port (a JSON line describing who answered and the peer it saw, then
 //!   an echo of every byte) and HTTP/1.1 + HTTP/2 cleartext on another (a JSON body naming the
-//!   pod, namespace, node, version, peer and request headers).
+//!   pod, namespace, node, version, peer, method, path, host, protocol and request headers, with
+//!   httpbin-style controls: see [`httpbin`]). The HTTP port also serves gRPC (h2c, dispatched on
+//!   `content-type: application/grpc*`): health checks and an echo service, see [`grpc`].
 //! - `call`: N HTTP requests to a URL, then a JSON summary of status codes and answering pods.
 //! - `tcp`: one TCP connection: prints the greeting line, sends a message, prints the echo.
 
@@ -12,11 +14,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tonic::codegen::Service;
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +57,18 @@ enum Command {
         /// Version label to report.
         #[arg(long, env = "VERSION", default_value = "v1")]
         version: String,
+        /// HTTP status every request gets unless it asks for another (200-599).
+        #[arg(long, env = "ECHO_STATUS", default_value = "200", value_parser = |v: &str| httpbin::parse_status("ECHO_STATUS", v))]
+        status: u16,
+        /// Milliseconds to wait before every answer (HTTP and gRPC).
+        #[arg(long, env = "ECHO_DELAY_MS", default_value = "0", value_parser = |v: &str| httpbin::parse_delay("ECHO_DELAY_MS", v))]
+        delay_ms: Duration,
+        /// Fraction of requests (0.0-1.0, random) answered with the fail status (gRPC: UNAVAILABLE).
+        #[arg(long, env = "ECHO_FAIL_FRACTION", default_value = "0", value_parser = |v: &str| httpbin::parse_fraction("ECHO_FAIL_FRACTION", v))]
+        fail_fraction: f64,
+        /// The HTTP status of those failed requests.
+        #[arg(long, env = "ECHO_FAIL_STATUS", default_value = "503", value_parser = |v: &str| httpbin::parse_status("ECHO_FAIL_STATUS", v))]
+        fail_status: u16,
     },
     /// Make HTTP requests and summarise the answers.
     Call {
@@ -92,7 +108,8 @@ enum Command {
     },
 }
 
-#[derive(Clone)]
+/// Who this server is, as every answer reports it.
+#[derive(Clone, Debug)]
 struct Identity {
     pod: String,
     namespace: String,
@@ -106,6 +123,8 @@ impl Identity {
     }
 }
 
+mod grpc;
+mod httpbin;
 mod load;
 
 fn main() -> anyhow::Result<()> {
@@ -124,6 +143,10 @@ fn main() -> anyhow::Result<()> {
                 namespace,
                 node,
                 version,
+                status,
+                delay_ms,
+                fail_fraction,
+                fail_status,
             } => {
                 let id = Identity {
                     pod,
@@ -131,7 +154,13 @@ fn main() -> anyhow::Result<()> {
                     node,
                     version,
                 };
-                serve(tcp_port, http_port, sink_port, id).await
+                let controls = httpbin::Controls {
+                    status,
+                    delay: delay_ms,
+                    fail_fraction,
+                    fail_status,
+                };
+                serve(tcp_port, http_port, sink_port, id, controls).await
             }
             Command::Load {
                 addr,
@@ -161,7 +190,13 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn serve(tcp_port: u16, http_port: u16, sink_port: u16, id: Identity) -> anyhow::Result<()> {
+async fn serve(
+    tcp_port: u16,
+    http_port: u16,
+    sink_port: u16,
+    id: Identity,
+    controls: httpbin::Controls,
+) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     if sink_port != 0 {
         let listener = TcpListener::bind(("0.0.0.0", sink_port)).await?;
@@ -192,13 +227,30 @@ async fn serve(tcp_port: u16, http_port: u16, sink_port: u16, id: Identity) -> a
     }
     if http_port != 0 {
         let listener = TcpListener::bind(("0.0.0.0", http_port)).await?;
+        let routes = grpc::routes(id.clone(), controls.clone());
         tasks.spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {
                 let id = id.clone();
+                let controls = controls.clone();
+                let routes = routes.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
+                    let service = hyper::service::service_fn(move |mut req| {
                         let id = id.clone();
-                        async move { Ok::<_, std::convert::Infallible>(answer(&id, peer, req)) }
+                        let controls = controls.clone();
+                        let mut routes = routes.clone();
+                        async move {
+                            if grpc::is_grpc(&req) {
+                                req.extensions_mut().insert(grpc::Peer(peer));
+                                std::future::poll_fn(|cx| {
+                                    Service::<http::Request<Incoming>>::poll_ready(&mut routes, cx)
+                                })
+                                .await?;
+                                routes.call(req).await
+                            } else {
+                                let response = httpbin::answer(&id, &controls, peer, req).await;
+                                Ok(response.map(tonic::body::Body::new))
+                            }
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -220,34 +272,6 @@ async fn tcp_echo(mut stream: TcpStream, peer: SocketAddr, id: Identity) {
     let (mut r, mut w) = stream.split();
     let _ = tokio::io::copy(&mut r, &mut w).await;
     let _ = w.shutdown().await;
-}
-
-fn answer(
-    id: &Identity,
-    peer: SocketAddr,
-    req: http::Request<hyper::body::Incoming>,
-) -> http::Response<Full<Bytes>> {
-    let headers: BTreeMap<String, String> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                String::from_utf8_lossy(v.as_bytes()).to_string(),
-            )
-        })
-        .collect();
-    let mut body = id.json(peer);
-    body["method"] = json!(req.method().as_str());
-    body["path"] = json!(req.uri().path());
-    body["protocol"] = json!(format!("{:?}", req.version()));
-    body["headers"] = json!(headers);
-    let mut response = http::Response::new(Full::new(Bytes::from(format!("{body}\n"))));
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response
 }
 
 fn target(url: &str) -> anyhow::Result<(String, String, String)> {

@@ -17,6 +17,7 @@ use ambit_core::readiness::Readiness;
 use ambit_identity::ca::CertificateAuthority;
 use ambit_identity::store::{CertStore, CertificateSource, StoreConfig};
 use ambit_proto::envoy_core::Node;
+use ambit_xds::XdsConfig;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
@@ -26,7 +27,6 @@ use crate::config::{Config, ConfigSource};
 use crate::inpod::InPodManager;
 use crate::mesh::MeshState;
 use crate::proxy::ProxyInputs;
-use crate::xds::{XdsClient, XdsConfig};
 
 /// The certificate source: the CA over gRPC, or a local CA directory.
 fn certificate_source(config: &Config) -> anyhow::Result<Arc<dyn CertificateSource>> {
@@ -90,7 +90,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = Registry::new();
     crate::proxy::metrics::describe(&metrics);
-    crate::xds::describe_metrics(&metrics);
+    ambit_xds::describe_metrics(&metrics);
     let readiness = Readiness::new();
     let (trigger, drain) = drain::new();
     let mesh = MeshState::new(&config.node_name);
@@ -137,14 +137,14 @@ pub async fn run(
                 cluster: config.cluster_id.clone(),
                 ..Node::default()
             };
-            let client = XdsClient::new(
+            let client = crate::xds::client(
                 XdsConfig {
                     control_plane: control_plane.clone(),
                     node: node_with_metadata(node, &config),
                     backoff_initial: Duration::from_millis(10),
                     backoff_max: Duration::from_secs(15),
                 },
-                mesh.clone(),
+                &mesh,
                 metrics.clone(),
                 Some(config_ready),
             );

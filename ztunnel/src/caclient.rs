@@ -9,12 +9,11 @@ use ambit_identity::Identity;
 use ambit_identity::store::{CertificateSource, FetchError, FetchFuture};
 use ambit_proto::ca::IstioCertificateRequest;
 use ambit_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use ambit_xds::ControlPlane;
 use prost_types::value::Kind;
 use prost_types::{Struct, Value};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
-
-use crate::control::ControlPlane;
 
 /// Requests certificates for workloads on this node from the CA.
 #[derive(Debug)]

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use ambit_core::config::{ConfigError, EnvReader, EnvSource};
 use ambit_core::logging::LogFormat;
+use ambit_xds::{ControlPlane, TokenSource};
 
-use crate::control::{ControlPlane, TokenSource};
 use crate::proxy::ProxyConfig;
 
 /// Where configuration comes from.

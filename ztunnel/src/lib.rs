@@ -9,7 +9,6 @@ pub mod admin;
 pub mod app;
 pub mod caclient;
 pub mod config;
-pub mod control;
 pub mod inpod;
 pub mod localconfig;
 pub mod mesh;

@@ -36,11 +36,12 @@ use ambit_core::drain::DrainWatcher;
 use ambit_core::readiness::BlockReady;
 use ambit_proto::security as sec;
 use ambit_proto::workload as pb;
+use ambit_xds::Rejection;
 use ipnet::IpNet;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::mesh::{MeshState, Rejection};
+use crate::mesh::MeshState;
 
 /// Why the file could not be used at all.
 #[derive(Debug, Error)]

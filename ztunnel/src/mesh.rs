@@ -10,26 +10,11 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ambit_proto::security as sec;
 use ambit_proto::workload as pb;
+use ambit_xds::Rejection;
 use tokio::sync::watch;
 
 use crate::rbac::{Policy, PolicyStore};
 use crate::state::StateIndex;
-
-/// A resource the state refused, with the reason (sent back in a NACK or logged by the file
-/// loader).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    /// The xDS resource name (workload uid, `namespace/hostname`, or policy `namespace/name`).
-    pub name: String,
-    /// Why it was refused.
-    pub reason: String,
-}
-
-impl std::fmt::Display for Rejection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.name, self.reason)
-    }
-}
 
 /// Shared configuration state. Cheap to clone.
 #[derive(Clone)]

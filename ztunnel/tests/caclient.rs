@@ -14,11 +14,11 @@ use ambit_proto::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use ambit_proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use ambit_xds::TokenSource;
 use prost_types::value::Kind;
 use support::tls_server::TlsFixture;
 use tonic::{Request, Response, Status};
 use ztunnel::caclient::CaClient;
-use ztunnel::control::TokenSource;
 
 #[derive(Debug, Clone)]
 struct Seen {

@@ -21,15 +21,14 @@ use ambit_proto::envoy_core::Node;
 use ambit_proto::security as sec;
 use ambit_proto::workload as pb;
 use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, pack_any};
+use ambit_xds::{ControlPlane, TokenSource, XdsConfig};
 use futures::Stream;
 use support::tls_server::TlsFixture;
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use ztunnel::control::{ControlPlane, TokenSource};
 use ztunnel::mesh::MeshState;
-use ztunnel::xds::{XdsClient, XdsConfig};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -149,14 +148,14 @@ fn start_client(
     metrics: &Registry,
 ) -> drain::DrainTrigger {
     let (trigger, watcher) = drain::new();
-    let client = XdsClient::new(
+    let client = ztunnel::xds::client(
         XdsConfig {
             control_plane: control,
             node: node(),
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(200),
         },
-        state.clone(),
+        state,
         metrics.clone(),
         Some(readiness.register("xds")),
     );

@@ -11,10 +11,9 @@ use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
 use ambit_identity::Identity;
 use ambit_identity::ca::CertificateAuthority;
+use ambit_xds::{ControlPlane, TokenSource, XdsConfig};
 use tonic::transport::ServerTlsConfig;
-use ztunnel::control::{ControlPlane, TokenSource};
 use ztunnel::mesh::MeshState;
-use ztunnel::xds::{XdsClient, XdsConfig};
 
 /// Bound on every wait.
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
@@ -127,7 +126,7 @@ pub(crate) fn start_xds_client(
     state: &MeshState,
     readiness: &Readiness,
 ) -> tokio::task::JoinHandle<()> {
-    let client = XdsClient::new(
+    let client = ztunnel::xds::client(
         XdsConfig {
             control_plane,
             node: ambit_proto::envoy_core::Node {
@@ -137,7 +136,7 @@ pub(crate) fn start_xds_client(
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
         },
-        state.clone(),
+        state,
         Registry::new(),
         Some(readiness.register("xds")),
     );

@@ -404,7 +404,7 @@ pub async fn proxy(
                         flags,
                         Some(&format!(
                             "HBONE to {next_hop}{via}: {}",
-                            crate::control::error_chain(&e)
+                            ambit_xds::error_chain(&e)
                         )),
                     );
                     return;

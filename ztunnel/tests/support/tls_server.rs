@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use ambit_identity::Identity;
 use ambit_identity::ca::CertificateAuthority;
+use ambit_xds::{ControlPlane, TokenSource};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::server::Router;
 use tonic::transport::{Server, ServerTlsConfig};
-use ztunnel::control::{ControlPlane, TokenSource};
 
 pub struct TlsFixture {
     pub ca: CertificateAuthority,

@@ -225,3 +225,53 @@ impl Backoff {
         self.next = self.initial;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_up_to_the_bound_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(50));
+        let waits: Vec<Duration> = (0..6).map(|_| backoff.next_delay()).collect();
+        // 10, 20, 40, then 50 at most, each within ±20%.
+        for (wait, base) in waits.iter().zip([10u64, 20, 40, 50, 50, 50]) {
+            let base = Duration::from_millis(base);
+            assert!(*wait >= base.mul_f64(0.8), "{waits:?}");
+            assert!(
+                *wait <= base.mul_f64(1.2).min(Duration::from_millis(50)),
+                "{waits:?}"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(12));
+    }
+
+    #[test]
+    fn metadata_carries_the_token_cluster_and_extra_headers() {
+        let control = ControlPlane {
+            address: "istiod.istio-system.svc:15012".into(),
+            root_ca: None,
+            server_name: None,
+            token: TokenSource::Static("t0ken".into()),
+            cluster_id: "Kubernetes".into(),
+            headers: vec![("X-Extra".into(), "yes".into())],
+            connect_timeout: Duration::from_secs(1),
+        };
+        assert_eq!(control.uri(), "https://istiod.istio-system.svc:15012");
+        let map = control.metadata().unwrap();
+        assert_eq!(map.get("authorization").unwrap(), "Bearer t0ken");
+        assert_eq!(map.get("clusterid").unwrap(), "Kubernetes");
+        assert_eq!(map.get("x-extra").unwrap(), "yes");
+
+        let bad = ControlPlane {
+            headers: vec![("bad header".into(), "x".into())],
+            ..control
+        };
+        let error = bad.metadata().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "control plane header \"bad header\" is not valid gRPC metadata"
+        );
+    }
+}

@@ -5,6 +5,7 @@
 pub mod destination_rule;
 pub mod enrollment;
 pub mod gateway_api;
+pub mod l7;
 pub mod objects;
 pub mod parse;
 pub mod translate;

@@ -2,17 +2,19 @@
 //! Pure: objects in, resources out, with warnings naming the objects that could not be fully
 //! honoured. No Kubernetes client, no gRPC.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ambit_proto::security as sec;
+use ambit_proto::waypoint as wp;
 use ambit_proto::workload as pb;
 
 use crate::destination_rule::DestinationRule;
 use crate::enrollment::enrollment;
 use crate::gateway_api::{
-    GATEWAY_NAME_LABEL, Gateway, GatewayClass, GrpcRoute, HttpRoute, WAYPOINT_CLASS, WAYPOINT_FOR,
+    GATEWAY_NAME_LABEL, Gateway, GatewayClass, GrpcRoute, HttpRoute, WAYPOINT_FOR,
 };
+use crate::l7::WaypointScope;
 use crate::objects::{
     AuthorizationPolicy, EndpointSlice, LabelSelector, Namespace, Node, Object, PeerAuthentication,
     Pod, REGION_LABEL, SUBZONE_LABEL, Service, ZONE_LABEL,
@@ -63,6 +65,13 @@ pub struct Resources {
     pub authorizations: BTreeMap<String, sec::Authorization>,
     /// Policies for waypoints (targetRefs), by `namespace/name`, passed on untouched.
     pub waypoint_policies: Vec<String>,
+    /// Waypoint routes (HTTPRoutes and GRPCRoutes with a Service parent) by resource name
+    /// (`<kind>/<namespace>/<name>`).
+    pub routes: BTreeMap<String, wp::Route>,
+    /// Policies waypoints enforce, by resource name (`<namespace>/<name>`).
+    pub l7_policies: BTreeMap<String, wp::Policy>,
+    /// What each usable waypoint (`<namespace>/<name>` of its Gateway) is served.
+    pub waypoint_scopes: BTreeMap<String, WaypointScope>,
     /// Objects honoured only partly, or not at all, and why.
     pub warnings: Vec<String>,
 }
@@ -174,7 +183,10 @@ fn key(meta: &crate::objects::ObjectMeta) -> (String, String) {
     (meta.namespace.clone(), meta.name.clone())
 }
 
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn selects(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -197,7 +209,7 @@ fn label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a 
         .filter(|v| !v.is_empty())
 }
 
-fn hostname(service: &Service, settings: &MeshSettings) -> String {
+pub(crate) fn hostname(service: &Service, settings: &MeshSettings) -> String {
     format!(
         "{}.{}.svc.{}",
         service.metadata.name, service.metadata.namespace, settings.domain_suffix
@@ -249,12 +261,8 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
             },
         );
     }
-    let mut with_waypoint = HashSet::new();
     for service in cluster.services.values() {
         let resource = service_resource(service, &context, &mut out.warnings);
-        if resource.waypoint.is_some() {
-            with_waypoint.insert(key(&service.metadata));
-        }
         out.addresses.insert(
             resource.resource_name(),
             pb::Address {
@@ -262,7 +270,6 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
             },
         );
     }
-    route_warnings(cluster, &with_waypoint, &mut out.warnings);
     for policy in cluster.policies.values() {
         match authorization(policy, settings, &mut out.warnings) {
             Translated::Resource(resource) => {
@@ -270,7 +277,6 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
                     .insert(resource.resource_name(), resource);
             }
             Translated::Waypoint => {
-                target_warnings(policy, &context, &with_waypoint, &mut out.warnings);
                 out.waypoint_policies.push(format!(
                     "{}/{}",
                     policy.metadata.namespace, policy.metadata.name
@@ -284,6 +290,7 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
         out.authorizations
             .insert(resource.resource_name(), resource);
     }
+    crate::l7::translate(cluster, settings, &context.waypoints, &mut out);
     out
 }
 
@@ -454,67 +461,6 @@ fn slice_endpoints(
         }
     }
     (pod_services, workloads)
-}
-
-/// HTTPRoutes attached to a Service are applied by its waypoint only: warn when it has none.
-fn route_warnings(
-    cluster: &Cluster,
-    with_waypoint: &HashSet<(String, String)>,
-    warnings: &mut Vec<String>,
-) {
-    for ((ns, name), route) in &cluster.http_routes {
-        for (i, parent) in route.spec.parent_refs.iter().enumerate() {
-            if !parent.is_service() {
-                continue;
-            }
-            let parent_ns = parent.namespace.as_deref().unwrap_or(ns);
-            let service = (parent_ns.to_string(), parent.name.clone());
-            let why = if !cluster.services.contains_key(&service) {
-                "does not exist"
-            } else if !with_waypoint.contains(&service) {
-                "has no usable waypoint"
-            } else {
-                continue;
-            };
-            warnings.push(format!(
-                "HTTPRoute {ns}/{name}: spec.parentRefs[{i}]: Service {parent_ns}/{} {why}; ztunnel alone cannot apply the route",
-                parent.name
-            ));
-        }
-    }
-}
-
-/// Policies with `targetRefs` are enforced by waypoints only: warn when none of the Services or
-/// waypoint Gateways they target has a usable waypoint. Other Gateways (ingress) enforce their own.
-fn target_warnings(
-    policy: &AuthorizationPolicy,
-    context: &Context<'_>,
-    with_waypoint: &HashSet<(String, String)>,
-    warnings: &mut Vec<String>,
-) {
-    let ns = &policy.metadata.namespace;
-    let enforced = policy
-        .spec
-        .target_refs
-        .iter()
-        .any(|target| match target.kind.as_str() {
-            "Gateway" => {
-                context.waypoints.is_usable(ns, &target.name)
-                    || context
-                        .cluster
-                        .gateways
-                        .get(&(ns.clone(), target.name.clone()))
-                        .is_some_and(|g| g.spec.gateway_class_name != WAYPOINT_CLASS)
-            }
-            "Service" => with_waypoint.contains(&(ns.clone(), target.name.clone())),
-            _ => true,
-        });
-    if !enforced {
-        warnings.push(format!(
-            "AuthorizationPolicy {ns}/{}: no target in spec.targetRefs has a usable waypoint; the policy is not enforced",
-            policy.metadata.name
-        ));
-    }
 }
 
 /// Pods whose effective PeerAuthentication mode is STRICT (workload > namespace > mesh), mapped
@@ -885,7 +831,7 @@ enum Translated {
     Skipped,
 }
 
-fn string_matches(values: &[String]) -> Vec<sec::StringMatch> {
+pub(crate) fn string_matches(values: &[String]) -> Vec<sec::StringMatch> {
     use sec::string_match::MatchType;
     values
         .iter()

@@ -87,11 +87,11 @@ impl Waypoints {
         )
     }
 
-    /// True when the Gateway (namespace, name) is a usable waypoint.
-    pub(crate) fn is_usable(&self, namespace: &str, name: &str) -> bool {
+    /// `<namespace>/<name>` of every usable waypoint.
+    pub(crate) fn usable_keys(&self) -> impl Iterator<Item = String> + '_ {
         self.usable
-            .get(namespace)
-            .is_some_and(|m| m.contains_key(name))
+            .iter()
+            .flat_map(|(ns, names)| names.keys().map(move |name| format!("{ns}/{name}")))
     }
 }
 

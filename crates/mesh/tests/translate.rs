@@ -653,8 +653,8 @@ spec:
     assert_eq!(
         r.warnings,
         [
-            "HTTPRoute demo/echo-split: spec.parentRefs[0]: Service demo/echo has no usable waypoint; ztunnel alone cannot apply the route",
-            "AuthorizationPolicy demo/l7: no target in spec.targetRefs has a usable waypoint; the policy is not enforced",
+            "HTTPRoute demo/echo-split: spec.parentRefs[0]: Service demo/echo has no waypoint: the route has no effect on it",
+            "AuthorizationPolicy demo/l7: spec.targetRefs: no target has a usable waypoint; the policy is not enforced",
         ]
     );
     assert_eq!(r.waypoint_policies, ["demo/l7"]);

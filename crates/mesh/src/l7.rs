@@ -1,0 +1,1064 @@
+//! Cluster objects to waypoint resources: HTTPRoutes and GRPCRoutes whose parent is a Service
+//! (GAMMA) become [`Route`](wp::Route)s, AuthorizationPolicies that waypoints enforce become
+//! [`Policy`](wp::Policy)s, and every usable waypoint gets the [`WaypointScope`] of names it is
+//! served. Pure, like the rest of the translation: a route or policy that cannot be honoured is
+//! left out (or the part of it that cannot) with a warning naming the object and field, and the
+//! others translate.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ambit_proto::security as sec;
+use ambit_proto::waypoint as wp;
+
+use crate::gateway_api::{
+    BackendRef, FilterType, GATEWAY_GROUP, GATEWAY_NAME_LABEL, GrpcRoute, HttpBackendRef,
+    HttpHeaderMatch, HttpRoute, HttpRouteFilter, MatchType, ParentReference, PathModifier,
+    PathModifierType, WAYPOINT_CLASS, parse_gateway_duration, route_regex,
+};
+use crate::objects::{AuthorizationPolicy, ObjectMeta, Service};
+use crate::translate::{Cluster, MeshSettings, Resources, hostname, selects, string_matches};
+use crate::waypoints::{self, Waypoints};
+
+/// What one waypoint (a Gateway, keyed `<namespace>/<name>`) is served: the resource names of
+/// its routes and policies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WaypointScope {
+    /// [`Route`](wp::Route) names (`<kind>/<namespace>/<name>`) whose parent Service is bound to
+    /// the waypoint.
+    pub routes: BTreeSet<String>,
+    /// [`Policy`](wp::Policy) names (`<namespace>/<name>`) targeting the Gateway, its
+    /// GatewayClass, or a Service bound to it.
+    pub policies: BTreeSet<String>,
+}
+
+/// A field of the object being translated and why it cannot be honoured.
+type Refused = (String, String);
+
+/// The `when` keys a waypoint evaluates (see the proto's `Condition`).
+const WHEN_KEYS: [&str; 5] = [
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.port",
+    "request.method",
+];
+
+/// Everything the translation reads, indexed once.
+struct Context<'a> {
+    cluster: &'a Cluster,
+    settings: &'a MeshSettings,
+    /// Service `(namespace, name)` → the waypoint (`ns/name`) serving its traffic.
+    bound: BTreeMap<(String, String), String>,
+}
+
+impl Context<'_> {
+    fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.cluster
+            .services
+            .get(&(namespace.to_string(), name.to_string()))
+    }
+
+    fn address_name(&self, service: &Service) -> String {
+        format!(
+            "{}/{}",
+            service.metadata.namespace,
+            hostname(service, self.settings)
+        )
+    }
+}
+
+/// Adds the waypoint resources of `cluster` to `out`: routes, policies, scopes and warnings.
+pub(crate) fn translate(
+    cluster: &Cluster,
+    settings: &MeshSettings,
+    waypoints: &Waypoints,
+    out: &mut Resources,
+) {
+    let mut bound = BTreeMap::new();
+    for (key, service) in &cluster.services {
+        if let Some(waypoint) = service_waypoint(service, cluster, waypoints) {
+            bound.insert(key.clone(), waypoint);
+        }
+    }
+    let context = Context {
+        cluster,
+        settings,
+        bound,
+    };
+    let mut scopes: BTreeMap<String, WaypointScope> = waypoints
+        .usable_keys()
+        .map(|key| (key, WaypointScope::default()))
+        .collect();
+
+    let mut routes = Vec::new();
+    for route in cluster.http_routes.values() {
+        routes.extend(http_route(route, &context, &mut out.warnings));
+    }
+    for route in cluster.grpc_routes.values() {
+        routes.extend(grpc_route(route, &context, &mut out.warnings));
+    }
+    for (route, served_by) in routes {
+        let name = route.resource_name();
+        for waypoint in served_by {
+            if let Some(scope) = scopes.get_mut(&waypoint) {
+                scope.routes.insert(name.clone());
+            }
+        }
+        out.routes.insert(name, route);
+    }
+
+    // Services bound to each waypoint, by Address name, for policies targeting Services.
+    let mut bound_services: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for ((ns, name), waypoint) in &context.bound {
+        if let Some(service) = context.service(ns, name) {
+            bound_services
+                .entry(context.address_name(service))
+                .or_default()
+                .push(waypoint);
+        }
+    }
+    for policy in cluster.policies.values() {
+        let Some(resource) = waypoint_policy(policy, &context, waypoints, &mut out.warnings) else {
+            continue;
+        };
+        let name = resource.resource_name();
+        let mut served = false;
+        for target in &resource.targets {
+            use wp::policy_target::Kind;
+            let waypoints: Vec<String> = match &target.kind {
+                Some(Kind::Gateway(gateway)) => vec![gateway.clone()],
+                Some(Kind::Service(service)) => bound_services
+                    .get(service)
+                    .map(|w| w.iter().map(|s| s.to_string()).collect())
+                    .unwrap_or_default(),
+                // Every usable waypoint is of class istio-waypoint.
+                Some(Kind::GatewayClass(class)) if class == WAYPOINT_CLASS => {
+                    scopes.keys().cloned().collect()
+                }
+                _ => Vec::new(),
+            };
+            for waypoint in waypoints {
+                if let Some(scope) = scopes.get_mut(&waypoint) {
+                    scope.policies.insert(name.clone());
+                    served = true;
+                }
+            }
+        }
+        let other_gateway = policy.spec.target_refs.iter().any(|t| {
+            t.kind == "Gateway"
+                && cluster
+                    .gateways
+                    .get(&(policy.metadata.namespace.clone(), t.name.clone()))
+                    .is_some_and(|g| g.spec.gateway_class_name != WAYPOINT_CLASS)
+        });
+        if !served && !other_gateway {
+            warn(
+                &mut out.warnings,
+                &policy_name(&policy.metadata),
+                "spec.targetRefs",
+                "no target has a usable waypoint; the policy is not enforced",
+            );
+        }
+        out.l7_policies.insert(name, resource);
+    }
+    out.waypoint_scopes = scopes;
+}
+
+fn warn(warnings: &mut Vec<String>, named: &str, field: &str, reason: &str) {
+    warnings.push(format!("{named}: {field}: {reason}"));
+}
+
+/// The waypoint (`ns/name`) taking a Service's traffic: its own `istio.io/use-waypoint`, else
+/// its namespace's, naming a usable Gateway that takes service traffic.
+fn service_waypoint(service: &Service, cluster: &Cluster, waypoints: &Waypoints) -> Option<String> {
+    let meta = &service.metadata;
+    if meta.labels.contains_key(GATEWAY_NAME_LABEL) {
+        return None;
+    }
+    let binding = waypoints::binding(&meta.labels, &meta.namespace, cluster)?;
+    let waypoint = waypoints.resolve(&binding).ok()?;
+    waypoint
+        .for_services
+        .then(|| format!("{}/{}", binding.namespace, binding.name))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+// ---------------------------------------------------------------------------------------------
+
+/// The Service parents of a route that can take it, and the waypoints serving them; `None` when
+/// the route has no Service parent at all (a route for a Gateway: not a waypoint's).
+fn parents(
+    kind: &str,
+    meta: &ObjectMeta,
+    refs: &[ParentReference],
+    context: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> Option<(Vec<wp::ParentRef>, BTreeSet<String>)> {
+    let named = format!("{kind} {}/{}", meta.namespace, meta.name);
+    let mut out = Vec::new();
+    let mut served_by = BTreeSet::new();
+    let mut any_service = false;
+    for (i, parent) in refs.iter().enumerate() {
+        if !parent.is_service() {
+            continue;
+        }
+        any_service = true;
+        let at = format!("spec.parentRefs[{i}]");
+        let ns = parent.namespace.as_deref().unwrap_or(&meta.namespace);
+        let Some(service) = context.service(ns, &parent.name) else {
+            warn(
+                warnings,
+                &named,
+                &at,
+                &format!(
+                    "Service {ns}/{} does not exist; the parent is ignored",
+                    parent.name
+                ),
+            );
+            continue;
+        };
+        let waypoint = context.bound.get(&(ns.to_string(), parent.name.clone()));
+        let waypoint_ns = waypoint.and_then(|w| w.split_once('/')).map(|(n, _)| n);
+        if ns != meta.namespace && waypoint_ns != Some(meta.namespace.as_str()) {
+            warn(
+                warnings,
+                &named,
+                &format!("{at}.namespace"),
+                &format!(
+                    "Service {ns}/{} is in another namespace and the route is not in its waypoint's namespace (ambient has no consumer routes); the parent is ignored",
+                    parent.name
+                ),
+            );
+            continue;
+        }
+        if let Some(port) = parent.port
+            && !service.spec.ports.iter().any(|p| u32::from(p.port) == port)
+        {
+            warn(
+                warnings,
+                &named,
+                &format!("{at}.port"),
+                &format!(
+                    "Service {ns}/{} has no port {port}; the parent is ignored",
+                    parent.name
+                ),
+            );
+            continue;
+        }
+        match waypoint {
+            Some(w) => {
+                served_by.insert(w.clone());
+            }
+            None => warn(
+                warnings,
+                &named,
+                &at,
+                &format!(
+                    "Service {ns}/{} has no waypoint: the route has no effect on it",
+                    parent.name
+                ),
+            ),
+        }
+        out.push(wp::ParentRef {
+            service: context.address_name(service),
+            port: parent.port.unwrap_or(0),
+        });
+    }
+    if !any_service {
+        return None;
+    }
+    if out.is_empty() {
+        warn(
+            warnings,
+            &named,
+            "spec.parentRefs",
+            "no Service parent can take the route; it is not served",
+        );
+        return None;
+    }
+    Some((out, served_by))
+}
+
+/// `metadata.creationTimestamp` as Unix seconds (0 when absent or unreadable).
+fn created(meta: &ObjectMeta) -> i64 {
+    meta.creation_timestamp
+        .as_deref()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+        .unwrap_or(0)
+}
+
+fn route_refused(kind: &str, meta: &ObjectMeta, (field, reason): Refused) -> String {
+    format!(
+        "{kind} {}/{}: {field}: {reason}; the route is not served",
+        meta.namespace, meta.name
+    )
+}
+
+fn http_route(
+    route: &HttpRoute,
+    context: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> Option<(wp::Route, BTreeSet<String>)> {
+    let meta = &route.metadata;
+    let (parents, served_by) = parents(
+        "HTTPRoute",
+        meta,
+        &route.spec.parent_refs,
+        context,
+        warnings,
+    )?;
+    let named = format!("HTTPRoute {}/{}", meta.namespace, meta.name);
+    let mut rules = Vec::new();
+    for (r, rule) in route.spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{r}]");
+        let translated = (|| {
+            let mut matches = Vec::new();
+            for (m, matched) in rule.matches.iter().enumerate() {
+                let at = format!("{at}.matches[{m}]");
+                let path = match &matched.path {
+                    None => None,
+                    Some(path) => Some(wp::PathMatch {
+                        r#type: match path.kind {
+                            MatchType::Exact => wp::MatchType::Exact,
+                            MatchType::PathPrefix => wp::MatchType::Prefix,
+                            MatchType::RegularExpression => {
+                                compiles(&format!("{at}.path.value"), &path.value)?;
+                                wp::MatchType::Regex
+                            }
+                            MatchType::Unknown => {
+                                return Err((
+                                    format!("{at}.path.type"),
+                                    "must be Exact, PathPrefix or RegularExpression".to_string(),
+                                ));
+                            }
+                        } as i32,
+                        value: path.value.clone(),
+                    }),
+                };
+                matches.push(wp::RouteMatch {
+                    path,
+                    headers: string_match_list(&at, "headers", &matched.headers, true)?,
+                    query_params: string_match_list(
+                        &at,
+                        "queryParams",
+                        &matched.query_params,
+                        false,
+                    )?,
+                    method: matched.method.clone().unwrap_or_default(),
+                    grpc: None,
+                });
+            }
+            Ok(matches)
+        })();
+        let matches = match translated {
+            Ok(m) => m,
+            Err(refused) => {
+                warnings.push(route_refused("HTTPRoute", meta, refused));
+                return None;
+            }
+        };
+        let mut rule_out = rule_body(
+            &named,
+            &at,
+            &meta.namespace,
+            &rule.filters,
+            &rule.backend_refs,
+            context,
+            warnings,
+        );
+        rule_out.name = rule.name.clone().unwrap_or_default();
+        rule_out.matches = matches;
+        rule_out.timeouts = rule.timeouts.as_ref().map(|t| wp::Timeouts {
+            request: t.request.as_deref().and_then(duration),
+            backend_request: t.backend_request.as_deref().and_then(duration),
+        });
+        rules.push(rule_out);
+    }
+    Some((
+        wp::Route {
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            kind: wp::RouteKind::Http as i32,
+            parents,
+            rules,
+            creation_timestamp: created(meta),
+            hostnames: route.spec.hostnames.clone(),
+        },
+        served_by,
+    ))
+}
+
+fn grpc_route(
+    route: &GrpcRoute,
+    context: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> Option<(wp::Route, BTreeSet<String>)> {
+    let meta = &route.metadata;
+    let (parents, served_by) = parents(
+        "GRPCRoute",
+        meta,
+        &route.spec.parent_refs,
+        context,
+        warnings,
+    )?;
+    let named = format!("GRPCRoute {}/{}", meta.namespace, meta.name);
+    let mut rules = Vec::new();
+    for (r, rule) in route.spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{r}]");
+        let translated = (|| {
+            let mut matches = Vec::new();
+            for (m, matched) in rule.matches.iter().enumerate() {
+                let at = format!("{at}.matches[{m}]");
+                let grpc = match &matched.method {
+                    None => None,
+                    Some(method) => {
+                        let service = method.service.clone().unwrap_or_default();
+                        let name = method.method.clone().unwrap_or_default();
+                        let kind = match method.kind {
+                            MatchType::Exact => wp::MatchType::Exact,
+                            MatchType::RegularExpression => {
+                                if !service.is_empty() {
+                                    compiles(&format!("{at}.method.service"), &service)?;
+                                }
+                                if !name.is_empty() {
+                                    compiles(&format!("{at}.method.method"), &name)?;
+                                }
+                                wp::MatchType::Regex
+                            }
+                            _ => {
+                                return Err((
+                                    format!("{at}.method.type"),
+                                    "must be Exact or RegularExpression".to_string(),
+                                ));
+                            }
+                        };
+                        Some(wp::GrpcMethodMatch {
+                            r#type: kind as i32,
+                            service,
+                            method: name,
+                        })
+                    }
+                };
+                matches.push(wp::RouteMatch {
+                    headers: string_match_list(&at, "headers", &matched.headers, true)?,
+                    grpc,
+                    ..Default::default()
+                });
+            }
+            Ok(matches)
+        })();
+        let matches = match translated {
+            Ok(m) => m,
+            Err(refused) => {
+                warnings.push(route_refused("GRPCRoute", meta, refused));
+                return None;
+            }
+        };
+        let mut rule_out = rule_body(
+            &named,
+            &at,
+            &meta.namespace,
+            &rule.filters,
+            &rule.backend_refs,
+            context,
+            warnings,
+        );
+        rule_out.name = rule.name.clone().unwrap_or_default();
+        rule_out.matches = matches;
+        rules.push(rule_out);
+    }
+    Some((
+        wp::Route {
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            kind: wp::RouteKind::Grpc as i32,
+            parents,
+            rules,
+            creation_timestamp: created(meta),
+            hostnames: route.spec.hostnames.clone(),
+        },
+        served_by,
+    ))
+}
+
+fn compiles(field: &str, pattern: &str) -> Result<(), Refused> {
+    route_regex(pattern).map(|_| ()).map_err(|e| {
+        (
+            field.to_string(),
+            format!("{pattern:?} is not a regular expression (RE2 syntax): {e}"),
+        )
+    })
+}
+
+/// Header (names lower-cased) or query parameter (names exact) matches.
+fn string_match_list(
+    at: &str,
+    list: &str,
+    entries: &[HttpHeaderMatch],
+    lower_case: bool,
+) -> Result<Vec<wp::StringMatch>, Refused> {
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        let kind = match entry.kind {
+            MatchType::Exact => wp::MatchType::Exact,
+            MatchType::RegularExpression => {
+                compiles(&format!("{at}.{list}[{i}].value"), &entry.value)?;
+                wp::MatchType::Regex
+            }
+            _ => {
+                return Err((
+                    format!("{at}.{list}[{i}].type"),
+                    "must be Exact or RegularExpression".to_string(),
+                ));
+            }
+        };
+        out.push(wp::StringMatch {
+            name: if lower_case {
+                entry.name.to_ascii_lowercase()
+            } else {
+                entry.name.clone()
+            },
+            r#type: kind as i32,
+            value: entry.value.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn duration(text: &str) -> Option<prost_types::Duration> {
+    let d = parse_gateway_duration(text)?;
+    Some(prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).ok()?,
+        nanos: i32::try_from(d.subsec_nanos()).ok()?,
+    })
+}
+
+/// A rule's filters and backends. An `ExtensionRef` filter cannot be applied, and the Gateway
+/// API forbids skipping it: the rule (or the backend carrying it) then answers 500.
+fn rule_body(
+    named: &str,
+    at: &str,
+    route_ns: &str,
+    filters: &[HttpRouteFilter],
+    backend_refs: &[HttpBackendRef],
+    context: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> wp::Rule {
+    let (filters, broken) = filter_list(named, at, route_ns, filters, context, warnings);
+    let mut backends = Vec::with_capacity(backend_refs.len());
+    for (b, backend_ref) in backend_refs.iter().enumerate() {
+        let at = format!("{at}.backendRefs[{b}]");
+        let mut backend = resolve_backend(
+            named,
+            &at,
+            route_ns,
+            &backend_ref.backend,
+            context,
+            warnings,
+        );
+        backend.weight = backend_ref.weight();
+        let (filters, backend_broken) = filter_list(
+            named,
+            &at,
+            route_ns,
+            &backend_ref.filters,
+            context,
+            warnings,
+        );
+        backend.filters = filters;
+        if let Some(why) = backend_broken
+            && backend.invalid.is_empty()
+        {
+            backend.service.clear();
+            backend.invalid = why;
+        }
+        backends.push(backend);
+    }
+    if let Some(why) = broken {
+        backends = vec![wp::Backend {
+            weight: 1,
+            invalid: why,
+            ..Default::default()
+        }];
+    }
+    wp::Rule {
+        filters,
+        backends,
+        ..Default::default()
+    }
+}
+
+/// Translated filters, and why requests must get 500 when one cannot be applied.
+fn filter_list(
+    named: &str,
+    at: &str,
+    route_ns: &str,
+    filters: &[HttpRouteFilter],
+    context: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> (Vec<wp::Filter>, Option<String>) {
+    use wp::filter::Kind;
+    let mut out = Vec::with_capacity(filters.len());
+    let mut broken = None;
+    for (f, filter) in filters.iter().enumerate() {
+        let at = format!("{at}.filters[{f}]");
+        let kind = match filter.kind {
+            FilterType::RequestHeaderModifier => filter
+                .request_header_modifier
+                .as_ref()
+                .map(|m| Kind::RequestHeaderModifier(header_modifier(m))),
+            FilterType::ResponseHeaderModifier => filter
+                .response_header_modifier
+                .as_ref()
+                .map(|m| Kind::ResponseHeaderModifier(header_modifier(m))),
+            FilterType::RequestRedirect => filter.request_redirect.as_ref().map(|r| {
+                Kind::RequestRedirect(wp::RequestRedirect {
+                    scheme: r.scheme.clone().unwrap_or_default(),
+                    hostname: r.hostname.clone().unwrap_or_default(),
+                    port: r.port.unwrap_or(0),
+                    path: r.path.as_ref().and_then(path_modifier),
+                    status_code: r.status_code.unwrap_or(302),
+                })
+            }),
+            FilterType::UrlRewrite => filter.url_rewrite.as_ref().map(|r| {
+                Kind::UrlRewrite(wp::UrlRewrite {
+                    hostname: r.hostname.clone().unwrap_or_default(),
+                    path: r.path.as_ref().and_then(path_modifier),
+                })
+            }),
+            FilterType::RequestMirror => filter.request_mirror.as_ref().map(|m| {
+                let backend = resolve_backend(
+                    named,
+                    &format!("{at}.requestMirror.backendRef"),
+                    route_ns,
+                    &m.backend_ref,
+                    context,
+                    warnings,
+                );
+                let (numerator, denominator) = match (&m.fraction, m.percent) {
+                    (Some(f), _) => (f.numerator, f.denominator.unwrap_or(100)),
+                    (None, Some(p)) => (p, 100),
+                    (None, None) => (0, 0),
+                };
+                Kind::RequestMirror(wp::RequestMirror {
+                    backend: Some(backend),
+                    numerator,
+                    denominator,
+                })
+            }),
+            FilterType::ExtensionRef | FilterType::Unknown => {
+                warn(
+                    warnings,
+                    named,
+                    &at,
+                    "ExtensionRef filters are not supported; requests it applies to get 500",
+                );
+                broken.get_or_insert(format!("{at}: ExtensionRef filters are not supported"));
+                None
+            }
+        };
+        if let Some(kind) = kind {
+            out.push(wp::Filter { kind: Some(kind) });
+        }
+    }
+    (out, broken)
+}
+
+fn header_modifier(m: &crate::gateway_api::HeaderModifier) -> wp::HeaderModifier {
+    let headers = |list: &[crate::gateway_api::HttpHeader]| {
+        list.iter()
+            .map(|h| wp::Header {
+                name: h.name.to_ascii_lowercase(),
+                value: h.value.clone(),
+            })
+            .collect()
+    };
+    wp::HeaderModifier {
+        set: headers(&m.set),
+        add: headers(&m.add),
+        remove: m.remove.iter().map(|n| n.to_ascii_lowercase()).collect(),
+    }
+}
+
+fn path_modifier(m: &PathModifier) -> Option<wp::PathModifier> {
+    let (kind, value) = match m.kind {
+        PathModifierType::ReplaceFullPath => {
+            (wp::PathModifierType::Full, m.replace_full_path.clone()?)
+        }
+        PathModifierType::ReplacePrefixMatch => (
+            wp::PathModifierType::PrefixMatch,
+            m.replace_prefix_match.clone()?,
+        ),
+        PathModifierType::Unknown => return None,
+    };
+    Some(wp::PathModifier {
+        r#type: kind as i32,
+        value,
+    })
+}
+
+/// A backendRef resolved to a Service port, or marked invalid (with a warning) so that requests
+/// landing on it get 500, as the Gateway API asks.
+fn resolve_backend(
+    named: &str,
+    at: &str,
+    route_ns: &str,
+    backend: &BackendRef,
+    context: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> wp::Backend {
+    let ns = backend.namespace.as_deref().unwrap_or(route_ns);
+    let port = backend.port.unwrap_or(0);
+    let invalid = if !backend.is_service() {
+        let group = backend.group.as_deref().unwrap_or("");
+        let kind = backend.kind.as_deref().unwrap_or("Service");
+        Err(format!(
+            "backend kind {group}/{kind} is not supported (only core Services)"
+        ))
+    } else if ns != route_ns {
+        Err(format!(
+            "Service {ns}/{} is in another namespace, which needs a ReferenceGrant (not read by Ambit)",
+            backend.name
+        ))
+    } else {
+        match context.service(ns, &backend.name) {
+            None => Err(format!("Service {ns}/{} does not exist", backend.name)),
+            Some(service) if !service.spec.ports.iter().any(|p| u32::from(p.port) == port) => {
+                Err(format!("Service {ns}/{} has no port {port}", backend.name))
+            }
+            Some(service) => Ok(context.address_name(service)),
+        }
+    };
+    match invalid {
+        Ok(service) => wp::Backend {
+            service,
+            port,
+            weight: 1,
+            ..Default::default()
+        },
+        Err(why) => {
+            warn(
+                warnings,
+                named,
+                at,
+                &format!("{why}; requests routed to it get 500"),
+            );
+            wp::Backend {
+                port,
+                weight: 1,
+                invalid: why,
+                ..Default::default()
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policies
+// ---------------------------------------------------------------------------------------------
+
+fn policy_name(meta: &ObjectMeta) -> String {
+    format!("AuthorizationPolicy {}/{}", meta.namespace, meta.name)
+}
+
+/// The waypoint resource of a policy bound by `targetRefs` or whose selector matches a
+/// waypoint's pods; `None` for other policies and for refused ones (with a warning).
+fn waypoint_policy(
+    policy: &AuthorizationPolicy,
+    context: &Context<'_>,
+    waypoints: &Waypoints,
+    warnings: &mut Vec<String>,
+) -> Option<wp::Policy> {
+    use wp::policy_target::Kind;
+    let meta = &policy.metadata;
+    let named = policy_name(meta);
+    let mut targets = Vec::new();
+    for (i, target) in policy.spec.target_refs.iter().enumerate() {
+        let at = format!("spec.targetRefs[{i}]");
+        let kind = match (target.group.as_str(), target.kind.as_str()) {
+            (GATEWAY_GROUP, "Gateway") => {
+                Kind::Gateway(format!("{}/{}", meta.namespace, target.name))
+            }
+            ("", "Service") => Kind::Service(format!(
+                "{}/{}.{}.svc.{}",
+                meta.namespace, target.name, meta.namespace, context.settings.domain_suffix
+            )),
+            (GATEWAY_GROUP, "GatewayClass") => {
+                if meta.namespace != context.settings.root_namespace {
+                    warn(
+                        warnings,
+                        &named,
+                        &at,
+                        &format!(
+                            "a GatewayClass can be targeted only from the root namespace {}; the target is ignored",
+                            context.settings.root_namespace
+                        ),
+                    );
+                    continue;
+                }
+                Kind::GatewayClass(target.name.clone())
+            }
+            (group, kind) => {
+                warn(
+                    warnings,
+                    &named,
+                    &format!("{at}.kind"),
+                    &format!(
+                        "{group}/{kind} is not a target waypoints enforce (gateway.networking.k8s.io/Gateway, /Service or gateway.networking.k8s.io/GatewayClass); the target is ignored"
+                    ),
+                );
+                continue;
+            }
+        };
+        targets.push(wp::PolicyTarget { kind: Some(kind) });
+    }
+    if policy.spec.target_refs.is_empty() {
+        let selector = policy
+            .spec
+            .selector
+            .as_ref()
+            .filter(|s| !s.match_labels.is_empty())?;
+        for key in waypoints.usable_keys() {
+            let Some((ns, name)) = key.split_once('/') else {
+                continue;
+            };
+            if ns != meta.namespace && meta.namespace != context.settings.root_namespace {
+                continue;
+            }
+            let own: BTreeMap<String, String> =
+                [(GATEWAY_NAME_LABEL.to_string(), name.to_string())].into();
+            let pods = context
+                .cluster
+                .pods
+                .range((ns.to_string(), String::new())..)
+                .take_while(|((pod_ns, _), _)| pod_ns == ns)
+                .map(|(_, pod)| &pod.metadata.labels)
+                .filter(|labels| labels.get(GATEWAY_NAME_LABEL).map(String::as_str) == Some(name));
+            if selects(&selector.match_labels, &own)
+                || pods
+                    .into_iter()
+                    .any(|labels| selects(&selector.match_labels, labels))
+            {
+                targets.push(wp::PolicyTarget {
+                    kind: Some(Kind::Gateway(key.clone())),
+                });
+            }
+        }
+        if targets.is_empty() {
+            return None;
+        }
+    }
+    let refused = |(field, reason): Refused, warnings: &mut Vec<String>| {
+        warn(
+            warnings,
+            &named,
+            &field,
+            &format!("{reason}; the policy is not served to waypoints"),
+        );
+    };
+    let action = match policy.spec.action.as_str() {
+        "" | "ALLOW" => wp::Action::Allow,
+        "DENY" => wp::Action::Deny,
+        "AUDIT" => wp::Action::Audit,
+        other => {
+            refused(
+                (
+                    "spec.action".into(),
+                    format!("{other} (external authorization) is not supported"),
+                ),
+                warnings,
+            );
+            return None;
+        }
+    };
+    let rules = match policy_rules(policy) {
+        Ok(rules) => rules,
+        Err(e) => {
+            refused(e, warnings);
+            return None;
+        }
+    };
+    Some(wp::Policy {
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+        action: action as i32,
+        dry_run: meta
+            .annotations
+            .get("istio.io/dry-run")
+            .is_some_and(|v| v == "true"),
+        targets,
+        rules,
+    })
+}
+
+/// Principals as the waypoint compares them: without `spiffe://`.
+fn principals(values: &[String]) -> Vec<sec::StringMatch> {
+    let stripped: Vec<String> = values
+        .iter()
+        .map(|v| v.strip_prefix("spiffe://").unwrap_or(v).to_string())
+        .collect();
+    string_matches(&stripped)
+}
+
+fn cidrs(field: &str, values: &[String]) -> Result<Vec<sec::Address>, Refused> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let net: ipnet::IpNet = v
+                .parse()
+                .or_else(|_| v.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    (
+                        format!("{field}[{i}]"),
+                        format!("{v:?} is not an IP address or CIDR"),
+                    )
+                })?;
+            Ok(sec::Address {
+                address: match net.addr() {
+                    std::net::IpAddr::V4(a) => a.octets().to_vec(),
+                    std::net::IpAddr::V6(a) => a.octets().to_vec(),
+                },
+                length: u32::from(net.prefix_len()),
+            })
+        })
+        .collect()
+}
+
+fn port_list(field: &str, values: &[String]) -> Result<Vec<u32>, Refused> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .map(u32::from)
+                .ok_or_else(|| {
+                    (
+                        format!("{field}[{i}]"),
+                        format!("{v:?} is not a port number"),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn policy_rules(policy: &AuthorizationPolicy) -> Result<Vec<wp::PolicyRule>, Refused> {
+    let mut out = Vec::new();
+    for (r, rule) in policy.spec.rules.iter().flatten().enumerate() {
+        let at = format!("spec.rules[{r}]");
+        let mut from = Vec::with_capacity(rule.from.len());
+        for (f, entry) in rule.from.iter().enumerate() {
+            let s = &entry.source;
+            let at = format!("{at}.from[{f}].source");
+            for (field, values) in [
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+            ] {
+                if !values.is_empty() {
+                    return Err((
+                        format!("{at}.{field}"),
+                        "JWT request principals are not supported (no RequestAuthentication)"
+                            .into(),
+                    ));
+                }
+            }
+            let mut ip_blocks = cidrs(&format!("{at}.ipBlocks"), &s.ip_blocks)?;
+            ip_blocks.extend(cidrs(&format!("{at}.remoteIpBlocks"), &s.remote_ip_blocks)?);
+            let mut not_ip_blocks = cidrs(&format!("{at}.notIpBlocks"), &s.not_ip_blocks)?;
+            not_ip_blocks.extend(cidrs(
+                &format!("{at}.notRemoteIpBlocks"),
+                &s.not_remote_ip_blocks,
+            )?);
+            from.push(wp::Source {
+                principals: principals(&s.principals),
+                not_principals: principals(&s.not_principals),
+                namespaces: string_matches(&s.namespaces),
+                not_namespaces: string_matches(&s.not_namespaces),
+                ip_blocks,
+                not_ip_blocks,
+            });
+        }
+        let mut to = Vec::with_capacity(rule.to.len());
+        for (t, entry) in rule.to.iter().enumerate() {
+            let o = &entry.operation;
+            let at = format!("{at}.to[{t}].operation");
+            to.push(wp::Operation {
+                hosts: string_matches(&o.hosts),
+                not_hosts: string_matches(&o.not_hosts),
+                ports: port_list(&format!("{at}.ports"), &o.ports)?,
+                not_ports: port_list(&format!("{at}.notPorts"), &o.not_ports)?,
+                methods: string_matches(&o.methods),
+                not_methods: string_matches(&o.not_methods),
+                paths: string_matches(&o.paths),
+                not_paths: string_matches(&o.not_paths),
+            });
+        }
+        let mut when = Vec::with_capacity(rule.when.len());
+        for (w, condition) in rule.when.iter().enumerate() {
+            let at = format!("{at}.when[{w}]");
+            when.push(condition_of(&at, condition)?);
+        }
+        out.push(wp::PolicyRule { from, to, when });
+    }
+    Ok(out)
+}
+
+/// A `when` condition with a key the waypoint evaluates; values checked where the key has a type.
+fn condition_of(
+    at: &str,
+    condition: &crate::objects::WhenCondition,
+) -> Result<wp::Condition, Refused> {
+    let key = condition.key.as_str();
+    let header = key
+        .strip_prefix("request.headers[")
+        .and_then(|rest| rest.strip_suffix(']'))
+        .filter(|name| !name.is_empty());
+    let key = match header {
+        Some(name) => format!("request.headers[{}]", name.to_ascii_lowercase()),
+        None if WHEN_KEYS.contains(&key) => key.to_string(),
+        None => {
+            return Err((
+                format!("{at}.key"),
+                format!(
+                    "{key:?} is not a key waypoints evaluate (request.headers[<name>], {})",
+                    WHEN_KEYS.join(", ")
+                ),
+            ));
+        }
+    };
+    for (field, values) in [
+        ("values", &condition.values),
+        ("notValues", &condition.not_values),
+    ] {
+        match key.as_str() {
+            "source.ip" => {
+                cidrs(&format!("{at}.{field}"), values)?;
+            }
+            "destination.port" => {
+                port_list(&format!("{at}.{field}"), values)?;
+            }
+            _ => {}
+        }
+    }
+    let (values, not_values) = if key == "source.principal" {
+        (
+            principals(&condition.values),
+            principals(&condition.not_values),
+        )
+    } else {
+        (
+            string_matches(&condition.values),
+            string_matches(&condition.not_values),
+        )
+    };
+    Ok(wp::Condition {
+        key,
+        values,
+        not_values,
+    })
+}

@@ -37,6 +37,8 @@ pub fn watched_kinds() -> Vec<KindSpec> {
 const REJECTED: &str = "ambit_config_rejected_objects_total";
 /// Gauge of objects held from the config source.
 const OBJECTS: &str = "ambit_config_objects";
+/// Gauge of warnings of the last translation (objects honoured partly or not at all).
+const WARNINGS: &str = "ambit_config_warnings";
 
 fn describe_metrics(metrics: &Registry) {
     metrics.describe_counter(
@@ -44,6 +46,10 @@ fn describe_metrics(metrics: &Registry) {
         "Objects refused because they failed validation, by kind",
     );
     metrics.describe_gauge(OBJECTS, "Objects read from the config source");
+    metrics.describe_gauge(
+        WARNINGS,
+        "Warnings of the last translation: objects (or parts of them, such as a route's parent or backend) that are not honoured; each is logged naming the object and field",
+    );
 }
 
 /// The kind an error is about (`Pod` from `Pod demo/web`), or `unknown` when the object could
@@ -94,11 +100,16 @@ fn publish(
     for warning in &resources.warnings {
         tracing::warn!(%warning, "object only partly enforced");
     }
+    metrics
+        .gauge(WARNINGS, &())
+        .set(resources.warnings.len() as f64);
     let changed = store.replace(cluster, &resources);
     tracing::info!(
         objects,
         addresses = resources.addresses.len(),
         policies = resources.authorizations.len(),
+        routes = resources.routes.len(),
+        waypoint_policies = resources.l7_policies.len(),
         changed,
         "configuration translated"
     );

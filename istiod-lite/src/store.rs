@@ -2,11 +2,12 @@
 //! (a hash of its encoding, so versions survive restarts and unchanged resources are never
 //! re-sent to a client that reports holding them).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, OnceLock, RwLock};
 
+use ambit_mesh::l7::WaypointScope;
 use ambit_mesh::translate::{Cluster, Resources};
-use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, ROUTE_TYPE_URL};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -31,11 +32,33 @@ pub struct Snapshot {
     /// Names added, changed or removed since the previous generation, by type URL: a stream
     /// that saw the previous generation only needs to look at these.
     pub changed: BTreeMap<&'static str, Vec<String>>,
+    /// What each usable waypoint (`<namespace>/<name>` of its Gateway) is served of
+    /// [`ROUTE_TYPE_URL`] and [`L7_POLICY_TYPE_URL`].
+    pub waypoint_scopes: Arc<BTreeMap<String, WaypointScope>>,
     /// node → (namespace, service account) of the pods on it; built on first use by the CA.
     node_accounts: OnceLock<HashMap<String, HashSet<(String, String)>>>,
 }
 
+/// The resource types only waypoints are served, each only the names of its own scope.
+pub const WAYPOINT_TYPES: [&str; 2] = [ROUTE_TYPE_URL, L7_POLICY_TYPE_URL];
+
 impl Snapshot {
+    /// The names of `type_url` the waypoint `gateway` (`<namespace>/<name>`) may see: `None` for
+    /// types every client sees, an empty set for a waypoint type and a client that is not a
+    /// waypoint (or a waypoint without a scope).
+    pub fn visible(&self, type_url: &str, gateway: Option<&str>) -> Option<&BTreeSet<String>> {
+        static NOTHING: BTreeSet<String> = BTreeSet::new();
+        if !WAYPOINT_TYPES.contains(&type_url) {
+            return None;
+        }
+        let scope = gateway.and_then(|g| self.waypoint_scopes.get(g));
+        Some(match scope {
+            Some(scope) if type_url == ROUTE_TYPE_URL => &scope.routes,
+            Some(scope) => &scope.policies,
+            None => &NOTHING,
+        })
+    }
+
     /// Whether a pod of `namespace`'s service account `service_account` is scheduled on `node`
     /// (an index built once per snapshot, so the CA does not scan every pod per request).
     pub fn has_pod_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
@@ -111,13 +134,17 @@ impl Default for Store {
 }
 
 impl Store {
-    /// An empty store (both types present, no resources).
+    /// An empty store (every type present, no resources).
     pub fn new() -> Self {
         let mut snapshot = Snapshot::default();
-        snapshot.types.insert(ADDRESS_TYPE_URL, BTreeMap::new());
-        snapshot
-            .types
-            .insert(AUTHORIZATION_TYPE_URL, BTreeMap::new());
+        for type_url in [
+            ADDRESS_TYPE_URL,
+            AUTHORIZATION_TYPE_URL,
+            ROUTE_TYPE_URL,
+            L7_POLICY_TYPE_URL,
+        ] {
+            snapshot.types.insert(type_url, BTreeMap::new());
+        }
         Self {
             current: Arc::new(RwLock::new(Arc::new(snapshot))),
             changes: watch::channel(0).0,
@@ -137,6 +164,8 @@ impl Store {
         let mut types = BTreeMap::new();
         types.insert(ADDRESS_TYPE_URL, entries(&resources.addresses));
         types.insert(AUTHORIZATION_TYPE_URL, entries(&resources.authorizations));
+        types.insert(ROUTE_TYPE_URL, entries(&resources.routes));
+        types.insert(L7_POLICY_TYPE_URL, entries(&resources.l7_policies));
         let changed = {
             let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
             let empty = BTreeMap::new();
@@ -149,9 +178,16 @@ impl Store {
                     )
                 })
                 .collect();
-            let changed = delta.values().any(|names| !names.is_empty());
+            // A waypoint losing or gaining a route is a change even when no resource changed.
+            let scopes_changed = *current.waypoint_scopes != resources.waypoint_scopes;
+            let changed = scopes_changed || delta.values().any(|names| !names.is_empty());
             *current = Arc::new(Snapshot {
                 types,
+                waypoint_scopes: if scopes_changed {
+                    Arc::new(resources.waypoint_scopes.clone())
+                } else {
+                    current.waypoint_scopes.clone()
+                },
                 cluster: Arc::new(cluster),
                 generation: current.generation + u64::from(changed),
                 changed: if changed {

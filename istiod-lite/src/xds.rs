@@ -1,8 +1,10 @@
-//! The delta xDS server for `istio.workload.Address` and `istio.security.Authorization`. Each
+//! The delta xDS server for `istio.workload.Address` and `istio.security.Authorization` (every
+//! client) and `ambit.waypoint.v1.Route` and `ambit.waypoint.v1.Policy` (each waypoint only its
+//! own, named by its Gateway in the Node metadata `GATEWAY_NAME`/`GATEWAY_NAMESPACE`). Each
 //! stream tracks what its client holds: it starts from the versions the client reports, sends
 //! only what differs (always answering a new subscription, even with nothing, because a client
 //! waits for a response per type before it is ready), and after every debounced change sends
-//! exactly the resources that changed and the names that disappeared.
+//! exactly the resources that changed and the names that disappeared, or left its scope.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use ambit_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
-use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, ROUTE_TYPE_URL};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -72,9 +74,33 @@ pub fn describe_metrics(metrics: &Registry) {
 }
 
 fn known_type(type_url: &str) -> Option<&'static str> {
-    [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL]
-        .into_iter()
-        .find(|t| *t == type_url)
+    [
+        ADDRESS_TYPE_URL,
+        AUTHORIZATION_TYPE_URL,
+        ROUTE_TYPE_URL,
+        L7_POLICY_TYPE_URL,
+    ]
+    .into_iter()
+    .find(|t| *t == type_url)
+}
+
+/// Node metadata naming a waypoint's Gateway.
+pub const GATEWAY_NAME: &str = "GATEWAY_NAME";
+/// Node metadata naming the namespace of a waypoint's Gateway.
+pub const GATEWAY_NAMESPACE: &str = "GATEWAY_NAMESPACE";
+
+/// The Gateway (`<namespace>/<name>`) a client's Node metadata names, if it is a waypoint.
+pub fn node_gateway(node: &ambit_proto::envoy_core::Node) -> Option<String> {
+    let fields = &node.metadata.as_ref()?.fields;
+    let text = |key: &str| match fields.get(key)?.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(s) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    };
+    Some(format!(
+        "{}/{}",
+        text(GATEWAY_NAMESPACE)?,
+        text(GATEWAY_NAME)?
+    ))
 }
 
 #[derive(Default)]
@@ -90,6 +116,8 @@ struct Session {
     store: Store,
     metrics: Registry,
     client: String,
+    /// The waypoint's Gateway (`<namespace>/<name>`), from the first Node that names one.
+    gateway: Option<String>,
     types: BTreeMap<&'static str, ClientType>,
     nonce: u64,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
@@ -102,22 +130,33 @@ impl Session {
         let empty = BTreeMap::new();
         let current = snapshot.types.get(type_url).unwrap_or(&empty);
         let state = self.types.entry(type_url).or_default();
+        // Waypoint types: only the client's own scope is visible, and it may change without any
+        // resource changing, so the (small) scope and what is held are compared every time.
+        let visible = snapshot.visible(type_url, self.gateway.as_deref());
         // A stream one generation behind only needs to look at what that generation changed;
         // otherwise (first answer, missed generations) it compares everything.
         let incremental = state.answered && state.generation + 1 == snapshot.generation;
-        let candidates: Box<dyn Iterator<Item = &String>> = if incremental {
-            Box::new(snapshot.changed.get(type_url).into_iter().flatten())
-        } else {
-            Box::new(
+        let candidates: Box<dyn Iterator<Item = &String>> = match visible {
+            Some(scope) => Box::new(
+                scope
+                    .iter()
+                    .chain(state.holds.keys().filter(|n| !scope.contains(*n))),
+            ),
+            None if incremental => Box::new(snapshot.changed.get(type_url).into_iter().flatten()),
+            None => Box::new(
                 current
                     .keys()
                     .chain(state.holds.keys().filter(|n| !current.contains_key(*n))),
-            )
+            ),
         };
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         for name in candidates {
-            match current.get(name) {
+            let entry = match visible {
+                Some(scope) if !scope.contains(name) => None,
+                _ => current.get(name),
+            };
+            match entry {
                 Some(entry) if state.holds.get(name) != Some(&entry.version) => {
                     resources.push(Resource {
                         name: name.clone(),
@@ -169,10 +208,16 @@ impl Session {
     }
 
     async fn handle(&mut self, request: DeltaDiscoveryRequest) -> bool {
-        if let Some(node) = &request.node
-            && !node.id.is_empty()
-        {
-            self.client = node.id.clone();
+        if let Some(node) = &request.node {
+            if !node.id.is_empty() {
+                self.client = node.id.clone();
+            }
+            if self.gateway.is_none() {
+                self.gateway = node_gateway(node);
+                if let Some(gateway) = &self.gateway {
+                    tracing::info!(client = %self.client, %gateway, "waypoint connected");
+                }
+            }
         }
         let Some(type_url) = known_type(&request.type_url) else {
             tracing::warn!(client = %self.client, type_url = %request.type_url, "subscription to an unknown type ignored");
@@ -226,6 +271,7 @@ impl AggregatedDiscoveryService for XdsServer {
                 Some(node) => format!("node {node} ({})", caller.account()),
                 None => caller.account(),
             },
+            gateway: None,
             types: BTreeMap::new(),
             nonce: 0,
             tx,

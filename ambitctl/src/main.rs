@@ -34,12 +34,13 @@ enum LabCommand {
         /// A directory of cluster YAML (namespaces, pods, services, policies) to start from.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Start the demo: namespace demo (ambient) with client and two echo pods, service echo,
-        /// a policy allowing only the client; namespace legacy (not enrolled) with a client.
+        /// Start the demo: namespace demo (ambient) with client and two echo pods (v1, v2),
+        /// service echo behind a waypoint that routes `x-canary: true` to v2 and splits the rest
+        /// 90/10, policies at L4 and L7; namespace legacy (not enrolled) with a client.
         #[arg(long)]
         demo: bool,
     },
-    /// Nodes, pods, services and component health.
+    /// Nodes, pods, services, waypoints and component health.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -65,13 +66,17 @@ enum LabCommand {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
-    /// Restart one component (istiod-lite, or ztunnel / cni-agent on a node), as a rollout would.
+    /// Restart one component (istiod-lite, ztunnel / cni-agent on a node, or a waypoint), as a
+    /// rollout would.
     Restart {
-        /// istiod-lite, ztunnel or cni-agent.
+        /// istiod-lite, ztunnel, cni-agent or waypoint.
         component: String,
         /// The node (ztunnel, cni-agent).
         #[arg(long)]
         node: Option<String>,
+        /// The waypoint's Gateway as `namespace/name` (waypoint).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Remove everything the lab made (also after a crash or a half-finished `up`).
     Down,
@@ -90,7 +95,11 @@ fn main() {
             LabCommand::Exec { pod, command } => lab::exec(&pod, &command),
             LabCommand::Apply { file } => lab::apply(&file),
             LabCommand::Delete { file } => lab::delete(&file),
-            LabCommand::Restart { component, node } => lab::restart(&component, node.as_deref()),
+            LabCommand::Restart {
+                component,
+                node,
+                name,
+            } => lab::restart(&component, node.as_deref(), name.as_deref()),
             LabCommand::Down => lab::down(),
         },
     };

@@ -3,7 +3,8 @@
 //! coalesced), label changes re-translate, a dropped watch resumes without relisting, compaction
 //! forces a relist that forgets deleted objects, invalid objects are counted while the rest
 //! translate (a changed object keeps its last good version), a kind not served (CRD missing)
-//! counts as empty until it is, Gateways and GatewayClasses bind waypoints, ztunnel's xDS client
+//! counts as empty until it is, Gateways and GatewayClasses bind waypoints, GRPCRoutes become
+//! waypoint routes (a bad one counted), ztunnel's xDS client
 //! receives the state, and the binary's `--kubernetes` command line.
 
 mod support;
@@ -526,6 +527,58 @@ async fn gateways_and_their_class_from_the_api_server_bind_waypoints() {
         bound(&source.store),
         None,
         "default waypoint-for is service"
+    );
+}
+
+#[tokio::test]
+async fn grpc_routes_from_the_api_server_become_waypoint_routes_and_bad_ones_are_counted() {
+    let server = FakeApiServer::start().await;
+    server.register(ambit_fake_apiserver::KindInfo::new(
+        "gateway.networking.k8s.io/v1",
+        "GRPCRoute",
+        "grpcroutes",
+        true,
+    ));
+    let mut ns = namespace("demo", true);
+    ns["metadata"]["labels"]["istio.io/use-waypoint"] = json!("wp");
+    server.apply(ns);
+    server.apply(service());
+    server.apply(waypoint_gateway());
+    let route = |name: &str, method: &str| {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"name": name, "namespace": "demo"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+                "rules": [{"matches": [{"method": {"type": "RegularExpression", "method": method}}]}],
+            },
+        })
+    };
+    server.apply(route("g", "Get.*"));
+    server.apply(route("broken", "Get("));
+    let source = start_source(&server, Duration::from_millis(20)).await;
+    eventually("the GRPCRoute is translated", || {
+        source.store.snapshot().types[ambit_proto::ROUTE_TYPE_URL].contains_key("GRPCRoute/demo/g")
+    })
+    .await;
+    let snapshot = source.store.snapshot();
+    let entry = &snapshot.types[ambit_proto::ROUTE_TYPE_URL]["GRPCRoute/demo/g"];
+    let served: ambit_proto::waypoint::Route = ambit_proto::unpack_any(&entry.any).unwrap();
+    assert!(
+        served.creation_timestamp > 0,
+        "the API server's creationTimestamp is the precedence tie-break"
+    );
+    assert_eq!(
+        snapshot.waypoint_scopes["demo/wp"]
+            .routes
+            .iter()
+            .collect::<Vec<_>>(),
+        ["GRPCRoute/demo/g"]
+    );
+    let text = source.metrics.render();
+    assert!(
+        text.contains(r#"ambit_config_rejected_objects_total{kind="GRPCRoute"} 1"#),
+        "{text}"
     );
 }
 

@@ -8,7 +8,9 @@
 //! all even after a crash.
 
 mod demo;
+mod env;
 mod http;
+mod waypoints;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -34,12 +36,13 @@ fn prefix() -> String {
     std::env::var("AMBIT_LAB_PREFIX").unwrap_or_else(|_| "ambit-lab-".into())
 }
 const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
-const BINARIES: [&str; 5] = [
+const BINARIES: [&str; 6] = [
     "istiod-lite",
     "ztunnel",
     "cni-agent",
     "ambit-cni",
     "ambit-echo",
+    "waypoint",
 ];
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -71,6 +74,9 @@ struct PodState {
     ip: IpAddr,
     service_account: String,
     ambient: bool,
+    /// The Gateway whose waypoint this pod runs (made by the waypoint controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gateway: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +232,8 @@ fn read_objects(path: &Path) -> anyhow::Result<Vec<Object>> {
         }
         bail!(message);
     }
+    let mut objects = objects;
+    env::attach(&mut objects, &env::read_documents(path));
     Ok(objects)
 }
 
@@ -269,7 +277,8 @@ fn expand_deployments(objects: &mut Vec<Object>) {
             pod["metadata"]["name"] = json!(format!("{}-{i}", key.name));
             pod["metadata"]["namespace"] = json!(key.namespace);
             pod["metadata"]["annotations"][OWNER] = json!(format!("Deployment/{}", key.name));
-            if let Ok(pod) = serde_json::from_value::<Pod>(pod) {
+            if let Ok(mut pod) = serde_json::from_value::<Pod>(pod) {
+                env::put(&mut pod, &env::of_spec(&template["spec"]));
                 pods.push(Object::Pod(pod));
             }
         }
@@ -277,13 +286,23 @@ fn expand_deployments(objects: &mut Vec<Object>) {
     objects.extend(pods);
 }
 
-fn complete(objects: &mut Vec<Object>, state: &LabState, nodes: usize) {
+/// Also plays the waypoint controller (see [`waypoints`]); a Service applied again keeps its VIP.
+fn complete(objects: &mut Vec<Object>, state: &LabState, nodes: usize) -> anyhow::Result<()> {
     expand_deployments(objects);
+    waypoints::expand(objects, nodes, OWNER)?;
     let mut used: Vec<String> = state.services.iter().map(|s| s.vip.clone()).collect();
     let mut next_node = state.pods.len();
     for object in objects.iter_mut() {
         match object {
             Object::Service(s) if s.spec.cluster_ip.is_empty() => {
+                if let Some(known) = state
+                    .services
+                    .iter()
+                    .find(|k| k.namespace == s.metadata.namespace && k.name == s.metadata.name)
+                {
+                    s.spec.cluster_ip = known.vip.clone();
+                    continue;
+                }
                 let vip = (10..250)
                     .map(|i| format!("10.96.0.{i}"))
                     .find(|v| !used.contains(v))
@@ -303,6 +322,7 @@ fn complete(objects: &mut Vec<Object>, state: &LabState, nodes: usize) {
             _ => {}
         }
     }
+    Ok(())
 }
 
 fn start_istiod(topology: &Topology, state: &LabState) -> anyhow::Result<Process> {
@@ -413,7 +433,9 @@ fn write_hosts(state: &LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates a pod the way kubelet would: record it, CNI chain, report its IP, start the workload.
+/// Creates a pod the way kubelet would: record it, CNI chain, report its IP, start the workload
+/// (the `waypoint` binary in a waypoint pod, the echo workload with the containers' environment
+/// in any other).
 fn create_pod(
     topology: &mut Topology,
     state: &mut LabState,
@@ -436,6 +458,7 @@ fn create_pod(
                 state.nodes.len()
             )
         })?;
+    let container_env = env::take(&mut pod);
     write_object(&Object::Pod(pod.clone()))?;
     let net = topology
         .add_pod(
@@ -458,37 +481,7 @@ fn create_pod(
         status: "True".into(),
     }];
     write_object(&Object::Pod(pod.clone()))?;
-    let version = pod
-        .metadata
-        .labels
-        .get("version")
-        .cloned()
-        .unwrap_or_else(|| "v1".into());
-    let env = [
-        ("POD_NAME", pod.metadata.name.clone()),
-        ("POD_NAMESPACE", pod.metadata.namespace.clone()),
-        ("NODE_NAME", state.nodes[node].name.clone()),
-        ("VERSION", version),
-    ];
-    let log = dir().join(format!(
-        "pod-{}-{}.log",
-        pod.metadata.namespace, pod.metadata.name
-    ));
-    let workload = topology.spawn(
-        "workload",
-        &net.netns,
-        &state.binaries["ambit-echo"],
-        &["serve"],
-        &env,
-        &log,
-    )?;
-    if let Some(pid) = workload.detach() {
-        state.pids.insert(
-            format!("pod/{}/{}", pod.metadata.namespace, pod.metadata.name),
-            pid,
-        );
-    }
-    state.pods.push(PodState {
+    let record = PodState {
         namespace: pod.metadata.namespace.clone(),
         name: pod.metadata.name.clone(),
         uid: pod.metadata.uid.clone(),
@@ -497,7 +490,138 @@ fn create_pod(
         ip: net.ip,
         service_account: pod.service_account().to_string(),
         ambient: enrollment(&pod, namespaces.get(&pod.metadata.namespace)).is_ambient(),
-    });
+        gateway: waypoints::gateway_of(&pod, OWNER),
+    };
+    let workload = if record.gateway.is_some() {
+        start_waypoint(topology, state, &record)?
+    } else {
+        let version = pod
+            .metadata
+            .labels
+            .get("version")
+            .cloned()
+            .unwrap_or_else(|| "v1".into());
+        let mut env: Vec<(&str, String)> = vec![
+            ("POD_NAME", pod.metadata.name.clone()),
+            ("POD_NAMESPACE", pod.metadata.namespace.clone()),
+            ("NODE_NAME", state.nodes[node].name.clone()),
+            ("VERSION", version),
+        ];
+        // The pod spec's own variables come last, so they win.
+        env.extend(container_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        topology.spawn(
+            "workload",
+            &net.netns,
+            &state.binaries["ambit-echo"],
+            &["serve"],
+            &env,
+            &pod_log(&record),
+        )?
+    };
+    if let Some(pid) = workload.detach() {
+        state.pids.insert(pod_key(&record), pid);
+    }
+    state.pods.push(record);
+    Ok(())
+}
+
+/// The pid key of a pod's process.
+fn pod_key(pod: &PodState) -> String {
+    format!("pod/{}/{}", pod.namespace, pod.name)
+}
+
+fn pod_log(pod: &PodState) -> PathBuf {
+    dir().join(format!("pod-{}-{}.log", pod.namespace, pod.name))
+}
+
+/// Starts the `waypoint` binary in a waypoint pod, with a token the tokens file maps to the
+/// Gateway's service account on the pod's node (the waypoint asks the CA for its own
+/// certificate, without impersonation).
+fn start_waypoint(
+    topology: &Topology,
+    state: &LabState,
+    pod: &PodState,
+) -> anyhow::Result<Process> {
+    let gateway = pod
+        .gateway
+        .as_deref()
+        .with_context(|| format!("pod {}/{} runs no waypoint", pod.namespace, pod.name))?;
+    let node = &state.nodes[pod.node].name;
+    let token = account_token(node, &format!("{}/{gateway}", pod.namespace))?;
+    let root_ca = dir().join("ca/root-cert.pem");
+    let control = waypoints::ControlPlane {
+        xds_address: format!("https://{FABRIC_IP}:15012"),
+        root_ca: &root_ca,
+        token,
+    };
+    let env = waypoints::environment(&pod.namespace, gateway, pod.ip, node, &control);
+    let binary = state
+        .binaries
+        .get("waypoint")
+        .cloned()
+        .map_or_else(|| find_binary("waypoint"), Ok)?;
+    Ok(topology.spawn("waypoint", &pod.netns, &binary, &[], &env, &pod_log(pod))?)
+}
+
+/// Whether the waypoint in `pod` answers `GET /healthz/ready` with 200 (asked from its node).
+fn waypoint_ready(state: &LabState, pod: &PodState) -> bool {
+    http::get(
+        &state.nodes[pod.node].netns,
+        SocketAddr::new(pod.ip, waypoints::READINESS_PORT),
+        "/healthz/ready",
+    )
+    .is_some_and(|(s, _)| s == 200)
+}
+
+/// Waits until every waypoint of the lab is ready.
+fn wait_waypoints(state: &LabState) -> anyhow::Result<()> {
+    let pods: Vec<&PodState> = state.pods.iter().filter(|p| p.gateway.is_some()).collect();
+    if pods.is_empty() {
+        return Ok(());
+    }
+    progress("waiting for every waypoint to be ready");
+    wait("waypoints to be ready", Duration::from_secs(60), || {
+        pods.iter().all(|p| waypoint_ready(state, p))
+    })
+}
+
+/// The token of service account `account` (`namespace/name`) on `node` in the lab's tokens
+/// file, adding one if there is none yet.
+fn account_token(node: &str, account: &str) -> anyhow::Result<String> {
+    let path = dir().join("tokens.json");
+    let mut tokens: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let list = tokens["tokens"]
+        .as_array_mut()
+        .with_context(|| format!("{}: tokens is not a list", path.display()))?;
+    if let Some(existing) = list
+        .iter()
+        .find(|t| t["node"] == node && t["serviceAccount"] == account)
+        .and_then(|t| t["token"].as_str())
+    {
+        return Ok(existing.to_string());
+    }
+    let fresh = token();
+    list.push(json!({"token": fresh, "node": node, "serviceAccount": account}));
+    write_tokens(&path, &tokens)?;
+    Ok(fresh)
+}
+
+/// Removes every token of service account `account` (`namespace/name`).
+fn remove_account_tokens(account: &str) -> anyhow::Result<()> {
+    let path = dir().join("tokens.json");
+    let mut tokens: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    if let Some(list) = tokens["tokens"].as_array_mut() {
+        list.retain(|t| t["serviceAccount"] != account);
+    }
+    write_tokens(&path, &tokens)
+}
+
+/// Replaces the tokens file at once (istiod-lite re-reads it on every call).
+fn write_tokens(path: &Path, tokens: &serde_json::Value) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(tokens)?)?;
+    std::fs::rename(tmp, path)?;
     Ok(())
 }
 
@@ -578,6 +702,12 @@ fn captured(state: &LabState, pod: &PodState) -> bool {
     })
 }
 
+fn demo_objects() -> Vec<Object> {
+    let mut objects = ambit_mesh::parse_documents(demo::OBJECTS, "demo").0;
+    env::attach(&mut objects, &env::text_documents(demo::OBJECTS));
+    objects
+}
+
 /// `ambitctl lab up`.
 pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyhow::Result<i32> {
     if !(1..=8).contains(&nodes) {
@@ -595,12 +725,15 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
     }
     let mut objects = match (&config, demo_flag) {
         (Some(dir), _) => read_objects(dir)?,
-        (None, true) => ambit_mesh::parse_documents(demo::OBJECTS, "demo").0,
+        (None, true) => demo_objects(),
         (None, false) => Vec::new(),
     };
     if demo_flag && config.is_some() {
-        objects.extend(ambit_mesh::parse_documents(demo::OBJECTS, "demo").0);
+        objects.extend(demo_objects());
     }
+    // What the API server, the scheduler and the controllers would add; refused before anything
+    // is created.
+    complete(&mut objects, &LabState::default(), nodes)?;
     cleanup_leftovers();
     progress(&format!("creating {nodes} nodes"));
     let mut topology = Topology::create(&prefix(), &dir(), nodes)?;
@@ -643,7 +776,6 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
         )?,
     )?;
 
-    complete(&mut objects, &state, nodes);
     let (pods, others): (Vec<Object>, Vec<Object>) = objects
         .into_iter()
         .partition(|o| matches!(o, Object::Pod(_)));
@@ -714,6 +846,7 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
         Duration::from_secs(60),
         || (0..state.nodes.len()).all(|i| config_propagated(&state, i)),
     )?;
+    wait_waypoints(&state)?;
     for (name, process) in processes {
         if let Some(pid) = process.detach() {
             state.pids.insert(name, pid);
@@ -811,8 +944,13 @@ fn node_token(node: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no token for {node} in the lab's tokens file"))
 }
 
-/// `ambitctl lab restart <component> [--node N]`: stop it gracefully and start it again.
-pub(crate) fn restart(component: &str, node: Option<&str>) -> anyhow::Result<i32> {
+/// `ambitctl lab restart <component> [--node N] [--name ns/gateway]`: stop it gracefully and
+/// start it again.
+pub(crate) fn restart(
+    component: &str,
+    node: Option<&str>,
+    name: Option<&str>,
+) -> anyhow::Result<i32> {
     let mut state = load_state()?;
     let topology = topology(&state);
     let node_index = |name: Option<&str>| -> anyhow::Result<usize> {
@@ -867,7 +1005,33 @@ pub(crate) fn restart(component: &str, node: Option<&str>) -> anyhow::Result<i32
             })?;
             (key, process)
         }
-        other => bail!("unknown component {other:?}: expected istiod-lite, ztunnel or cni-agent"),
+        "waypoint" => {
+            let name =
+                name.context("name the waypoint's Gateway with --name <namespace>/<name>")?;
+            let (namespace, gateway) = name
+                .split_once('/')
+                .context("name the waypoint's Gateway as <namespace>/<name>")?;
+            let pod = state
+                .pods
+                .iter()
+                .find(|p| p.namespace == namespace && p.gateway.as_deref() == Some(gateway))
+                .cloned()
+                .with_context(|| {
+                    format!("no waypoint for Gateway {namespace}/{gateway} in the lab (see `ambitctl lab status`)")
+                })?;
+            let key = pod_key(&pod);
+            if let Some(pid) = state.pids.get(&key) {
+                kill(*pid);
+            }
+            let process = start_waypoint(&topology, &state, &pod)?;
+            wait("the waypoint to be ready", Duration::from_secs(60), || {
+                waypoint_ready(&state, &pod)
+            })?;
+            (key, process)
+        }
+        other => bail!(
+            "unknown component {other:?}: expected istiod-lite, ztunnel, cni-agent or waypoint"
+        ),
     };
     if let Some(pid) = process.detach() {
         state.pids.insert(key.clone(), pid);
@@ -909,6 +1073,7 @@ fn print_status(state: &LabState, json_output: bool) {
                 "identity": format!("spiffe://cluster.local/ns/{}/sa/{}", p.namespace, p.service_account),
             })).collect::<Vec<_>>(),
             "services": state.services.iter().map(|s| json!({"service": format!("{}/{}", s.namespace, s.name), "vip": s.vip, "ports": s.ports})).collect::<Vec<_>>(),
+            "waypoints": waypoint_rows(state, alive, |p| waypoint_ready(state, p)),
             "istiodLite": {"running": alive("istiod-lite"), "address": format!("{FABRIC_IP}:15012")},
         });
         println!(
@@ -961,6 +1126,31 @@ fn print_status(state: &LabState, json_output: bool) {
             p.service_account
         );
     }
+    let waypoints = waypoint_rows(state, alive, |p| waypoint_ready(state, p));
+    if !waypoints.is_empty() {
+        println!("\nWAYPOINT             NODE     IP            READY      METRICS");
+        for w in &waypoints {
+            let ready = if w["ready"] == true {
+                "ready"
+            } else if w["running"] == true {
+                "NOT READY"
+            } else {
+                "NOT RUNNING"
+            };
+            println!(
+                "{:<20} {:<8} {:<13} {:<10} {}",
+                format!(
+                    "{}/{}",
+                    w["namespace"].as_str().unwrap_or(""),
+                    w["name"].as_str().unwrap_or("")
+                ),
+                w["node"].as_str().unwrap_or(""),
+                w["ip"].as_str().unwrap_or(""),
+                ready,
+                w["metrics"].as_str().unwrap_or("")
+            );
+        }
+    }
     if !state.services.is_empty() {
         println!("\nSERVICE              VIP          PORTS");
         for s in &state.services {
@@ -972,6 +1162,32 @@ fn print_status(state: &LabState, json_output: bool) {
             );
         }
     }
+}
+
+/// One entry per waypoint: its Gateway's namespace and name, pod, node, IP, metrics URL, whether
+/// its process runs and whether it is ready.
+fn waypoint_rows(
+    state: &LabState,
+    alive: impl Fn(&str) -> bool,
+    ready: impl Fn(&PodState) -> bool,
+) -> Vec<serde_json::Value> {
+    state
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let gateway = p.gateway.as_ref()?;
+            Some(json!({
+                "namespace": p.namespace,
+                "name": gateway,
+                "pod": p.name,
+                "node": state.nodes[p.node].name,
+                "ip": p.ip.to_string(),
+                "metrics": format!("http://{}:{}/metrics", p.ip, waypoints::STATS_PORT),
+                "running": alive(&pod_key(p)),
+                "ready": ready(p),
+            }))
+        })
+        .collect()
 }
 
 /// `ambitctl lab status`.
@@ -1005,8 +1221,9 @@ pub(crate) fn apply(path: &Path) -> anyhow::Result<i32> {
     let mut state = load_state()?;
     let mut objects = read_objects(path)?;
     let nodes = state.nodes.len();
-    complete(&mut objects, &state, nodes);
-    let mut all = current_objects()?;
+    complete(&mut objects, &state, nodes)?;
+    let current = current_objects()?;
+    let mut all = current.clone();
     for object in &objects {
         if !matches!(object, Object::Pod(_)) {
             write_object(object)?;
@@ -1031,7 +1248,7 @@ pub(crate) fn apply(path: &Path) -> anyhow::Result<i32> {
                 .any(|p| p.namespace == pod.metadata.namespace && p.name == pod.metadata.name);
             let key = Object::Pod(pod.clone()).key();
             if exists {
-                println!("{key} unchanged (pods are replaced by deleting and applying them)");
+                update_pod(&current, pod)?;
                 continue;
             }
             create_pod(&mut topology, &mut state, pod, &namespaces)?;
@@ -1058,25 +1275,65 @@ pub(crate) fn apply(path: &Path) -> anyhow::Result<i32> {
         Duration::from_secs(60),
         || (0..state.nodes.len()).all(|i| config_propagated(&state, i)),
     )?;
+    wait_waypoints(&state)?;
     Ok(0)
+}
+
+/// Applies a running pod's new labels and annotations (e.g. `istio.io/use-waypoint` or
+/// `istio.io/dataplane-mode`), keeping its status; the rest of a pod's spec is immutable, as in
+/// Kubernetes.
+fn update_pod(current: &[Object], mut pod: Pod) -> anyhow::Result<()> {
+    let key = Object::Pod(pod.clone()).key();
+    if !env::take(&mut pod).is_empty() {
+        eprintln!(
+            "{key}: container env is kept as the pod started (delete and apply it to change)"
+        );
+    }
+    let Some(Object::Pod(stored)) = current.iter().find(|o| o.key() == key) else {
+        println!("{key} unchanged (not in the lab's config directory)");
+        return Ok(());
+    };
+    let updated = relabelled(stored, &pod);
+    if updated == *stored {
+        println!("{key} unchanged");
+    } else {
+        write_object(&Object::Pod(updated))?;
+        println!(
+            "{key} configured (labels and annotations; the spec is replaced by deleting and applying the pod)"
+        );
+    }
+    Ok(())
+}
+
+/// `stored` with the labels and annotations of `applied`.
+fn relabelled(stored: &Pod, applied: &Pod) -> Pod {
+    let mut updated = stored.clone();
+    updated.metadata.labels = applied.metadata.labels.clone();
+    updated.metadata.annotations = applied.metadata.annotations.clone();
+    updated
 }
 
 /// `ambitctl lab delete -f`.
 pub(crate) fn delete(path: &Path) -> anyhow::Result<i32> {
     let mut state = load_state()?;
     let mut objects = read_objects(path)?;
-    // Deleting a Deployment deletes the pods the lab made for it.
+    // Deleting a Deployment deletes the pods the lab made for it; deleting a waypoint Gateway
+    // deletes its pod and Service.
+    let owns = |metadata: &ambit_mesh::ObjectMeta| {
+        metadata.annotations.get(OWNER).is_some_and(|owner| {
+            objects.iter().any(|d| {
+                let k = d.key();
+                (k.kind == "Deployment" || k.kind == "Gateway")
+                    && k.namespace == metadata.namespace
+                    && *owner == format!("{}/{}", k.kind, k.name)
+            })
+        })
+    };
     let owned: Vec<Object> = current_objects()?
         .into_iter()
         .filter(|o| match o {
-            Object::Pod(p) => p.metadata.annotations.get(OWNER).is_some_and(|owner| {
-                objects.iter().any(|d| {
-                    let k = d.key();
-                    k.kind == "Deployment"
-                        && k.namespace == p.metadata.namespace
-                        && *owner == format!("Deployment/{}", k.name)
-                })
-            }),
+            Object::Pod(p) => owns(&p.metadata),
+            Object::Service(s) => owns(&s.metadata),
             _ => false,
         })
         .collect();
@@ -1093,11 +1350,11 @@ pub(crate) fn delete(path: &Path) -> anyhow::Result<i32> {
             && let Some(index) = index
         {
             let pod = state.pods.remove(index);
-            if let Some(pid) = state
-                .pids
-                .remove(&format!("pod/{}/{}", pod.namespace, pod.name))
-            {
+            if let Some(pid) = state.pids.remove(&pod_key(&pod)) {
                 kill(pid);
+            }
+            if let Some(gateway) = &pod.gateway {
+                remove_account_tokens(&format!("{}/{gateway}", pod.namespace))?;
             }
             topology.delete_pod(&pod.namespace, &pod.name, &chain(&state, pod.node))?;
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&pod.netns));
@@ -1111,4 +1368,160 @@ pub(crate) fn delete(path: &Path) -> anyhow::Result<i32> {
     write_hosts(&state)?;
     save_state(&state)?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ambit_mesh::translate::{Cluster, MeshSettings, translate};
+
+    fn lab_state(pods: Vec<PodState>) -> LabState {
+        LabState {
+            nodes: (1..=2)
+                .map(|i| NodeState {
+                    name: format!("node-{i}"),
+                    netns: format!("lab-node-{i}"),
+                    ip: Ipv4Addr::new(10, 240, 0, 10 + i),
+                    pod_subnet: i,
+                    dir: PathBuf::from("/tmp"),
+                })
+                .collect(),
+            pods,
+            ..LabState::default()
+        }
+    }
+
+    fn pod_state(namespace: &str, name: &str, node: usize, gateway: Option<&str>) -> PodState {
+        PodState {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: format!("lab-{namespace}-{name}"),
+            node,
+            netns: format!("lab-pod-{name}"),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 1, node as u8, 5)),
+            service_account: gateway.unwrap_or("default").into(),
+            ambient: false,
+            gateway: gateway.map(str::to_string),
+        }
+    }
+
+    /// The demo as the lab completes it (VIPs, nodes, the waypoint's pod, Service and address)
+    /// and as istiod-lite translates it: echo is bound to the waypoint, which gets the route and
+    /// the L7 policy, and nothing is refused.
+    #[test]
+    fn the_completed_demo_binds_echo_to_a_usable_waypoint() {
+        let mut objects = demo_objects();
+        complete(&mut objects, &LabState::default(), 2).unwrap();
+        let mut ip = 10;
+        for object in objects.iter_mut() {
+            if let Object::Pod(p) = object {
+                ip += 1;
+                p.status.pod_ip = format!("10.1.0.{ip}");
+                p.status.phase = "Running".into();
+            }
+        }
+        let waypoint_pod = objects
+            .iter()
+            .find_map(|o| match o {
+                Object::Pod(p) if p.metadata.name == "waypoint-waypoint" => Some(p.clone()),
+                _ => None,
+            })
+            .expect("the controller made the waypoint pod");
+        assert_eq!(
+            waypoints::gateway_of(&waypoint_pod, OWNER).as_deref(),
+            Some("waypoint")
+        );
+        let resources = translate(
+            &Cluster::from_objects(objects.clone()),
+            &MeshSettings::default(),
+        );
+        assert!(resources.warnings.is_empty(), "{:?}", resources.warnings);
+        let scope = resources
+            .waypoint_scopes
+            .get("demo/waypoint")
+            .expect("the waypoint is usable");
+        assert!(scope.routes.contains("HTTPRoute/demo/echo"), "{scope:?}");
+        assert!(scope.policies.contains("demo/echo-no-admin"), "{scope:?}");
+        let vips: std::collections::BTreeSet<String> =
+            services_of(&objects).into_iter().map(|s| s.vip).collect();
+        assert_eq!(vips.len(), 4, "echo, echo-v1, echo-v2, waypoint: {vips:?}");
+    }
+
+    #[test]
+    fn a_service_applied_again_keeps_its_vip() {
+        let mut state = lab_state(vec![]);
+        state.services = vec![ServiceState {
+            namespace: "demo".into(),
+            name: "echo".into(),
+            vip: "10.96.0.42".into(),
+            ports: vec![80],
+        }];
+        let (mut objects, _) = ambit_mesh::parse_documents(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}\nspec: {ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: demo}\nspec: {ports: [{port: 80}]}\n",
+            "t",
+        );
+        complete(&mut objects, &state, 2).unwrap();
+        assert_eq!(
+            services_of(&objects)
+                .iter()
+                .map(|s| (s.name.as_str(), s.vip.as_str()))
+                .collect::<Vec<_>>(),
+            vec![("echo", "10.96.0.42"), ("other", "10.96.0.10")]
+        );
+    }
+
+    #[test]
+    fn a_bad_waypoint_node_is_refused_before_anything_changes() {
+        let (mut objects, _) = ambit_mesh::parse_documents(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: demo, annotations: {ambit.dev/lab-node: node-7}}\nspec: {gatewayClassName: istio-waypoint}\n",
+            "t",
+        );
+        let e = complete(&mut objects, &lab_state(vec![]), 2).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Gateway demo/wp: metadata.annotations[ambit.dev/lab-node]: \"node-7\" is not a lab node (node-1..node-2)"
+        );
+    }
+
+    #[test]
+    fn relabelling_a_pod_keeps_its_status_and_spec() {
+        let (objects, _) = ambit_mesh::parse_documents(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: demo, labels: {app: a}}\nspec: {nodeName: node-1}\nstatus: {podIP: 10.1.0.9, phase: Running}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: demo, labels: {app: a, istio.io/use-waypoint: waypoint}}\n",
+            "t",
+        );
+        let (Object::Pod(stored), Object::Pod(applied)) = (&objects[0], &objects[1]) else {
+            panic!()
+        };
+        let updated = relabelled(stored, applied);
+        assert_eq!(updated.metadata.labels["istio.io/use-waypoint"], "waypoint");
+        assert_eq!(updated.status.pod_ip, "10.1.0.9");
+        assert_eq!(updated.spec.node_name, "node-1");
+    }
+
+    #[test]
+    fn status_lists_waypoints_with_metrics_and_readiness() {
+        let state = lab_state(vec![
+            pod_state("demo", "client", 0, None),
+            pod_state("demo", "waypoint-waypoint", 1, Some("waypoint")),
+        ]);
+        let rows = waypoint_rows(&state, |key| key == "pod/demo/waypoint-waypoint", |_| true);
+        assert_eq!(
+            rows,
+            vec![json!({
+                "namespace": "demo",
+                "name": "waypoint",
+                "pod": "waypoint-waypoint",
+                "node": "node-2",
+                "ip": "10.1.1.5",
+                "metrics": "http://10.1.1.5:15020/metrics",
+                "running": true,
+                "ready": true,
+            })]
+        );
+        let rows = waypoint_rows(&state, |_| false, |_| false);
+        assert_eq!(
+            (rows[0]["running"].clone(), rows[0]["ready"].clone()),
+            (json!(false), json!(false))
+        );
+    }
 }

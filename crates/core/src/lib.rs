@@ -8,10 +8,12 @@
 //! - [`readiness`]: named pending tasks behind `/healthz/ready`.
 //! - [`logging`]: structured logs with a filter that can change at runtime.
 //! - [`http`]: a small HTTP/1.1 server for admin, metrics and readiness endpoints.
+//! - [`endpoints`]: the metrics, readiness and `/logging` handlers every proxy serves.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod drain;
+pub mod endpoints;
 pub mod http;
 pub mod logging;
 pub mod metrics;

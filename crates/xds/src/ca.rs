@@ -1,15 +1,19 @@
 //! The Istio CA client: `IstioCertificateService/CreateCertificate` over TLS, asking for each pod's
-//! identity with the `ImpersonatedIdentity` metadata a node agent uses. Plugged into the identity
+//! identity with the `ImpersonatedIdentity` metadata a node agent uses (ztunnel), or for the
+//! caller's own identity (a waypoint). Plugged into the identity
 //! crate's [`CertStore`](ambit_identity::store::CertStore), which owns refresh, backoff and
 //! concurrency.
 
 use std::time::Duration;
 
+use ambit_core::metrics::Registry;
 use ambit_identity::Identity;
+use ambit_identity::store::{CertState, CertStore};
 use ambit_identity::store::{CertificateSource, FetchError, FetchFuture};
 use ambit_proto::ca::IstioCertificateRequest;
 use ambit_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
-use ambit_xds::ControlPlane;
+
+use crate::control::ControlPlane;
 use prost_types::value::Kind;
 use prost_types::{Struct, Value};
 use tokio::sync::Mutex;
@@ -123,5 +127,53 @@ impl CertificateSource for CaClient {
     ) -> FetchFuture<'_> {
         let identity = identity.clone();
         Box::pin(async move { self.create(&identity, csr_pem, ttl).await })
+    }
+}
+
+/// Refreshes the certificate gauges just before a scrape: `ambit_certificates{state}` and
+/// `ambit_certificate_expiry_seconds{identity}` (negative once expired).
+pub fn certificate_gauges(registry: &Registry, certs: &CertStore) {
+    registry.describe_gauge(
+        "ambit_certificates",
+        "Workload certificates managed by this proxy, by state",
+    );
+    registry.describe_gauge(
+        "ambit_certificate_expiry_seconds",
+        "Seconds until the certificate of each identity expires (negative: expired)",
+    );
+    let mut by_state: std::collections::BTreeMap<&'static str, f64> = [
+        ("initializing", 0.0),
+        ("available", 0.0),
+        ("refreshing", 0.0),
+        ("failing", 0.0),
+    ]
+    .into_iter()
+    .collect();
+    let now = std::time::SystemTime::now();
+    for status in certs.snapshot() {
+        let state = match status.state {
+            CertState::Initializing => "initializing",
+            CertState::Available => "available",
+            CertState::Refreshing => "refreshing",
+            CertState::Failing { .. } => "failing",
+        };
+        *by_state.entry(state).or_default() += 1.0;
+        if let Some(not_after) = status.not_after {
+            let remaining = match not_after.duration_since(now) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            };
+            registry
+                .gauge(
+                    "ambit_certificate_expiry_seconds",
+                    &[("identity", status.identity.to_string())],
+                )
+                .set(remaining);
+        }
+    }
+    for (state, count) in by_state {
+        registry
+            .gauge("ambit_certificates", &[("state", state.to_string())])
+            .set(count);
     }
 }

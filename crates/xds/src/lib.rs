@@ -5,6 +5,8 @@
 //!   verified against a configured root (no client certificate), the per-call metadata
 //!   (`authorization: Bearer <token>` read fresh each call, `clusterid`, extra headers), and the
 //!   reconnect [`Backoff`].
+//! - [`ca`]: the Istio CA client (`CreateCertificate`, with or without impersonation) behind a
+//!   certificate store, and the certificate gauges every proxy exports.
 //! - [`client`]: one `DeltaAggregatedResources` stream carrying every type a proxy subscribes
 //!   to, with one handler per type. ztunnel subscribes to `istio.workload.Address` and
 //!   `istio.security.Authorization`; the waypoint to `istio.workload.Address` plus Ambit's
@@ -40,9 +42,11 @@
 //!   `istio_xds_message_bytes_total{url}`, `ambit_xds_rejected_resources_total{url}`.
 #![forbid(unsafe_code)]
 
+pub mod ca;
 pub mod client;
 pub mod control;
 
+pub use ca::{CaClient, certificate_gauges};
 pub use client::{Handler, XdsClient, XdsClientBuilder, XdsConfig, XdsError, describe_metrics};
 pub use control::{Backoff, ControlError, ControlPlane, TokenSource, error_chain};
 

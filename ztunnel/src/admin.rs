@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use ambit_authz::Policy;
 use ambit_core::http::{Handler, json, text};
 use ambit_core::logging::LogHandle;
 use ambit_core::metrics::Registry;
@@ -12,7 +13,6 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::mesh::MeshState;
-use crate::rbac::Policy;
 use crate::state::{GatewayAddress, GatewayDestination, Service, Workload};
 
 /// A source of extra `/config_dump` sections (the in-pod manager's pods).

@@ -13,7 +13,6 @@ pub mod inpod;
 pub mod localconfig;
 pub mod mesh;
 pub mod proxy;
-pub use ambit_authz as rbac;
 pub mod socket;
 pub mod state;
 pub mod xds;

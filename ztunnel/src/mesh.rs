@@ -8,12 +8,12 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use ambit_authz::{Policy, PolicyStore};
 use ambit_proto::security as sec;
 use ambit_proto::workload as pb;
 use ambit_xds::Rejection;
 use tokio::sync::watch;
 
-use crate::rbac::{Policy, PolicyStore};
 use crate::state::StateIndex;
 
 /// Shared configuration state. Cheap to clone.

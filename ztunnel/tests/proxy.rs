@@ -360,6 +360,15 @@ async fn allow_policy_admits_its_principal_and_refuses_others_with_deny() {
             assert!(denied.iter().all(|l| {
                 l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/other\"")
             }));
+            // Both reporters also count the refusal as a failed connection, under its flag.
+            let failed = mesh.metric_lines("istio_tcp_connections_failed_total");
+            assert_eq!(failed.len(), 2, "{failed:?}");
+            assert!(
+                failed
+                    .iter()
+                    .all(|l| l.contains("response_flags=\"DENY\"") && l.ends_with(" 1")),
+                "{failed:?}"
+            );
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "{denied:?}");

@@ -4,21 +4,107 @@
 //! redirected traffic from outside the mesh, with no identity (so STRICT PeerAuthentication,
 //! delivered as a DENY policy, refuses it).
 
-use std::net::SocketAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use ambit_authz::ConnectionContext;
 use ambit_core::drain::DrainWatcher;
+use ambit_hbone::HboneError;
 use ambit_hbone::server::{InboundRequest, Responder, serve_connection};
 use http::{HeaderMap, HeaderValue, StatusCode};
+use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::metrics::{
-    ConnectionRecord, Reporter, ResponseFlags, copy_counted, copy_counted_from_tunnel,
+    ConnectionGuard, ConnectionInfo, Reporter, ResponseFlag, ResponseFlags, copy_counted,
+    copy_counted_from_tunnel,
 };
-use super::outbound::{baggage, finish_copy};
+use super::outbound::baggage;
 use super::{PodContext, ProxyInputs, accept_loop};
-use crate::rbac::ConnectionContext;
 use crate::state::{Service, Workload};
+
+/// Why an inbound connection was refused or ended badly. Each failure carries its response flag
+/// (metrics, access log) and, for HBONE, the status the CONNECT is refused with.
+#[derive(Debug, Error)]
+pub enum InboundError {
+    /// The pod is served by ztunnel but absent from the configuration.
+    #[error("pod {0} is not (yet) known from xDS")]
+    UnknownPod(String),
+    /// The CONNECT names an IP that is not this pod's.
+    #[error("authority {authority} is not an address of this pod ({pod_ip})")]
+    NotThisPod {
+        /// The `:authority` received.
+        authority: String,
+        /// The pod's address.
+        pod_ip: IpAddr,
+    },
+    /// The CONNECT's authority is neither `ip:port` nor `host:port`.
+    #[error("authority {0:?} is not host:port")]
+    BadAuthority(String),
+    /// The CONNECT names a service this pod does not back.
+    #[error("this pod backs no service named {0}")]
+    UnknownService(String),
+    /// The service has no such port on this pod.
+    #[error("service {host} has no port {port} on this pod")]
+    UnknownPort {
+        /// The service hostname.
+        host: String,
+        /// The port asked for.
+        port: u16,
+    },
+    /// The target is one of ztunnel's own ports (a loop).
+    #[error("port {0} is reserved for ztunnel")]
+    ReservedPort(u16),
+    /// L4 authorization refused the connection; the text is the decision's reason.
+    #[error("{0}")]
+    Denied(String),
+    /// The application did not accept the connection.
+    #[error("connect to the application at {target}: {source}")]
+    ConnectApp {
+        /// Where the application was dialled.
+        target: SocketAddr,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The redirected connection's original destination could not be read.
+    #[error("cannot read the original destination: {0}")]
+    OriginalDst(#[source] io::Error),
+    /// Answering the CONNECT failed (the client went away).
+    #[error(transparent)]
+    Accept(HboneError),
+    /// The copy between client and application failed or was cut at the drain deadline.
+    #[error(transparent)]
+    Copy(io::Error),
+}
+
+impl InboundError {
+    /// The status a refused CONNECT is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            InboundError::NotThisPod { .. }
+            | InboundError::BadAuthority(_)
+            | InboundError::UnknownService(_)
+            | InboundError::UnknownPort { .. }
+            | InboundError::ReservedPort(_) => StatusCode::BAD_REQUEST,
+            InboundError::Denied(_) => StatusCode::UNAUTHORIZED,
+            InboundError::UnknownPod(_)
+            | InboundError::ConnectApp { .. }
+            | InboundError::OriginalDst(_)
+            | InboundError::Accept(_)
+            | InboundError::Copy(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl ResponseFlag for InboundError {
+    fn response_flag(&self) -> ResponseFlags {
+        match self {
+            InboundError::Denied(_) => ResponseFlags::DENY,
+            _ => ResponseFlags::CONNECT,
+        }
+    }
+}
 
 /// Accepts HBONE connections on the pod's 15008 listener.
 pub(crate) async fn serve_hbone(
@@ -53,7 +139,7 @@ async fn serve_hbone_connection(
     let config = match pod.server_tls(&inputs.certs).await {
         Ok(config) => config,
         Err(e) => {
-            tracing::warn!(target: "access", direction = "inbound", src.addr = %peer, dst.addr = %local, error = %e, "HBONE connection refused: no certificate for the pod");
+            tracing::warn!(target: "access", direction = "inbound", src.addr = %peer, dst.addr = %local, error = %e, "HBONE connection refused: the pod cannot present a certificate");
             return;
         }
     };
@@ -97,26 +183,26 @@ fn resolve_target(
     local: SocketAddr,
     workload: &Workload,
     services: &dyn Fn(&str) -> Option<Arc<Service>>,
-) -> Result<SocketAddr, String> {
+) -> Result<SocketAddr, InboundError> {
     if let Ok(target) = authority.parse::<SocketAddr>() {
         if target.ip() != local.ip() && !workload.addresses.contains(&target.ip()) {
-            return Err(format!(
-                "authority {authority} is not an address of this pod ({})",
-                local.ip()
-            ));
+            return Err(InboundError::NotThisPod {
+                authority: authority.to_string(),
+                pod_ip: local.ip(),
+            });
         }
         return Ok(SocketAddr::new(local.ip(), target.port()));
     }
     let (host, port) = authority
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        .ok_or_else(|| format!("authority {authority:?} is not host:port"))?;
+        .ok_or_else(|| InboundError::BadAuthority(authority.to_string()))?;
     let service = workload
         .services
         .iter()
         .filter_map(|(key, _)| services(key))
         .find(|s| &*s.hostname == host)
-        .ok_or_else(|| format!("this pod backs no service named {host}"))?;
+        .ok_or_else(|| InboundError::UnknownService(host.to_string()))?;
     let target = workload
         .named_target_port(&service.key, port)
         .filter(|p| *p != 0)
@@ -127,7 +213,10 @@ fn resolve_target(
                 .find(|(s, t)| *s == port && *t != 0)
                 .map(|(_, t)| *t)
         })
-        .ok_or_else(|| format!("service {host} has no port {port} on this pod"))?;
+        .ok_or_else(|| InboundError::UnknownPort {
+            host: host.to_string(),
+            port,
+        })?;
     Ok(SocketAddr::new(local.ip(), target))
 }
 
@@ -149,6 +238,10 @@ fn forwarded_service(
         .find(|s| &*s.hostname == host)
 }
 
+fn unknown_pod(pod: &PodContext) -> InboundError {
+    InboundError::UnknownPod(format!("{}/{}", pod.spec.namespace, pod.spec.name))
+}
+
 async fn handle_connect(
     inputs: &ProxyInputs,
     pod: &PodContext,
@@ -156,87 +249,91 @@ async fn handle_connect(
     responder: Responder,
     drain: DrainWatcher,
 ) {
-    let mut record = ConnectionRecord::new(
+    let mut info = ConnectionInfo {
+        mtls: true,
+        source_identity: Some(request.peer.identity().clone()),
+        destination_identity: Some(pod.spec.identity.clone()),
+        ..ConnectionInfo::default()
+    };
+    let checked = check_connect(inputs, pod, &request, &mut info);
+    let mut conn = info.open(
         &inputs.metrics,
         Reporter::Destination,
         request.remote_addr,
         request.local_addr,
     );
-    record.info.mtls = true;
-    record.info.source_identity = Some(request.peer.identity().clone());
-    record.info.destination_identity = Some(pod.spec.identity.clone());
-    let Some(workload) = pod.workload(&inputs.mesh) else {
-        responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-        record.finish(
-            ResponseFlags::Connect,
-            Some(&format!(
-                "pod {}/{} is not (yet) known from xDS",
-                pod.spec.namespace, pod.spec.name
-            )),
-        );
-        return;
-    };
-    record.info.destination = Some(workload.clone());
+    if let Err(e) = serve_connect(inputs, pod, &request, responder, checked, &mut conn, drain).await
+    {
+        conn.fail(&e);
+    }
+}
+
+/// Everything decided before dialling the application: the pod is known, the target is one of
+/// its ports, and policy admits the caller. Fills in what metrics need as it learns it.
+fn check_connect(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    request: &InboundRequest,
+    info: &mut ConnectionInfo,
+) -> Result<(SocketAddr, Arc<Workload>), InboundError> {
+    let workload = pod.workload(&inputs.mesh).ok_or_else(|| unknown_pod(pod))?;
+    info.destination = Some(workload.clone());
     let target = {
         let index = inputs.mesh.index();
-        record.info.source = index
+        info.source = index
             .workload_by_ip(&inputs.config.network, request.remote_addr.ip())
             .cloned();
         let services = |key: &str| index.service(key).cloned();
-        record.info.service = forwarded_service(&request.headers, &workload, &services);
-        resolve_target(&request.authority, request.local_addr, &workload, &services)
+        info.service = forwarded_service(&request.headers, &workload, &services);
+        resolve_target(&request.authority, request.local_addr, &workload, &services)?
     };
-    let target = match target {
-        Ok(t) if inputs.config.is_reserved_port(t.port()) => {
-            Err(format!("port {} is reserved for ztunnel", t.port()))
-        }
-        other => other,
-    };
-    let target = match target {
-        Ok(target) => target,
-        Err(reason) => {
-            responder.refuse(StatusCode::BAD_REQUEST);
-            record.finish(ResponseFlags::Connect, Some(&reason));
-            return;
-        }
-    };
-    record.upstream = Some(target);
-    let context = ConnectionContext::verified(request.remote_addr.ip(), &request.peer, target);
-    if let Err(reason) = authorize(inputs, &workload, &context) {
-        responder.refuse(StatusCode::UNAUTHORIZED);
-        record.finish(ResponseFlags::Deny, Some(&reason));
-        return;
+    if inputs.config.is_reserved_port(target.port()) {
+        return Err(InboundError::ReservedPort(target.port()));
     }
-    let app = match connect_app(inputs, pod, target, request.remote_addr).await {
-        Ok(app) => app,
+    info.upstream = Some(target);
+    let context = ConnectionContext::verified(request.remote_addr.ip(), &request.peer, target);
+    authorize(inputs, &workload, &context)?;
+    Ok((target, workload))
+}
+
+async fn serve_connect(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    request: &InboundRequest,
+    responder: Responder,
+    checked: Result<(SocketAddr, Arc<Workload>), InboundError>,
+    conn: &mut ConnectionGuard,
+    drain: DrainWatcher,
+) -> Result<(), InboundError> {
+    let dialled = match checked {
+        Ok((target, workload)) => connect_app(inputs, pod, target, request.remote_addr)
+            .await
+            .map(|app| (app, workload)),
+        Err(e) => Err(e),
+    };
+    let (app, workload) = match dialled {
+        Ok(dialled) => dialled,
         Err(e) => {
-            responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            record.finish(ResponseFlags::Connect, Some(&e));
-            return;
+            responder.refuse(e.status());
+            return Err(e);
         }
     };
     let mut headers = HeaderMap::new();
     if let Ok(value) = HeaderValue::from_str(&baggage(&workload, &inputs.config.cluster_id)) {
         headers.insert("baggage", value);
     }
-    let tunnel = match responder.accept(headers) {
-        Ok(tunnel) => tunnel,
-        Err(e) => {
-            record.finish(ResponseFlags::Connect, Some(&e.to_string()));
-            return;
-        }
-    };
-    record.opened();
-    let result = copy_counted_from_tunnel(tunnel, app, &mut record, drain.forced()).await;
-    finish_copy(record, result);
+    let tunnel = responder.accept(headers).map_err(InboundError::Accept)?;
+    copy_counted_from_tunnel(tunnel, app, conn, drain.forced())
+        .await
+        .map_err(InboundError::Copy)
 }
 
-/// L4 authorization for the pod; logs dry-run verdicts. `Err` carries the reason.
+/// L4 authorization for the pod; logs dry-run verdicts.
 fn authorize(
     inputs: &ProxyInputs,
     workload: &Workload,
     context: &ConnectionContext,
-) -> Result<(), String> {
+) -> Result<(), InboundError> {
     let selected: Vec<String> = workload
         .authorization_policies
         .iter()
@@ -252,7 +349,7 @@ fn authorize(
     if decision.allowed {
         Ok(())
     } else {
-        Err(decision.reason)
+        Err(InboundError::Denied(decision.reason))
     }
 }
 
@@ -261,11 +358,11 @@ async fn connect_app(
     pod: &PodContext,
     target: SocketAddr,
     client: SocketAddr,
-) -> Result<TcpStream, String> {
+) -> Result<TcpStream, InboundError> {
     let source = inputs.config.preserve_source.then_some(client.ip());
     crate::socket::connect(&*pod.sockets, target, source, inputs.config.connect_timeout)
         .await
-        .map_err(|e| format!("connect to the application at {target}: {e}"))
+        .map_err(|source| InboundError::ConnectApp { target, source })
 }
 
 /// Accepts redirected plaintext connections on the pod's 15006 listener.
@@ -286,17 +383,13 @@ pub(crate) async fn serve_plaintext(
                 match crate::socket::original_dst(&stream) {
                     Ok(dst) => proxy_plaintext(&inputs, &pod, stream, peer, dst, drain).await,
                     Err(e) => {
-                        let mut record = ConnectionRecord::new(
-                            &inputs.metrics,
-                            Reporter::Destination,
-                            peer,
-                            stream.local_addr().unwrap_or(peer),
-                        );
-                        record.info.destination_identity = Some(pod.spec.identity.clone());
-                        record.finish(
-                            ResponseFlags::Connect,
-                            Some(&format!("cannot read the original destination: {e}")),
-                        );
+                        let info = ConnectionInfo {
+                            destination_identity: Some(pod.spec.identity.clone()),
+                            ..ConnectionInfo::default()
+                        };
+                        let local = stream.local_addr().unwrap_or(peer);
+                        info.open(&inputs.metrics, Reporter::Destination, peer, local)
+                            .fail(&InboundError::OriginalDst(e));
                     }
                 }
             }
@@ -314,45 +407,57 @@ pub async fn proxy_plaintext(
     dst: SocketAddr,
     drain: DrainWatcher,
 ) {
-    let mut record = ConnectionRecord::new(&inputs.metrics, Reporter::Destination, peer, dst);
-    record.info.destination_identity = Some(pod.spec.identity.clone());
-    record.info.source = inputs
-        .mesh
-        .index()
-        .workload_by_ip(&inputs.config.network, peer.ip())
-        .cloned();
-    let Some(workload) = pod.workload(&inputs.mesh) else {
-        record.finish(
-            ResponseFlags::Connect,
-            Some(&format!(
-                "pod {}/{} is not (yet) known from xDS",
-                pod.spec.namespace, pod.spec.name
-            )),
-        );
-        return;
+    let mut info = ConnectionInfo {
+        destination_identity: Some(pod.spec.identity.clone()),
+        source: inputs
+            .mesh
+            .index()
+            .workload_by_ip(&inputs.config.network, peer.ip())
+            .cloned(),
+        ..ConnectionInfo::default()
     };
-    record.info.destination = Some(workload.clone());
-    record.upstream = Some(dst);
+    let checked = check_plaintext(inputs, pod, peer, dst, &mut info);
+    let mut conn = info.open(&inputs.metrics, Reporter::Destination, peer, dst);
+    let result = match checked {
+        Ok(()) => copy_plaintext(inputs, pod, downstream, peer, dst, &mut conn, drain).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        conn.fail(&e);
+    }
+}
+
+fn check_plaintext(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    info: &mut ConnectionInfo,
+) -> Result<(), InboundError> {
+    let workload = pod.workload(&inputs.mesh).ok_or_else(|| unknown_pod(pod))?;
+    info.destination = Some(workload.clone());
+    info.upstream = Some(dst);
     if inputs.config.is_reserved_port(dst.port()) {
-        record.finish(
-            ResponseFlags::Connect,
-            Some(&format!("port {} is reserved for ztunnel", dst.port())),
-        );
-        return;
+        return Err(InboundError::ReservedPort(dst.port()));
     }
-    let context = ConnectionContext::plaintext(peer.ip(), dst);
-    if let Err(reason) = authorize(inputs, &workload, &context) {
-        record.finish(ResponseFlags::Deny, Some(&reason));
-        return;
-    }
-    let app = match connect_app(inputs, pod, dst, peer).await {
-        Ok(app) => app,
-        Err(e) => {
-            record.finish(ResponseFlags::Connect, Some(&e));
-            return;
-        }
-    };
-    record.opened();
-    let result = copy_counted(downstream, app, &mut record, drain.forced()).await;
-    finish_copy(record, result);
+    authorize(
+        inputs,
+        &workload,
+        &ConnectionContext::plaintext(peer.ip(), dst),
+    )
+}
+
+async fn copy_plaintext(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    downstream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    conn: &mut ConnectionGuard,
+    drain: DrainWatcher,
+) -> Result<(), InboundError> {
+    let app = connect_app(inputs, pod, dst, peer).await?;
+    copy_counted(downstream, app, conn, drain.forced())
+        .await
+        .map_err(InboundError::Copy)
 }

@@ -1,63 +1,28 @@
-//! Connection accounting: the upstream Istio TCP metrics with their full label set, and one
-//! structured access-log line per connection when it ends.
+//! Connection accounting for ztunnel's paths: what is known about a connection's two ends
+//! (workloads from the state index) turned into Istio's label set once, and the byte-counting
+//! copies that feed the connection's [`ConnectionGuard`]. The series, the guard and the access log
+//! live in `ambit-telemetry`, shared with the waypoint.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ambit_core::metrics::{LabelSet, Registry, label_value};
+use ambit_core::metrics::Registry;
 use ambit_hbone::HboneStream;
 use ambit_hbone::copy::ByteCounters;
 use ambit_identity::Identity;
-use metrics::Label;
+pub use ambit_telemetry::{ConnectionGuard, Reporter, ResponseFlag, ResponseFlags};
+use ambit_telemetry::{ServiceLabels, TrafficLabels, WorkloadLabels};
 
 use crate::state::{Service, Workload};
 
-/// Which side of the connection reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reporter {
-    /// The client's ztunnel (outbound).
-    Source,
-    /// The server's ztunnel (inbound).
-    Destination,
+/// Registers the help texts of the traffic metrics.
+pub fn describe(registry: &Registry) {
+    ambit_telemetry::describe_tcp(registry);
 }
 
-impl Reporter {
-    fn as_str(self) -> &'static str {
-        match self {
-            Reporter::Source => "source",
-            Reporter::Destination => "destination",
-        }
-    }
-}
-
-/// Why a connection failed, as Istio's `response_flags` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResponseFlags {
-    /// No failure.
-    None,
-    /// Refused by authorization policy.
-    Deny,
-    /// The upstream connection or tunnel could not be made.
-    Connect,
-    /// TLS failed (bad identity, untrusted chain, expired certificate).
-    TlsFailure,
-    /// No certificate for our side.
-    IdentityError,
-}
-
-impl ResponseFlags {
-    fn as_str(self) -> &'static str {
-        match self {
-            ResponseFlags::None => "-",
-            ResponseFlags::Deny => "DENY",
-            ResponseFlags::Connect => "CONNECT",
-            ResponseFlags::TlsFailure => "TLS_FAILURE",
-            ResponseFlags::IdentityError => "IDENTITY_ERROR",
-        }
-    }
-}
-
-/// Everything the metrics and access log say about one connection's endpoints.
+/// Everything the metrics and access log say about one connection's endpoints, gathered as the
+/// proxy learns it; [`open`](Self::open) turns it into the connection's guard.
 #[derive(Clone, Debug, Default)]
 pub struct ConnectionInfo {
     /// The client's workload, when known.
@@ -72,271 +37,79 @@ pub struct ConnectionInfo {
     pub service: Option<Arc<Service>>,
     /// Carried over mutual TLS.
     pub mtls: bool,
+    /// Where the bytes go (the HBONE next hop or the direct upstream), once known.
+    pub upstream: Option<SocketAddr>,
 }
 
-struct TrafficLabels<'a> {
-    reporter: Reporter,
-    info: &'a ConnectionInfo,
-    flags: ResponseFlags,
-}
-
-fn workload_labels(
-    prefix: &'static str,
-    w: Option<&Workload>,
-    id: Option<&Identity>,
-    out: &mut Vec<Label>,
-) {
-    let text = |f: fn(&Workload) -> &str| label_value(w.map(f).unwrap_or(""));
-    let names: [(&str, String); 8] = [
-        ("workload", text(|w| &w.workload_name)),
-        ("canonical_service", text(|w| &w.canonical_name)),
-        ("canonical_revision", text(|w| &w.canonical_revision)),
-        ("workload_namespace", text(|w| &w.namespace)),
-        (
-            "principal",
-            label_value(&id.map(Identity::to_string).unwrap_or_default()),
-        ),
-        ("app", text(|w| &w.canonical_name)),
-        ("version", text(|w| &w.canonical_revision)),
-        ("cluster", text(|w| &w.cluster_id)),
-    ];
-    for (name, value) in names {
-        out.push(Label::new(format!("{prefix}_{name}"), value));
-    }
-}
-
-fn locality_labels(prefix: &'static str, w: Option<&Workload>, out: &mut Vec<Label>) {
-    let locality = w.and_then(|w| w.locality.as_deref());
-    out.push(Label::new(
-        format!("{prefix}_region"),
-        label_value(locality.map(|l| &*l.region).unwrap_or("")),
-    ));
-    out.push(Label::new(
-        format!("{prefix}_zone"),
-        label_value(locality.map(|l| &*l.zone).unwrap_or("")),
-    ));
-}
-
-impl LabelSet for TrafficLabels<'_> {
-    fn to_labels(&self) -> Vec<Label> {
-        let info = self.info;
-        let mut out = Vec::with_capacity(26);
-        out.push(Label::new("reporter", self.reporter.as_str()));
-        workload_labels(
-            "source",
-            info.source.as_deref(),
-            info.source_identity.as_ref(),
-            &mut out,
-        );
-        let service = info.service.as_deref();
-        out.push(Label::new(
-            "destination_service",
-            label_value(service.map(|s| &*s.hostname).unwrap_or("")),
-        ));
-        out.push(Label::new(
-            "destination_service_namespace",
-            label_value(service.map(|s| &*s.namespace).unwrap_or("")),
-        ));
-        out.push(Label::new(
-            "destination_service_name",
-            label_value(service.map(|s| &*s.name).unwrap_or("")),
-        ));
-        workload_labels(
-            "destination",
-            info.destination.as_deref(),
-            info.destination_identity.as_ref(),
-            &mut out,
-        );
-        out.push(Label::new("request_protocol", "tcp"));
-        out.push(Label::new("response_flags", self.flags.as_str()));
-        out.push(Label::new(
-            "connection_security_policy",
-            if info.mtls { "mutual_tls" } else { "unknown" },
-        ));
-        locality_labels("source", info.source.as_deref(), &mut out);
-        locality_labels("destination", info.destination.as_deref(), &mut out);
-        out
-    }
-}
-
-/// Registers the help texts of the traffic metrics.
-pub fn describe(registry: &Registry) {
-    registry.describe_counter(
-        "istio_tcp_connections_opened_total",
-        "TCP connections opened, by source and destination workload",
-    );
-    registry.describe_counter(
-        "istio_tcp_connections_closed_total",
-        "TCP connections closed, by source and destination workload and response flags",
-    );
-    registry.describe_counter(
-        "istio_tcp_received_bytes_total",
-        "Bytes received from the client (request direction)",
-    );
-    registry.describe_counter(
-        "istio_tcp_sent_bytes_total",
-        "Bytes sent to the client (response direction)",
-    );
-}
-
-/// One connection's accounting, from open to close. Byte counters are flushed live.
-pub struct ConnectionRecord {
-    registry: Registry,
-    reporter: Reporter,
-    /// What is known about the two ends; filled in as the proxy learns more.
-    pub info: ConnectionInfo,
-    /// Client address.
-    pub src: std::net::SocketAddr,
-    /// The address the client dialed.
-    pub dst: std::net::SocketAddr,
-    /// Where the bytes actually went (the HBONE next hop or the direct upstream).
-    pub upstream: Option<std::net::SocketAddr>,
-    start: Instant,
-    counted_received: u64,
-    counted_sent: u64,
-    opened: bool,
-}
-
-impl std::fmt::Debug for ConnectionRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectionRecord")
-            .field("reporter", &self.reporter)
-            .field("src", &self.src)
-            .field("dst", &self.dst)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ConnectionRecord {
-    /// Starts accounting for a connection from `src` to `dst`.
-    pub fn new(
-        registry: &Registry,
-        reporter: Reporter,
-        src: std::net::SocketAddr,
-        dst: std::net::SocketAddr,
-    ) -> Self {
-        Self {
-            registry: registry.clone(),
-            reporter,
-            info: ConnectionInfo::default(),
-            src,
-            dst,
-            upstream: None,
-            start: Instant::now(),
-            counted_received: 0,
-            counted_sent: 0,
-            opened: false,
-        }
-    }
-
-    fn labels(&self, flags: ResponseFlags) -> TrafficLabels<'_> {
-        TrafficLabels {
-            reporter: self.reporter,
-            info: &self.info,
-            flags,
-        }
-    }
-
-    /// Counts the connection as opened (once both ends are known).
-    pub fn opened(&mut self) {
-        if !self.opened {
-            self.opened = true;
-            self.registry
-                .counter(
-                    "istio_tcp_connections_opened_total",
-                    &self.labels(ResponseFlags::None),
-                )
-                .increment(1);
-        }
-    }
-
-    /// Adds the bytes moved since the last flush. `received` is client→server.
-    pub fn flush_bytes(&mut self, received: u64, sent: u64) {
-        let labels = self.labels(ResponseFlags::None);
-        let new_received = received.saturating_sub(self.counted_received);
-        let new_sent = sent.saturating_sub(self.counted_sent);
-        if new_received > 0 {
-            self.registry
-                .counter("istio_tcp_received_bytes_total", &labels)
-                .increment(new_received);
-        }
-        if new_sent > 0 {
-            self.registry
-                .counter("istio_tcp_sent_bytes_total", &labels)
-                .increment(new_sent);
-        }
-        self.counted_received = received.max(self.counted_received);
-        self.counted_sent = sent.max(self.counted_sent);
-    }
-
-    /// Ends the connection: closed counter with its flags and one access-log line.
-    pub fn finish(mut self, flags: ResponseFlags, error: Option<&str>) {
-        self.opened();
-        self.registry
-            .counter("istio_tcp_connections_closed_total", &self.labels(flags))
-            .increment(1);
-        self.log(flags, error, self.start.elapsed());
-    }
-
-    fn log(&self, flags: ResponseFlags, error: Option<&str>, duration: Duration) {
-        let name = |w: &Option<Arc<Workload>>| {
-            w.as_deref()
-                .map(|w| format!("{}/{}", w.namespace, w.name))
-                .unwrap_or_else(|| "-".to_string())
-        };
-        let id = |i: &Option<Identity>| i.as_ref().map(Identity::to_string).unwrap_or_default();
+impl ConnectionInfo {
+    /// Istio's label set for this connection as seen by `reporter`.
+    pub fn labels(&self, reporter: Reporter) -> TrafficLabels {
         let service = self
-            .info
             .service
             .as_deref()
-            .map(|s| s.hostname.to_string())
+            .map(|s| ServiceLabels {
+                hostname: s.hostname.to_string(),
+                namespace: s.namespace.to_string(),
+                name: s.name.to_string(),
+            })
             .unwrap_or_default();
-        let upstream = self.upstream.map(|u| u.to_string()).unwrap_or_default();
-        let duration_ms = duration.as_millis() as u64;
-        let direction = match self.reporter {
-            Reporter::Source => "outbound",
-            Reporter::Destination => "inbound",
-        };
-        // One field list for both outcomes, so the two log lines cannot drift apart.
-        macro_rules! access {
-            ($level:ident, $message:literal $(, $extra:ident = $value:expr)*) => {
-                tracing::$level!(
-                    target: "access",
-                    direction,
-                    src.addr = %self.src,
-                    src.workload = %name(&self.info.source),
-                    src.identity = %id(&self.info.source_identity),
-                    dst.addr = %self.dst,
-                    dst.upstream = %upstream,
-                    dst.service = %service,
-                    dst.workload = %name(&self.info.destination),
-                    dst.identity = %id(&self.info.destination_identity),
-                    bytes_received = self.counted_received,
-                    bytes_sent = self.counted_sent,
-                    duration_ms,
-                    $($extra = $value,)*
-                    $message
-                )
-            };
-        }
-        match error {
-            None => access!(info, "connection complete"),
-            Some(error) => access!(
-                warn,
-                "connection failed",
-                response_flags = flags.as_str(),
-                error = error
+        TrafficLabels::new(
+            reporter,
+            workload_labels(self.source.as_deref(), self.source_identity.as_ref()),
+            workload_labels(
+                self.destination.as_deref(),
+                self.destination_identity.as_ref(),
             ),
+            service,
+            self.mtls,
+        )
+    }
+
+    /// Counts the connection from `src` to `dst` (what the client dialled) as opened; the guard
+    /// counts it closed when dropped.
+    pub fn open(
+        &self,
+        registry: &Registry,
+        reporter: Reporter,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> ConnectionGuard {
+        let mut guard = ConnectionGuard::open(registry, Arc::new(self.labels(reporter)), src, dst);
+        if let Some(upstream) = self.upstream {
+            guard.set_upstream(upstream);
         }
+        guard
     }
 }
 
-/// Copies between the client (`downstream`) and the server side, flushing byte counts to the
-/// record every few seconds so long-lived connections show up in the metrics while open.
+fn workload_labels(w: Option<&Workload>, id: Option<&Identity>) -> WorkloadLabels {
+    let principal = id.map(Identity::to_string).unwrap_or_default();
+    let Some(w) = w else {
+        return WorkloadLabels {
+            principal,
+            ..WorkloadLabels::default()
+        };
+    };
+    let locality = w.locality.as_deref();
+    WorkloadLabels {
+        name: w.name.to_string(),
+        workload: w.workload_name.to_string(),
+        namespace: w.namespace.to_string(),
+        canonical_service: w.canonical_name.to_string(),
+        canonical_revision: w.canonical_revision.to_string(),
+        principal,
+        cluster: w.cluster_id.to_string(),
+        region: locality.map(|l| l.region.to_string()).unwrap_or_default(),
+        zone: locality.map(|l| l.zone.to_string()).unwrap_or_default(),
+    }
+}
+
+/// Copies between the client (`downstream`) and the server side, reporting byte counts to the
+/// connection's guard every few seconds so long-lived connections show up in the metrics while open.
 pub async fn copy_counted<D, U>(
     downstream: D,
     upstream: U,
-    record: &mut ConnectionRecord,
+    conn: &mut ConnectionGuard,
     forced: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()>
 where
@@ -345,14 +118,7 @@ where
 {
     let counters = ByteCounters::new();
     let copy = ambit_hbone::copy::copy_bidirectional(downstream, upstream, &counters);
-    counted(
-        copy,
-        &counters,
-        Direction::SocketIsDownstream,
-        record,
-        forced,
-    )
-    .await
+    counted(copy, &counters, Direction::SocketIsDownstream, conn, forced).await
 }
 
 /// [`copy_counted`] for a client socket and an HBONE tunnel to the server side, handing bytes to
@@ -360,7 +126,7 @@ where
 pub async fn copy_counted_to_tunnel<D>(
     downstream: D,
     tunnel: HboneStream,
-    record: &mut ConnectionRecord,
+    conn: &mut ConnectionGuard,
     forced: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()>
 where
@@ -368,14 +134,7 @@ where
 {
     let counters = ByteCounters::new();
     let copy = ambit_hbone::copy::copy_with_tunnel(downstream, tunnel, &counters);
-    counted(
-        copy,
-        &counters,
-        Direction::SocketIsDownstream,
-        record,
-        forced,
-    )
-    .await
+    counted(copy, &counters, Direction::SocketIsDownstream, conn, forced).await
 }
 
 /// [`copy_counted`] for a tunnel from the client and a socket to the application, without copying
@@ -383,7 +142,7 @@ where
 pub async fn copy_counted_from_tunnel<U>(
     tunnel: HboneStream,
     upstream: U,
-    record: &mut ConnectionRecord,
+    conn: &mut ConnectionGuard,
     forced: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()>
 where
@@ -391,7 +150,7 @@ where
 {
     let counters = ByteCounters::new();
     let copy = ambit_hbone::copy::copy_with_tunnel(upstream, tunnel, &counters);
-    counted(copy, &counters, Direction::SocketIsUpstream, record, forced).await
+    counted(copy, &counters, Direction::SocketIsUpstream, conn, forced).await
 }
 
 /// Which side of the copy the counters' `a` is.
@@ -403,18 +162,18 @@ enum Direction {
     SocketIsUpstream,
 }
 
-/// Drives `copy`, flushing `counters` to `record` every few seconds and at the end, or aborts it
+/// Drives `copy`, reporting `counters` to `conn` every few seconds and at the end, or aborts it
 /// when the drain deadline (`forced`) passes.
 async fn counted(
     copy: impl std::future::Future<Output = std::io::Result<()>>,
     counters: &ByteCounters,
     direction: Direction,
-    record: &mut ConnectionRecord,
+    conn: &mut ConnectionGuard,
     forced: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let flush = |record: &mut ConnectionRecord| match direction {
-        Direction::SocketIsDownstream => record.flush_bytes(counters.a_to_b(), counters.b_to_a()),
-        Direction::SocketIsUpstream => record.flush_bytes(counters.b_to_a(), counters.a_to_b()),
+    let flush = |conn: &mut ConnectionGuard| match direction {
+        Direction::SocketIsDownstream => conn.record_bytes(counters.a_to_b(), counters.b_to_a()),
+        Direction::SocketIsUpstream => conn.record_bytes(counters.b_to_a(), counters.a_to_b()),
     };
     tokio::pin!(copy);
     tokio::pin!(forced);
@@ -423,13 +182,13 @@ async fn counted(
     let result = loop {
         tokio::select! {
             result = &mut copy => break result,
-            _ = tick.tick() => flush(record),
+            _ = tick.tick() => flush(conn),
             () = &mut forced => break Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "closed by ztunnel: drain deadline reached",
             )),
         }
     };
-    flush(record);
+    flush(conn);
     result
 }

@@ -94,6 +94,17 @@ pub struct PodSpec {
     pub identity: Identity,
 }
 
+/// Why a pod cannot serve HBONE yet.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerTlsError {
+    /// No certificate for the pod's identity (the CA is unreachable or refuses).
+    #[error("no certificate for the pod: {0}")]
+    Certificate(#[from] ambit_identity::store::StoreError),
+    /// The certificate cannot make a TLS server configuration.
+    #[error("TLS server configuration: {0}")]
+    Config(#[from] ambit_identity::tls::TlsError),
+}
+
 /// Per-pod state the proxy tasks share.
 pub struct PodContext {
     /// What the pod is.
@@ -123,11 +134,11 @@ impl PodContext {
     }
 
     /// The TLS server config presenting the pod's current certificate.
-    async fn server_tls(&self, certs: &CertStore) -> Result<Arc<rustls::ServerConfig>, String> {
-        let cert = certs
-            .get(&self.spec.identity)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn server_tls(
+        &self,
+        certs: &CertStore,
+    ) -> Result<Arc<rustls::ServerConfig>, ServerTlsError> {
+        let cert = certs.get(&self.spec.identity).await?;
         let mut cached = self
             .server_tls
             .lock()
@@ -137,7 +148,7 @@ impl PodContext {
         {
             return Ok(config.clone());
         }
-        let config = ambit_identity::tls::server_config(&cert).map_err(|e| e.to_string())?;
+        let config = ambit_identity::tls::server_config(&cert)?;
         *cached = Some((cert, config.clone()));
         Ok(config)
     }

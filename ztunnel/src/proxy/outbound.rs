@@ -14,7 +14,8 @@ use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::metrics::{
-    ConnectionRecord, Reporter, ResponseFlags, copy_counted, copy_counted_to_tunnel,
+    ConnectionGuard, ConnectionInfo, Reporter, ResponseFlag, ResponseFlags, copy_counted,
+    copy_counted_to_tunnel,
 };
 use super::{PodContext, ProxyInputs, accept_loop};
 use crate::state::{
@@ -300,6 +301,79 @@ fn describe_waypoint(waypoint: &GatewayAddress) -> String {
     }
 }
 
+/// Why an outbound connection failed, each failure with its response flag.
+#[derive(Debug, Error)]
+pub enum OutboundError {
+    /// The connection was not redirected (no original destination).
+    #[error("cannot read the original destination (connection not redirected?): {0}")]
+    OriginalDst(#[source] std::io::Error),
+    /// No route to the destination.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The HBONE tunnel could not be opened.
+    #[error("HBONE to {next_hop}{via}: {chain}", via = via_text(*.waypoint), chain = ambit_xds::error_chain(.source))]
+    Hbone {
+        /// The ztunnel or waypoint dialled.
+        next_hop: SocketAddr,
+        /// True when it is a waypoint.
+        waypoint: bool,
+        /// What failed.
+        source: HboneError,
+    },
+    /// The HBONE tunnel did not open in time.
+    #[error("HBONE to {next_hop}: no answer within {after:?}")]
+    HboneTimeout {
+        /// The ztunnel or waypoint dialled.
+        next_hop: SocketAddr,
+        /// The connect timeout.
+        after: std::time::Duration,
+    },
+    /// A plain TCP upstream did not accept the connection.
+    #[error("connect to {target}: {source}")]
+    Connect {
+        /// Where it was dialled.
+        target: SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The copy between client and upstream failed or was cut at the drain deadline.
+    #[error(transparent)]
+    Copy(std::io::Error),
+}
+
+fn via_text(waypoint: bool) -> &'static str {
+    if waypoint { " via waypoint" } else { "" }
+}
+
+impl ResponseFlag for OutboundError {
+    fn response_flag(&self) -> ResponseFlags {
+        use ambit_hbone::DialError;
+        match self {
+            OutboundError::Hbone {
+                source:
+                    HboneError::Dial {
+                        source: DialError::Tls(_) | DialError::TlsConfig { .. },
+                        ..
+                    },
+                ..
+            } => ResponseFlags::TLS_FAILURE,
+            OutboundError::Hbone {
+                source:
+                    HboneError::Dial {
+                        source: DialError::Certificate { .. },
+                        ..
+                    },
+                ..
+            } => ResponseFlags::IDENTITY_ERROR,
+            OutboundError::Hbone {
+                source: HboneError::Status(status),
+                ..
+            } if status.as_u16() == 401 || status.as_u16() == 403 => ResponseFlags::DENY,
+            _ => ResponseFlags::CONNECT,
+        }
+    }
+}
+
 /// Accepts redirected connections on the pod's outbound listener.
 pub(crate) async fn serve(
     inputs: ProxyInputs,
@@ -315,19 +389,17 @@ pub(crate) async fn serve(
             let dst = match crate::socket::original_dst(&stream) {
                 Ok(dst) => dst,
                 Err(e) => {
-                    let mut record = ConnectionRecord::new(
+                    let info = ConnectionInfo {
+                        source_identity: Some(pod.spec.identity.clone()),
+                        ..ConnectionInfo::default()
+                    };
+                    info.open(
                         &inputs.metrics,
                         Reporter::Source,
                         peer,
                         local.unwrap_or(peer),
-                    );
-                    record.info.source_identity = Some(pod.spec.identity.clone());
-                    record.finish(
-                        ResponseFlags::Connect,
-                        Some(&format!(
-                            "cannot read the original destination (connection not redirected?): {e}"
-                        )),
-                    );
+                    )
+                    .fail(&OutboundError::OriginalDst(e));
                     return;
                 }
             };
@@ -346,11 +418,12 @@ pub async fn proxy(
     dst: SocketAddr,
     drain: DrainWatcher,
 ) {
-    let mut record = ConnectionRecord::new(&inputs.metrics, Reporter::Source, peer, dst);
     let source = pod.workload(&inputs.mesh);
-    record.info.source = source.clone();
-    record.info.source_identity = Some(pod.spec.identity.clone());
-
+    let mut info = ConnectionInfo {
+        source: source.clone(),
+        source_identity: Some(pod.spec.identity.clone()),
+        ..ConnectionInfo::default()
+    };
     let local = downstream.local_addr().ok();
     let decision = if local == Some(dst) {
         Err(RouteError::Loop(dst))
@@ -363,27 +436,68 @@ pub async fn proxy(
             dst,
         )
     };
-    let route = match decision {
-        Ok(route) => route,
-        Err(e) => {
-            record.finish(ResponseFlags::Connect, Some(&e.to_string()));
-            return;
+    match &decision {
+        Ok(Route::Hbone {
+            next_hop,
+            expected,
+            workload,
+            service,
+            ..
+        }) => {
+            info.upstream = Some(*next_hop);
+            info.destination = Some(workload.clone());
+            info.destination_identity = expected.first().cloned();
+            info.service = service.clone();
+            info.mtls = true;
         }
+        Ok(Route::Direct {
+            dst: target,
+            workload,
+            service,
+        }) => {
+            info.upstream = Some(*target);
+            info.destination = workload.clone();
+            info.service = service.clone();
+        }
+        Err(_) => {}
+    }
+    let mut conn = info.open(&inputs.metrics, Reporter::Source, peer, dst);
+    let result = match decision {
+        Ok(route) => {
+            let source = source.as_deref();
+            proxy_route(
+                inputs, pod, downstream, peer, source, route, &mut conn, drain,
+            )
+            .await
+        }
+        Err(e) => Err(e.into()),
     };
+    if let Err(e) = result {
+        conn.fail(&e);
+    }
+}
+
+/// Connects along `route` and copies until either side closes.
+#[allow(clippy::too_many_arguments)]
+async fn proxy_route(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    downstream: TcpStream,
+    peer: SocketAddr,
+    source: Option<&Workload>,
+    route: Route,
+    conn: &mut ConnectionGuard,
+    drain: DrainWatcher,
+) -> Result<(), OutboundError> {
     match route {
         Route::Hbone {
             next_hop,
             authority,
             expected,
-            workload,
             service,
             waypoint,
+            ..
         } => {
-            record.upstream = Some(next_hop);
-            record.info.destination = Some(workload);
-            record.info.destination_identity = expected.first().cloned();
-            record.info.service = service.clone();
-            record.info.mtls = true;
             let key = PoolKey {
                 src_id: pod.spec.identity.clone(),
                 dst_ids: expected,
@@ -392,89 +506,33 @@ pub async fn proxy(
             };
             let request = ConnectRequest {
                 authority: authority.to_string(),
-                headers: request_headers(inputs, source.as_deref(), peer, service.as_deref()),
+                headers: request_headers(inputs, source, peer, service.as_deref()),
             };
             let connect = pod.pool.connect(key, request);
-            let stream = match tokio::time::timeout(inputs.config.connect_timeout, connect).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    let flags = hbone_flags(&e);
-                    let via = if waypoint { " via waypoint" } else { "" };
-                    record.finish(
-                        flags,
-                        Some(&format!(
-                            "HBONE to {next_hop}{via}: {}",
-                            ambit_xds::error_chain(&e)
-                        )),
-                    );
-                    return;
-                }
-                Err(_) => {
-                    record.finish(
-                        ResponseFlags::Connect,
-                        Some(&format!(
-                            "HBONE to {next_hop}: no answer within {:?}",
-                            inputs.config.connect_timeout
-                        )),
-                    );
-                    return;
-                }
-            };
-            record.opened();
-            let result =
-                copy_counted_to_tunnel(downstream, stream, &mut record, drain.forced()).await;
-            finish_copy(record, result);
+            let stream = tokio::time::timeout(inputs.config.connect_timeout, connect)
+                .await
+                .map_err(|_| OutboundError::HboneTimeout {
+                    next_hop,
+                    after: inputs.config.connect_timeout,
+                })?
+                .map_err(|source| OutboundError::Hbone {
+                    next_hop,
+                    waypoint,
+                    source,
+                })?;
+            copy_counted_to_tunnel(downstream, stream, conn, drain.forced())
+                .await
+                .map_err(OutboundError::Copy)
         }
-        Route::Direct {
-            dst: target,
-            workload,
-            service,
-        } => {
-            record.upstream = Some(target);
-            record.info.destination = workload;
-            record.info.service = service;
+        Route::Direct { dst: target, .. } => {
             let upstream =
                 crate::socket::connect(&*pod.sockets, target, None, inputs.config.connect_timeout)
-                    .await;
-            let upstream = match upstream {
-                Ok(upstream) => upstream,
-                Err(e) => {
-                    record.finish(
-                        ResponseFlags::Connect,
-                        Some(&format!("connect to {target}: {e}")),
-                    );
-                    return;
-                }
-            };
-            record.opened();
-            let result = copy_counted(downstream, upstream, &mut record, drain.forced()).await;
-            finish_copy(record, result);
+                    .await
+                    .map_err(|source| OutboundError::Connect { target, source })?;
+            copy_counted(downstream, upstream, conn, drain.forced())
+                .await
+                .map_err(OutboundError::Copy)
         }
-    }
-}
-
-pub(crate) fn finish_copy(record: ConnectionRecord, result: std::io::Result<()>) {
-    match result {
-        Ok(()) => record.finish(ResponseFlags::None, None),
-        Err(e) => record.finish(ResponseFlags::Connect, Some(&e.to_string())),
-    }
-}
-
-fn hbone_flags(error: &HboneError) -> ResponseFlags {
-    use ambit_hbone::DialError;
-    match error {
-        HboneError::Dial {
-            source: DialError::Tls(_) | DialError::TlsConfig { .. },
-            ..
-        } => ResponseFlags::TlsFailure,
-        HboneError::Dial {
-            source: DialError::Certificate { .. },
-            ..
-        } => ResponseFlags::IdentityError,
-        HboneError::Status(status) if status.as_u16() == 401 || status.as_u16() == 403 => {
-            ResponseFlags::Deny
-        }
-        _ => ResponseFlags::Connect,
     }
 }
 

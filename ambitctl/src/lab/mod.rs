@@ -1037,7 +1037,11 @@ pub(crate) fn restart(
         state.pids.insert(key.clone(), pid);
     }
     save_state(&state)?;
-    println!("{key} restarted");
+    if component == "waypoint" {
+        println!("waypoint {} restarted ({key})", name.unwrap_or_default());
+    } else {
+        println!("{key} restarted");
+    }
     Ok(0)
 }
 
@@ -1107,7 +1111,7 @@ fn print_status(state: &LabState, json_output: bool) {
             n.ip
         );
     }
-    println!("\nPOD                  NODE     IP            CAPTURED  IDENTITY");
+    println!("\nPOD                        NODE     IP            CAPTURED          IDENTITY");
     for p in &state.pods {
         let captured = if !p.ambient {
             "no (not ambient)".to_string()
@@ -1117,7 +1121,7 @@ fn print_status(state: &LabState, json_output: bool) {
             "PENDING".into()
         };
         println!(
-            "{:<20} {:<8} {:<13} {:<9} spiffe://cluster.local/ns/{}/sa/{}",
+            "{:<26} {:<8} {:<13} {:<17} spiffe://cluster.local/ns/{}/sa/{}",
             format!("{}/{}", p.namespace, p.name),
             state.nodes[p.node].name,
             p.ip,
@@ -1284,11 +1288,8 @@ pub(crate) fn apply(path: &Path) -> anyhow::Result<i32> {
 /// Kubernetes.
 fn update_pod(current: &[Object], mut pod: Pod) -> anyhow::Result<()> {
     let key = Object::Pod(pod.clone()).key();
-    if !env::take(&mut pod).is_empty() {
-        eprintln!(
-            "{key}: container env is kept as the pod started (delete and apply it to change)"
-        );
-    }
+    // Like the rest of the spec, a running pod's container env stays as it started.
+    env::take(&mut pod);
     let Some(Object::Pod(stored)) = current.iter().find(|o| o.key() == key) else {
         println!("{key} unchanged (not in the lab's config directory)");
         return Ok(());

@@ -31,11 +31,10 @@ pub fn apply_request(
                 modify_headers(&mut parts.headers, m)
             }
             Some(pb::filter::Kind::ResponseHeaderModifier(m)) => applied.response.push(m.clone()),
-            Some(pb::filter::Kind::RequestRedirect(r)) => {
-                if applied.redirect.is_none() {
-                    applied.redirect = Some(redirect(r, parts, matched_prefix));
-                }
+            Some(pb::filter::Kind::RequestRedirect(r)) if applied.redirect.is_none() => {
+                applied.redirect = Some(redirect(r, parts, matched_prefix));
             }
+            Some(pb::filter::Kind::RequestRedirect(_)) => {}
             Some(pb::filter::Kind::UrlRewrite(r)) => rewrite(r, parts, matched_prefix),
             Some(pb::filter::Kind::RequestMirror(m)) => applied.mirrors.push(m.clone()),
             None => {}

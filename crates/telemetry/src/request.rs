@@ -126,6 +126,12 @@ impl RequestGuard {
         }
     }
 
+    /// Replaces the labels given at the start, once routing has chosen the destination (a
+    /// waypoint knows the backend only after the request headers were read).
+    pub fn set_labels(&mut self, labels: Arc<TrafficLabels>) {
+        self.labels = labels;
+    }
+
     /// Overrides the protocol derived from the headers.
     pub fn set_protocol(&mut self, protocol: RequestProtocol) {
         self.protocol = protocol;

@@ -1,0 +1,176 @@
+//! HBONE on both sides of the waypoint.
+//!
+//! - In: the 15008 listener (TLS 1.3, client certificate required and of our trust domain,
+//!   HTTP/2 with keepalive PINGs, at most 100 concurrent streams per connection as Istio's
+//!   waypoint advertises); every CONNECT goes to [`Proxy::serve_tunnel`].
+//! - Out: [`HboneDial`] opens a tunnel to `<podIP>:15008` with authority `<podIP>:<targetPort>`,
+//!   presenting the waypoint's own certificate and checking the pod's identity, over pooled
+//!   connections.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::drain::DrainWatcher;
+use ambit_hbone::server::{InboundRequest, Responder, serve_connection};
+use ambit_hbone::{ConnectRequest, H2Config, Pool, PoolKey};
+use ambit_identity::Identity;
+use ambit_identity::store::CertStore;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::proxy::Proxy;
+use crate::upstream::{BoxedIo, Dial, Endpoint, UpstreamError};
+
+/// Streams per downstream HTTP/2 connection (Istio's waypoint value; ztunnel caps its pool at
+/// min(100, ours)).
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens HBONE tunnels to backends with the waypoint's identity.
+pub struct HboneDial {
+    pool: Pool,
+    identity: Identity,
+    source_ip: IpAddr,
+    hbone_port: u16,
+}
+
+impl std::fmt::Debug for HboneDial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HboneDial")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HboneDial {
+    /// Tunnels through `pool`, presenting `identity` from `source_ip`.
+    pub fn new(pool: Pool, identity: Identity, source_ip: IpAddr, hbone_port: u16) -> Self {
+        Self {
+            pool,
+            identity,
+            source_ip,
+            hbone_port,
+        }
+    }
+}
+
+impl Dial for HboneDial {
+    fn dial(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Pin<Box<dyn Future<Output = Result<BoxedIo, UpstreamError>> + Send>> {
+        let key = PoolKey {
+            src_id: self.identity.clone(),
+            dst_ids: endpoint
+                .identities
+                .iter()
+                .filter_map(|i| i.parse().ok())
+                .collect(),
+            dst: SocketAddr::new(endpoint.addr.ip(), self.hbone_port),
+            src: self.source_ip,
+        };
+        let pool = self.pool.clone();
+        let addr = endpoint.addr;
+        Box::pin(async move {
+            let stream = pool
+                .connect(key, ConnectRequest::new(addr.to_string()))
+                .await
+                .map_err(|e| UpstreamError::Connect {
+                    endpoint: addr,
+                    reason: e.to_string(),
+                })?;
+            Ok(Box::new(stream) as BoxedIo)
+        })
+    }
+}
+
+/// Accepts HBONE connections on `listener` until `drain` fires, serving each with the
+/// waypoint's current certificate.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    certs: CertStore,
+    identity: Identity,
+    drain: DrainWatcher,
+) {
+    let h2 = Arc::new(H2Config {
+        server_max_concurrent_streams: MAX_CONCURRENT_STREAMS,
+        ..H2Config::default()
+    });
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.signaled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accepting an HBONE connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let proxy = proxy.clone();
+        let certs = certs.clone();
+        let identity = identity.clone();
+        let drain = drain.clone();
+        let h2 = h2.clone();
+        tokio::spawn(async move {
+            serve_one(stream, peer, proxy, certs, identity, &h2, drain).await;
+        });
+    }
+}
+
+async fn serve_one(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    certs: CertStore,
+    identity: Identity,
+    h2: &H2Config,
+    drain: DrainWatcher,
+) {
+    let _ = stream.set_nodelay(true);
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let config = match certs.get(&identity).await {
+        Ok(cert) => match ambit_identity::tls::server_config(&cert) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::warn!(%error, "cannot build the HBONE server TLS configuration");
+                return;
+            }
+        },
+        Err(error) => {
+            tracing::warn!(src.addr = %peer, %error, "HBONE connection refused: the waypoint has no certificate yet");
+            return;
+        }
+    };
+    let handshake = ambit_identity::tls::accept(config, ambit_hbone::buffered(stream));
+    let (tls, verified) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(error)) => {
+            tracing::info!(src.addr = %peer, %error, "HBONE TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(src.addr = %peer, "HBONE TLS handshake timed out");
+            return;
+        }
+    };
+    let handler = move |request: InboundRequest, responder: Responder| {
+        let proxy = proxy.clone();
+        async move { proxy.serve_tunnel(request, responder).await }
+    };
+    let shutdown = async move {
+        drain.signaled().await;
+    };
+    if let Err(error) = serve_connection(tls, verified, local, peer, h2, handler, shutdown).await {
+        tracing::debug!(src.addr = %peer, %error, "HBONE connection ended with an error");
+    }
+}

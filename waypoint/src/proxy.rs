@@ -1,0 +1,830 @@
+//! The data path: one HBONE CONNECT stream at a time.
+//!
+//! 1. The `:authority` says what the client dialed. A Service VIP selects that Service's port,
+//!    its protocol and its routes; a pod IP is forwarded to that pod under policy only (never by
+//!    route). The Host header never selects the Service.
+//! 2. The tunnel is accepted (200) before any backend is dialled, as Istio's waypoint does; a
+//!    backend failure then shows as an HTTP status (or a reset for TCP) inside the tunnel.
+//! 3. HTTP ports are served with hyper (HTTP/1.1 with keep-alive and Upgrade, or HTTP/2):
+//!    authorization, route choice, filters, backend and endpoint choice, then the request goes
+//!    over HBONE to the chosen pod with the waypoint's own identity. TCP ports are authorized at
+//!    L4 and spliced to an endpoint.
+//!
+//! Every way a request can fail is an [`RequestError`] carrying its status and response flag,
+//! mapped to a response in one place ([`RequestError::response`]).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ambit_authz::{ConnectionContext, PolicyStore, Target};
+use ambit_hbone::server::{InboundRequest, Responder};
+use ambit_identity::tls::VerifiedPeer;
+use ambit_state::{Address, Addresses, Service, Workload};
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HOST, UPGRADE};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::Rng;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::filters::{self, Applied};
+use crate::routes::{Decision, RequestView, RouteTable};
+use crate::sniff::{self, Detected, Prefixed};
+use crate::telemetry::Telemetry;
+use crate::upstream::{BoxError, Dial, Endpoint, Protocol, RequestBody, UpstreamError, Upstreams};
+use ambit_telemetry::{ConnectionGuard, RequestGuard, ResponseFlag, ResponseFlags};
+use std::sync::atomic::AtomicU64;
+
+/// The response body type.
+pub type ResponseBody = BoxBody<Bytes, BoxError>;
+
+/// Settings of the data path.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// `namespace/name` of the Gateway this waypoint is.
+    pub gateway: String,
+    /// Its GatewayClass.
+    pub gateway_class: String,
+    /// The network the waypoint is on (empty: default).
+    pub network: String,
+    /// How long an undeclared port waits for the client's first bytes.
+    pub sniff_timeout: Duration,
+}
+
+/// The routes and policies the control plane sent, replaced as a whole on every change.
+#[derive(Debug, Default)]
+pub struct L7Config {
+    /// Routes by Service.
+    pub routes: RouteTable,
+    /// Waypoint authorization policies.
+    pub policies: PolicyStore,
+    /// The route resources compiled into `routes`, by name.
+    pub route_names: Vec<String>,
+}
+
+/// What every connection shares.
+pub struct Proxy {
+    settings: ProxySettings,
+    state: Addresses,
+    l7: RwLock<Arc<L7Config>>,
+    upstreams: Upstreams,
+    dial: Arc<dyn Dial>,
+    telemetry: Telemetry,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the client dialed, resolved.
+#[derive(Debug, Clone)]
+enum Dest {
+    /// A Service VIP and port.
+    Service {
+        service: Arc<Service>,
+        port: u16,
+        protocol: PortProtocol,
+    },
+    /// A pod IP and port.
+    Workload { workload: Arc<Workload>, port: u16 },
+}
+
+/// A Service port's declared protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    /// Undeclared: sniff.
+    Unknown,
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 or gRPC.
+    Http2,
+    /// TCP or TLS: never sniffed.
+    Tcp,
+}
+
+/// One accepted tunnel.
+#[derive(Debug)]
+struct Conn {
+    peer: VerifiedPeer,
+    src: SocketAddr,
+    dst: SocketAddr,
+    target: Dest,
+    source: Option<Arc<Workload>>,
+    policy_targets: Vec<Target>,
+}
+
+/// Why a request was not forwarded or not answered by a backend.
+#[derive(Debug, Error)]
+pub enum RequestError {
+    /// Authorization refused it.
+    #[error("RBAC: access denied")]
+    Denied {
+        /// The policy that decided, if one did.
+        policy: Option<String>,
+    },
+    /// Routes attach to the Service but none matched.
+    #[error("no route matched {method} {path} for {service}")]
+    NoRoute {
+        /// The Service.
+        service: String,
+        /// The method.
+        method: String,
+        /// The path.
+        path: String,
+    },
+    /// The matched rule's chosen backend is invalid (or every weight is 0).
+    #[error("{0}")]
+    InvalidBackend(String),
+    /// No healthy endpoint.
+    #[error("no healthy upstream for {service} port {port}")]
+    NoHealthyUpstream {
+        /// The Service.
+        service: String,
+        /// The port.
+        port: u16,
+    },
+    /// The backend could not be reached.
+    #[error("upstream connect error: {0}")]
+    Connect(UpstreamError),
+    /// The backend reset the request.
+    #[error("upstream reset: {0}")]
+    Reset(UpstreamError),
+    /// A timeout passed.
+    #[error("upstream request timeout ({0:?})")]
+    Timeout(Duration),
+}
+
+impl RequestError {
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RequestError::Denied { .. } => StatusCode::FORBIDDEN,
+            RequestError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            RequestError::InvalidBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RequestError::NoHealthyUpstream { .. } | RequestError::Connect(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RequestError::Reset(_) => StatusCode::BAD_GATEWAY,
+            RequestError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The answer the client gets: the status, the reason in the body and in
+    /// `x-ambit-error`, and the response flag in `x-ambit-response-flags`.
+    pub fn response(&self) -> Response<ResponseBody> {
+        let status = self.status();
+        let flags = self.response_flag().as_label();
+        let text = self.to_string();
+        let mut response = Response::new(full(Bytes::from(format!("{text}\n"))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if let Ok(value) = HeaderValue::from_str(&flags) {
+            headers.insert("x-ambit-response-flags", value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&text) {
+            headers.insert("x-ambit-error", value);
+        }
+        response
+    }
+}
+
+impl ResponseFlag for RequestError {
+    fn response_flag(&self) -> ResponseFlags {
+        match self {
+            // Envoy sets no flag for an RBAC denial; the 403 says it.
+            RequestError::Denied { .. } => ResponseFlags::NONE,
+            RequestError::NoRoute { .. } | RequestError::InvalidBackend(_) => {
+                ResponseFlags::NO_ROUTE
+            }
+            RequestError::NoHealthyUpstream { .. } => ResponseFlags::NO_HEALTHY_UPSTREAM,
+            RequestError::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
+            RequestError::Reset(_) => ResponseFlags::UPSTREAM_RESET,
+            RequestError::Timeout(_) => ResponseFlags::UPSTREAM_TIMEOUT,
+        }
+    }
+}
+
+fn full(bytes: Bytes) -> ResponseBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> ResponseBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn lock_read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The protocol a Service port declares.
+pub fn port_protocol(service: &Service, port: u16) -> Option<PortProtocol> {
+    use ambit_state::AppProtocol as P;
+    service.port(port).map(|p| match p.app_protocol {
+        P::Http11 => PortProtocol::Http1,
+        P::Http2 | P::Grpc => PortProtocol::Http2,
+        P::Tcp | P::Tls => PortProtocol::Tcp,
+        P::Unknown => PortProtocol::Unknown,
+    })
+}
+
+impl Proxy {
+    /// The data path over `state`, dialing backends through `dial`.
+    pub fn new(
+        settings: ProxySettings,
+        state: Addresses,
+        dial: Arc<dyn Dial>,
+        telemetry: Telemetry,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            state,
+            l7: RwLock::new(Arc::new(L7Config::default())),
+            upstreams: Upstreams::new(dial.clone()),
+            dial,
+            telemetry,
+        })
+    }
+
+    /// Replaces the routes and policies.
+    pub fn set_l7(&self, config: L7Config) {
+        *self.l7.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    /// The routes and policies in force.
+    pub fn l7(&self) -> Arc<L7Config> {
+        lock_read(&self.l7).clone()
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ProxySettings {
+        &self.settings
+    }
+
+    fn resolve(&self, authority: SocketAddr) -> Option<Dest> {
+        let index = self.state.index();
+        match index.find_address(&self.settings.network, authority.ip())? {
+            Address::Service(service) => {
+                let protocol = port_protocol(&service, authority.port())?;
+                Some(Dest::Service {
+                    service,
+                    port: authority.port(),
+                    protocol,
+                })
+            }
+            Address::Workload(workload) => Some(Dest::Workload {
+                workload,
+                port: authority.port(),
+            }),
+        }
+    }
+
+    /// Handles one CONNECT: resolves it, accepts it, and serves what it carries.
+    pub async fn serve_tunnel(self: Arc<Self>, request: InboundRequest, responder: Responder) {
+        let Ok(dst) = request.authority.parse::<SocketAddr>() else {
+            tracing::debug!(authority = %request.authority, "CONNECT authority is not ip:port");
+            responder.refuse(StatusCode::BAD_REQUEST);
+            return;
+        };
+        let Some(target) = self.resolve(dst) else {
+            tracing::info!(authority = %dst, peer = %request.peer.identity(), "CONNECT to an address this waypoint does not know (not a Service VIP:port or a pod IP)");
+            responder.refuse(StatusCode::BAD_REQUEST);
+            return;
+        };
+        let stream = match responder.accept(HeaderMap::new()) {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%error, "client went away before the tunnel was accepted");
+                return;
+            }
+        };
+        let source = self
+            .state
+            .index()
+            .workload_by_ip(&self.settings.network, request.remote_addr.ip())
+            .cloned();
+        let mut policy_targets = vec![
+            Target::Gateway(self.settings.gateway.clone()),
+            Target::GatewayClass(self.settings.gateway_class.clone()),
+        ];
+        if let Dest::Service { service, .. } = &target {
+            policy_targets.push(Target::Service(service.key.to_string()));
+        }
+        let conn = Arc::new(Conn {
+            peer: request.peer,
+            src: request.remote_addr,
+            dst,
+            target,
+            source,
+            policy_targets,
+        });
+        let declared = match &conn.target {
+            Dest::Service { protocol, .. } => *protocol,
+            Dest::Workload { .. } => PortProtocol::Unknown,
+        };
+        let (detected, io): (Detected, Box<dyn crate::upstream::Io>) = match declared {
+            PortProtocol::Http1 => (Detected::Http1, Box::new(stream)),
+            PortProtocol::Http2 => (Detected::Http2, Box::new(stream)),
+            PortProtocol::Tcp => (Detected::Tcp, Box::new(stream)),
+            PortProtocol::Unknown => {
+                let mut stream = stream;
+                match sniff::sniff(&mut stream, self.settings.sniff_timeout).await {
+                    Ok((detected, seen)) => (detected, Box::new(Prefixed::new(seen, stream))),
+                    Err(error) => {
+                        tracing::debug!(%error, "tunnel failed while sniffing");
+                        return;
+                    }
+                }
+            }
+        };
+        match detected {
+            Detected::Http1 => self.serve_http(conn, io, false).await,
+            Detected::Http2 => self.serve_http(conn, io, true).await,
+            Detected::Tcp => self.serve_tcp(conn, io).await,
+        }
+    }
+
+    async fn serve_http<IO>(self: Arc<Self>, conn: Arc<Conn>, io: IO, h2: bool)
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let proxy = self.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(proxy.handle_request(&conn, request).await) }
+        });
+        let io = TokioIo::new(io);
+        let result = if h2 {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .serve_connection(io, service)
+                .await
+        } else {
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "downstream HTTP connection ended with an error");
+        }
+    }
+
+    /// One HTTP request, start to answer.
+    async fn handle_request(
+        &self,
+        conn: &Conn,
+        mut request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        ensure_request_ids(request.headers_mut());
+        let principal = conn.peer.identity().to_string();
+        let initial = self
+            .telemetry
+            .labels(conn.source.as_deref(), &principal, None, None);
+        let mut guard = RequestGuard::start(
+            self.telemetry.registry(),
+            initial,
+            conn.src,
+            request.method(),
+            request.uri(),
+            request.headers(),
+        );
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let request = request.map(|b| crate::telemetry::counted_request(b, request_bytes.clone()));
+        let mut routed = Routed::default();
+        let response = match self.forward(conn, request, &mut routed).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(%error, "request not forwarded");
+                guard.fail(&error);
+                error.response()
+            }
+        };
+        let destination = routed.destination.as_deref();
+        let service = routed.service.as_deref();
+        guard.set_labels(self.telemetry.labels(
+            conn.source.as_deref(),
+            &principal,
+            destination,
+            service,
+        ));
+        if let Some(upstream) = routed.upstream {
+            guard.set_upstream(upstream);
+        }
+        crate::telemetry::finish(guard, request_bytes, response)
+    }
+
+    async fn forward(
+        &self,
+        conn: &Conn,
+        request: Request<RequestBody>,
+        meta: &mut Routed,
+    ) -> Result<Response<ResponseBody>, RequestError> {
+        let l7 = self.l7();
+        let (mut parts, body) = request.into_parts();
+        // Authorization first: a refused request learns nothing about routes.
+        let ctx = ConnectionContext::verified(conn.src.ip(), &conn.peer, conn.dst);
+        let host = filters::request_host(&parts).unwrap_or_default();
+        let decision = {
+            let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let rctx = ctx.with_request(parts.method.as_str(), path, &host, &parts.headers);
+            l7.policies.authorize_targets(&conn.policy_targets, &rctx)
+        };
+        if !decision.audited.is_empty() || !decision.dry_run.is_empty() {
+            tracing::info!(target: "access", audited = ?decision.audited, dry_run = ?decision.dry_run, "policy audit or dry-run match");
+        }
+        if !decision.allowed {
+            return Err(RequestError::Denied {
+                policy: decision.policy().map(str::to_string),
+            });
+        }
+
+        let (service, port) = match &conn.target {
+            Dest::Workload { workload, port } => {
+                let endpoint = workload_endpoint(workload, *port, &[]);
+                meta.destination = Some(workload.clone());
+                meta.upstream = Some(endpoint.addr);
+                let protocol = downstream_protocol(&parts);
+                return self
+                    .send(parts, body, endpoint, protocol, None, Applied::default())
+                    .await;
+            }
+            Dest::Service { service, port, .. } => (service.clone(), *port),
+        };
+        meta.service = Some(service.clone());
+
+        let path = parts.uri.path().to_string();
+        let query = parts.uri.query().map(str::to_string);
+        let decided = {
+            let view = RequestView {
+                method: parts.method.as_str(),
+                path: &path,
+                query: query.as_deref(),
+                headers: &parts.headers,
+                grpc: is_grpc(&parts.headers),
+            };
+            l7.routes.decide(&service.key, port, &view)
+        };
+        let mut applied = Applied::default();
+        let (backend_service, backend_port, limit) = match decided {
+            Decision::NoRoutes => (service.clone(), port, None),
+            Decision::NoMatch => {
+                return Err(RequestError::NoRoute {
+                    service: service.hostname.to_string(),
+                    method: parts.method.to_string(),
+                    path,
+                });
+            }
+            Decision::Matched(matched) => {
+                let rule = matched.rule.clone();
+                meta.route = Some(format!("{}#{}", rule.route, rule.index));
+                let prefix = matched.matched_prefix.as_deref();
+                filters::apply_request(&rule.filters, &mut parts, prefix, &mut applied);
+                if let Some(redirect) = applied.redirect.take() {
+                    return Ok(redirect.map(|()| empty()));
+                }
+                let roll = |total: u32| rand::rng().random_range(0..total);
+                let Some(backend) = rule.choose(roll) else {
+                    return Err(RequestError::InvalidBackend(format!(
+                        "{} rule {}: no backend with a weight above 0",
+                        rule.route, rule.index
+                    )));
+                };
+                if let Some(why) = &backend.invalid {
+                    return Err(RequestError::InvalidBackend(format!(
+                        "{} rule {}: backend is invalid: {why}",
+                        rule.route, rule.index
+                    )));
+                }
+                filters::apply_request(&backend.filters, &mut parts, prefix, &mut applied);
+                if let Some(redirect) = applied.redirect.take() {
+                    return Ok(redirect.map(|()| empty()));
+                }
+                let found = self.state.index().service(&backend.service).cloned();
+                let Some(backend_service) = found else {
+                    return Err(RequestError::InvalidBackend(format!(
+                        "{} rule {}: backend Service {} is unknown to this waypoint",
+                        rule.route, rule.index, backend.service
+                    )));
+                };
+                let limit = match (rule.request_timeout, rule.backend_timeout) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                (backend_service, backend.port, limit)
+            }
+        };
+        let picked = self.state.index().pick_endpoint(
+            &backend_service,
+            backend_port,
+            conn.source.as_deref(),
+        );
+        let Some((workload, target_port)) = picked else {
+            return Err(RequestError::NoHealthyUpstream {
+                service: backend_service.hostname.to_string(),
+                port: backend_port,
+            });
+        };
+        meta.destination = Some(workload.clone());
+        meta.service = Some(backend_service.clone());
+        let endpoint =
+            workload_endpoint(&workload, target_port, &backend_service.subject_alt_names);
+        meta.upstream = Some(endpoint.addr);
+        let protocol = match port_protocol(&backend_service, backend_port) {
+            Some(PortProtocol::Http2) => Protocol::Http2,
+            Some(PortProtocol::Http1) => Protocol::Http1,
+            _ => downstream_protocol(&parts),
+        };
+        self.send(parts, body, endpoint, protocol, limit, applied)
+            .await
+    }
+
+    async fn send(
+        &self,
+        parts: http::request::Parts,
+        body: RequestBody,
+        endpoint: Endpoint,
+        protocol: Protocol,
+        timeout: Option<Duration>,
+        applied: Applied,
+    ) -> Result<Response<ResponseBody>, RequestError> {
+        for mirror in &applied.mirrors {
+            self.mirror(mirror, &parts);
+        }
+        let upgrade = protocol == Protocol::Http1 && parts.headers.contains_key(UPGRADE);
+        let request = Request::from_parts(parts, body);
+        if upgrade {
+            return self.upgrade(request, endpoint).await;
+        }
+        let sending = self.upstreams.send(&endpoint, protocol, request);
+        let result = match timeout {
+            Some(limit) => tokio::time::timeout(limit, sending)
+                .await
+                .map_err(|_| RequestError::Timeout(limit))?,
+            None => sending.await,
+        };
+        let response = result.map_err(upstream_error)?;
+        let (mut parts, body) = response.into_parts();
+        for modifier in &applied.response {
+            filters::modify_headers(&mut parts.headers, modifier);
+        }
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+        ))
+    }
+
+    /// HTTP/1.1 Upgrade (WebSocket and the like): forwarded on a connection of its own; on 101
+    /// both sides are spliced.
+    async fn upgrade(
+        &self,
+        mut request: Request<RequestBody>,
+        endpoint: Endpoint,
+    ) -> Result<Response<ResponseBody>, RequestError> {
+        let downstream = hyper::upgrade::on(&mut request);
+        let mut response = self
+            .upstreams
+            .send_unpooled(&endpoint, request)
+            .await
+            .map_err(upstream_error)?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                match tokio::try_join!(downstream, upstream) {
+                    Ok((down, up)) => {
+                        let mut down = TokioIo::new(down);
+                        let mut up = TokioIo::new(up);
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                    Err(error) => tracing::debug!(%error, "upgrade failed"),
+                }
+            });
+        }
+        let (parts, body) = response.into_parts();
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+        ))
+    }
+
+    /// Sends a copy of a request's head (the body streams only to the real backend) to the
+    /// mirror backend, ignoring the answer.
+    fn mirror(&self, mirror: &ambit_proto::waypoint::RequestMirror, parts: &http::request::Parts) {
+        let chosen = mirror.denominator == 0
+            || rand::rng().random_range(0..mirror.denominator) < mirror.numerator;
+        let Some(backend) = mirror.backend.as_ref().filter(|_| chosen) else {
+            return;
+        };
+        let Ok(port) = u16::try_from(backend.port) else {
+            return;
+        };
+        let picked = {
+            let index = self.state.index();
+            index.service(&backend.service).and_then(|s| {
+                index
+                    .pick_endpoint(s, port, None)
+                    .map(|(w, t)| (w, t, s.subject_alt_names.clone()))
+            })
+        };
+        let Some((workload, target_port, sans)) = picked else {
+            tracing::debug!(backend = %backend.service, "mirror backend has no endpoint");
+            return;
+        };
+        let endpoint = workload_endpoint(&workload, target_port, &sans);
+        let mut copy = Request::new(empty_request_body());
+        *copy.method_mut() = parts.method.clone();
+        *copy.uri_mut() = parts.uri.clone();
+        *copy.headers_mut() = parts.headers.clone();
+        copy.headers_mut().remove(http::header::CONTENT_LENGTH);
+        copy.headers_mut().remove(http::header::TRANSFER_ENCODING);
+        // Envoy marks shadowed requests by suffixing the host with "-shadow".
+        if let Some(host) = filters::request_host(parts)
+            && let Ok(v) = HeaderValue::from_str(&format!("{host}-shadow"))
+        {
+            copy.headers_mut().insert(HOST, v);
+        }
+        let upstreams = self.upstreams.clone();
+        let protocol = downstream_protocol(parts);
+        tokio::spawn(async move {
+            match upstreams.send(&endpoint, protocol, copy).await {
+                Ok(response) => {
+                    let _ = response.into_body().collect().await;
+                }
+                Err(error) => tracing::debug!(%error, "mirror request failed"),
+            }
+        });
+    }
+
+    /// L4: authorize the connection, pick an endpoint, splice.
+    async fn serve_tcp(self: Arc<Self>, conn: Arc<Conn>, mut io: Box<dyn crate::upstream::Io>) {
+        let l7 = self.l7();
+        let ctx = ConnectionContext::verified(conn.src.ip(), &conn.peer, conn.dst);
+        let decision = l7.policies.authorize_targets(&conn.policy_targets, &ctx);
+        let principal = conn.peer.identity().to_string();
+        let resolved: Result<Resolved, RequestError> = if !decision.allowed {
+            Err(RequestError::Denied {
+                policy: decision.policy().map(str::to_string),
+            })
+        } else {
+            match &conn.target {
+                Dest::Workload { workload, port } => Ok((
+                    workload_endpoint(workload, *port, &[]),
+                    workload.clone(),
+                    None,
+                )),
+                Dest::Service { service, port, .. } => self
+                    .state
+                    .index()
+                    .pick_endpoint(service, *port, conn.source.as_deref())
+                    .map(|(workload, target_port)| {
+                        (
+                            workload_endpoint(&workload, target_port, &service.subject_alt_names),
+                            workload,
+                            Some(service.clone()),
+                        )
+                    })
+                    .ok_or_else(|| RequestError::NoHealthyUpstream {
+                        service: service.hostname.to_string(),
+                        port: *port,
+                    }),
+            }
+        };
+        let (destination, service) = match &resolved {
+            Ok((_, w, s)) => (Some(w.clone()), s.clone()),
+            Err(_) => (None, None),
+        };
+        let service = service.or_else(|| match &conn.target {
+            Dest::Service { service, .. } => Some(service.clone()),
+            Dest::Workload { .. } => None,
+        });
+        let labels = self.telemetry.labels(
+            conn.source.as_deref(),
+            &principal,
+            destination.as_deref(),
+            service.as_deref(),
+        );
+        let mut guard =
+            ConnectionGuard::open(self.telemetry.registry(), labels, conn.src, conn.dst);
+        let endpoint = match resolved {
+            Ok((endpoint, _, _)) => endpoint,
+            Err(error) => {
+                let flags = match error {
+                    RequestError::Denied { .. } => ResponseFlags::DENY,
+                    _ => error.response_flag(),
+                };
+                guard.fail_with(flags, &error);
+                return;
+            }
+        };
+        guard.set_upstream(endpoint.addr);
+        let mut upstream = match self.dial.dial(&endpoint).await {
+            Ok(io) => io,
+            Err(error) => {
+                guard.fail_with(ResponseFlags::CONNECT, &error);
+                return;
+            }
+        };
+        match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+            Ok((received, sent)) => guard.record_bytes(received, sent),
+            Err(error) => guard.fail_with(ResponseFlags::CONNECT, &error),
+        }
+    }
+}
+
+/// A TCP tunnel's endpoint, the pod behind it and the Service addressed.
+type Resolved = (Endpoint, Arc<Workload>, Option<Arc<Service>>);
+
+/// Where a request went, for its metrics and log.
+#[derive(Debug, Default)]
+struct Routed {
+    /// The Service it went to (after routing).
+    service: Option<Arc<Service>>,
+    /// The pod chosen.
+    destination: Option<Arc<Workload>>,
+    /// `podIP:targetPort`.
+    upstream: Option<SocketAddr>,
+    /// `HTTPRoute/ns/name#rule`.
+    route: Option<String>,
+}
+
+fn empty_request_body() -> RequestBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn upstream_error(error: UpstreamError) -> RequestError {
+    if error.is_connect() {
+        RequestError::Connect(error)
+    } else {
+        RequestError::Reset(error)
+    }
+}
+
+/// The HTTP version the client used, spoken to the backend when its port declares none.
+fn downstream_protocol(parts: &http::request::Parts) -> Protocol {
+    if parts.version == http::Version::HTTP_2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    }
+}
+
+/// True for gRPC requests.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Where a request to `workload` on `port` goes, and who may answer.
+fn workload_endpoint(workload: &Workload, port: u16, sans: &[Arc<str>]) -> Endpoint {
+    let ip = workload
+        .addresses
+        .first()
+        .copied()
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let mut identities = vec![workload.identity().to_string()];
+    identities.extend(sans.iter().map(|s| s.to_string()));
+    Endpoint {
+        addr: SocketAddr::new(ip, port),
+        identities,
+    }
+}
+
+/// Adds `x-request-id` and a W3C `traceparent` when the client sent none.
+pub fn ensure_request_ids(headers: &mut HeaderMap) {
+    let mut rng = rand::rng();
+    if !headers.contains_key("x-request-id") {
+        let id: u128 = rng.random();
+        let b = id.to_be_bytes();
+        let text = format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            u16::from_be_bytes([b[4], b[5]]),
+            u16::from_be_bytes([b[6], b[7]]) & 0x0fff,
+            (u16::from_be_bytes([b[8], b[9]]) & 0x3fff) | 0x8000,
+            u64::from_be_bytes([0, 0, b[10], b[11], b[12], b[13], b[14], b[15]]),
+        );
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            headers.insert("x-request-id", v);
+        }
+    }
+    if !headers.contains_key("traceparent") {
+        let trace: u128 = rng.random_range(1..=u128::MAX);
+        let span: u64 = rng.random_range(1..=u64::MAX);
+        if let Ok(v) = HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01")) {
+            headers.insert("traceparent", v);
+        }
+    }
+}

@@ -147,7 +147,7 @@ mod tests {
         assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
         assert_eq!(classify(b"PRI * HT"), None);
         assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Tcp));
-        assert_eq!(classify(b"hello"), None);
+        assert_eq!(classify(b"HELLO"), None);
         assert_eq!(classify(b"hello world"), Some(Detected::Tcp));
         assert_eq!(classify(b" GET"), Some(Detected::Tcp));
     }

@@ -433,6 +433,10 @@ impl Proxy {
         meta: &mut Routed,
     ) -> Result<Response<ResponseBody>, RequestError> {
         let l7 = self.l7();
+        if let Dest::Service { service, .. } = &conn.target {
+            // Counted against the Service addressed until routing picks a backend Service.
+            meta.service = Some(service.clone());
+        }
         let (mut parts, body) = request.into_parts();
         // Authorization first: a refused request learns nothing about routes.
         let ctx = ConnectionContext::verified(conn.src.ip(), &conn.peer, conn.dst);
@@ -463,7 +467,6 @@ impl Proxy {
             }
             Dest::Service { service, port, .. } => (service.clone(), *port),
         };
-        meta.service = Some(service.clone());
 
         let path = parts.uri.path().to_string();
         let query = parts.uri.query().map(str::to_string);

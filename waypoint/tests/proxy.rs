@@ -1,0 +1,774 @@
+//! The waypoint's data path in one process, on loopback: a real HBONE client (mTLS, HTTP/2
+//! CONNECT) reaches the real HBONE listener and proxy; backends are real HTTP and TCP servers.
+//! Only the waypoint's outbound tunnel is replaced by plain TCP to the chosen endpoint (the lab
+//! tests cover HBONE out). What is checked is what a client sees: status codes, bodies, headers,
+//! which backend answered, and the metrics.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::drain;
+use ambit_core::metrics::Registry;
+use ambit_hbone::{ConnectRequest, HboneStream, Pool, PoolConfig, PoolKey, TlsDialer};
+use ambit_identity::ca::CertificateAuthority;
+use ambit_identity::store::{CertStore, StoreConfig};
+use ambit_identity::{Identity, WorkloadCertificate};
+use ambit_proto::security as sec;
+use ambit_proto::waypoint as wp;
+use ambit_proto::workload as pb;
+use ambit_state::Addresses;
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use waypoint::proxy::{L7Config, Proxy, ProxySettings};
+use waypoint::routes::RouteTable;
+use waypoint::telemetry::Telemetry;
+use waypoint::upstream::{BoxedIo, Dial, Endpoint, UpstreamError};
+
+const TD: &str = "cluster.local";
+const VIP: Ipv4Addr = Ipv4Addr::new(127, 255, 0, 1);
+const V1_VIP: Ipv4Addr = Ipv4Addr::new(127, 255, 0, 2);
+const V2_VIP: Ipv4Addr = Ipv4Addr::new(127, 255, 0, 3);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(127, 255, 0, 4);
+const V1_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const V2_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+const ECHO: &str = "demo/echo.demo.svc.cluster.local";
+const ECHO_V1: &str = "demo/echo-v1.demo.svc.cluster.local";
+const ECHO_V2: &str = "demo/echo-v2.demo.svc.cluster.local";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Plain TCP to the endpoint: the waypoint's outbound tunnel, minus the tunnel.
+struct PlainDial;
+
+impl Dial for PlainDial {
+    fn dial(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Pin<Box<dyn Future<Output = Result<BoxedIo, UpstreamError>> + Send>> {
+        let addr = endpoint.addr;
+        Box::pin(async move {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| UpstreamError::Connect {
+                    endpoint: addr,
+                    reason: e.to_string(),
+                })?;
+            Ok(Box::new(stream) as BoxedIo)
+        })
+    }
+}
+
+/// An HTTP backend (HTTP/1.1 and h2c) that answers JSON naming itself, with the request it saw;
+/// `/status/<code>` answers that code; it adds `x-backend` to every response.
+async fn http_backend(ip: Ipv4Addr, port: u16, name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, port)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| async move {
+                    let headers: BTreeMap<String, String> = request
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    let host = request
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .or_else(|| headers.get("host").cloned())
+                        .unwrap_or_default();
+                    let path = request.uri().path().to_string();
+                    let status = path
+                        .strip_prefix("/status/")
+                        .and_then(|c| c.parse::<u16>().ok())
+                        .unwrap_or(200);
+                    let body = json!({
+                        "backend": name,
+                        "method": request.method().as_str(),
+                        "path": request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                        "host": host,
+                        "version": format!("{:?}", request.version()),
+                        "headers": headers,
+                    });
+                    let mut response =
+                        hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+                    *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                    response
+                        .headers_mut()
+                        .insert("x-backend", name.parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server-first TCP backend: greets before reading, then echoes one line.
+async fn server_first_backend(ip: Ipv4Addr, port: u16) {
+    let listener = TcpListener::bind((ip, port)).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"220 hello from smtp-like\r\n").await;
+                let mut buf = [0u8; 64];
+                if let Ok(n) = stream.read(&mut buf).await {
+                    let _ = stream.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+}
+
+fn ip_bytes(ip: Ipv4Addr) -> Vec<u8> {
+    ip.octets().to_vec()
+}
+
+fn port(service_port: u16, target_port: u16, protocol: pb::AppProtocol) -> pb::Port {
+    pb::Port {
+        service_port: service_port.into(),
+        target_port: target_port.into(),
+        app_protocol: protocol as i32,
+    }
+}
+
+fn service(name: &str, vip: Ipv4Addr, ports: Vec<pb::Port>) -> (String, pb::Address) {
+    let svc = pb::Service {
+        name: name.into(),
+        namespace: "demo".into(),
+        hostname: format!("{name}.demo.svc.cluster.local"),
+        addresses: vec![pb::NetworkAddress {
+            network: String::new(),
+            address: ip_bytes(vip),
+            length: None,
+        }],
+        ports,
+        ..Default::default()
+    };
+    (
+        svc.resource_name(),
+        pb::Address {
+            r#type: Some(pb::address::Type::Service(svc)),
+        },
+    )
+}
+
+fn workload(name: &str, ip: Ipv4Addr, services: &[&str]) -> (String, pb::Address) {
+    let uid = format!("Kubernetes//Pod/demo/{name}");
+    let w = pb::Workload {
+        uid: uid.clone(),
+        name: name.into(),
+        namespace: "demo".into(),
+        addresses: vec![ip_bytes(ip)],
+        service_account: "echo".into(),
+        tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+        canonical_name: "echo".into(),
+        canonical_revision: name.trim_start_matches("echo-").into(),
+        workload_name: name.into(),
+        services: services
+            .iter()
+            .map(|s| {
+                (
+                    s.to_string(),
+                    pb::PortList {
+                        ports: vec![port(80, 0, pb::AppProtocol::Unknown)],
+                    },
+                )
+            })
+            .collect(),
+        ..Default::default()
+    };
+    (
+        uid,
+        pb::Address {
+            r#type: Some(pb::address::Type::Workload(w)),
+        },
+    )
+}
+
+fn client_workload() -> (String, pb::Address) {
+    let mut entry = workload("client", Ipv4Addr::LOCALHOST, &[]);
+    if let Some(pb::address::Type::Workload(w)) = &mut entry.1.r#type {
+        w.service_account = "client".into();
+        w.canonical_name = "client".into();
+        w.workload_name = "client".into();
+    }
+    entry
+}
+
+struct World {
+    waypoint: SocketAddr,
+    client_cert: Arc<WorkloadCertificate>,
+    waypoint_id: Identity,
+    proxy: Arc<Proxy>,
+    registry: Registry,
+    backend_port: u16,
+    _drain: drain::DrainTrigger,
+}
+
+async fn world() -> World {
+    // Two backends on the same port of two loopback addresses, like two pods.
+    let first = http_backend(V1_IP, 0, "v1").await;
+    let backend_port = first.port();
+    http_backend(V2_IP, backend_port, "v2").await;
+    server_first_backend(V1_IP, backend_port + 1).await;
+    server_first_backend(V2_IP, backend_port + 1).await;
+
+    let ca = CertificateAuthority::generate_root(TD, Duration::from_secs(86_400)).unwrap();
+    let client_id = Identity::new(TD, "demo", "client").unwrap();
+    let waypoint_id = Identity::new(TD, "demo", "waypoint").unwrap();
+    let client_cert = Arc::new(ca.issue(&client_id, Duration::from_secs(3600)).unwrap());
+    let certs = CertStore::new(Arc::new(ca), StoreConfig::default());
+
+    let state = Addresses::new("node-1");
+    let bp = u32::from(backend_port);
+    let tcp = port(25, bp as u16 + 1, pb::AppProtocol::Tcp);
+    let rejected = state.apply(
+        &[
+            service(
+                "echo",
+                VIP,
+                vec![
+                    port(80, backend_port, pb::AppProtocol::Http11),
+                    port(8080, backend_port, pb::AppProtocol::Unknown),
+                    tcp,
+                ],
+            ),
+            service(
+                "echo-v1",
+                V1_VIP,
+                vec![port(80, backend_port, pb::AppProtocol::Http11)],
+            ),
+            service(
+                "echo-v2",
+                V2_VIP,
+                vec![port(80, backend_port, pb::AppProtocol::Http11)],
+            ),
+            service(
+                "empty",
+                EMPTY_VIP,
+                vec![port(80, backend_port, pb::AppProtocol::Http11)],
+            ),
+            workload("echo-v1", V1_IP, &[ECHO, ECHO_V1]),
+            workload("echo-v2", V2_IP, &[ECHO, ECHO_V2]),
+            client_workload(),
+        ],
+        &[],
+    );
+    assert!(rejected.is_empty(), "{rejected:?}");
+
+    let registry = Registry::new();
+    let proxy = Proxy::new(
+        ProxySettings {
+            gateway: "demo/waypoint".into(),
+            gateway_class: "istio-waypoint".into(),
+            network: String::new(),
+            sniff_timeout: Duration::from_millis(200),
+        },
+        state,
+        Arc::new(PlainDial),
+        Telemetry::new(registry.clone()),
+    );
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let waypoint = listener.local_addr().unwrap();
+    let (trigger, watcher) = drain::new();
+    tokio::spawn(waypoint::hbone::serve(
+        listener,
+        proxy.clone(),
+        certs,
+        waypoint_id.clone(),
+        watcher,
+    ));
+    World {
+        waypoint,
+        client_cert,
+        waypoint_id,
+        proxy,
+        registry,
+        backend_port,
+        _drain: trigger,
+    }
+}
+
+impl World {
+    /// Opens a tunnel to the waypoint for `authority`, as ztunnel does for the client pod.
+    async fn tunnel(&self, authority: SocketAddr) -> HboneStream {
+        let pool = Pool::new(
+            PoolConfig::default(),
+            Arc::new(TlsDialer::with_certificate(self.client_cert.clone())),
+        );
+        let key = PoolKey {
+            src_id: self.client_cert.identity().clone(),
+            dst_ids: vec![self.waypoint_id.clone()],
+            dst: self.waypoint,
+            src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        tokio::time::timeout(
+            WAIT,
+            pool.connect(key, ConnectRequest::new(authority.to_string())),
+        )
+        .await
+        .expect("tunnel in time")
+        .expect("tunnel accepted")
+    }
+
+    /// One HTTP/1.1 request through a fresh tunnel; returns status, headers and JSON body.
+    async fn get(&self, authority: SocketAddr, request: Request<Empty<Bytes>>) -> Answer {
+        let io = TokioIo::new(self.tunnel(authority).await);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let response = tokio::time::timeout(WAIT, sender.send_request(request))
+            .await
+            .expect("answer in time")
+            .expect("an HTTP answer");
+        Answer::read(response).await
+    }
+
+    async fn get_path(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut builder = Request::builder()
+            .uri(path)
+            .header("host", "echo.demo.svc.cluster.local");
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        self.get(
+            SocketAddr::new(VIP.into(), 80),
+            builder.body(Empty::new()).unwrap(),
+        )
+        .await
+    }
+
+    fn set_routes(&self, routes: &[wp::Route], policies: &[wp::Policy]) {
+        let (table, errors) = RouteTable::build(routes);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut store = ambit_authz::PolicyStore::new();
+        for p in policies {
+            store.insert(ambit_authz::Policy::from_waypoint(p).unwrap());
+        }
+        self.proxy.set_l7(L7Config {
+            routes: table,
+            policies: store,
+            route_names: routes.iter().map(|r| r.resource_name()).collect(),
+        });
+    }
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Value,
+    text: String,
+}
+
+impl Answer {
+    async fn read(response: http::Response<Incoming>) -> Self {
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes).to_string();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+            text,
+        }
+    }
+
+    fn backend(&self) -> &str {
+        self.body["backend"].as_str().unwrap_or("none")
+    }
+}
+
+fn exact_header(name: &str, value: &str) -> wp::StringMatch {
+    wp::StringMatch {
+        name: name.into(),
+        r#type: wp::MatchType::Exact as i32,
+        value: value.into(),
+    }
+}
+
+fn backend(service: &str, weight: u32) -> wp::Backend {
+    wp::Backend {
+        service: service.into(),
+        port: 80,
+        weight,
+        ..Default::default()
+    }
+}
+
+fn route(rules: Vec<wp::Rule>) -> wp::Route {
+    wp::Route {
+        namespace: "demo".into(),
+        name: "echo".into(),
+        parents: vec![wp::ParentRef {
+            service: ECHO.into(),
+            port: 80,
+        }],
+        rules,
+        ..Default::default()
+    }
+}
+
+fn prefix(path: &str) -> Option<wp::PathMatch> {
+    Some(wp::PathMatch {
+        r#type: wp::MatchType::Prefix as i32,
+        value: path.into(),
+    })
+}
+
+fn filter(kind: wp::filter::Kind) -> wp::Filter {
+    wp::Filter { kind: Some(kind) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_filters_policies_and_failures_as_a_client_sees_them() {
+    let w = world().await;
+
+    // No routes: the Service itself, both pods answer; the request gets an id and a trace.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let answer = w.get_path("/", &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        seen.insert(answer.backend().to_string());
+        assert!(answer.body["headers"]["x-request-id"].is_string());
+        assert!(
+            answer.body["headers"]["traceparent"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("00-"))
+        );
+        // The Host header reached the backend untouched.
+        assert_eq!(answer.body["host"], "echo.demo.svc.cluster.local");
+    }
+    assert_eq!(seen.len(), 2, "both pods answer: {seen:?}");
+
+    // A canary route: x-canary: true -> v2; /old redirects; /api rewritten to v1 with headers
+    // set; the rest split 90/10; /nowhere has an invalid backend; DELETE /admin denied by
+    // policy.
+    w.set_routes(
+        &[route(vec![
+            wp::Rule {
+                matches: vec![wp::RouteMatch {
+                    headers: vec![exact_header("x-canary", "true")],
+                    ..Default::default()
+                }],
+                backends: vec![backend(ECHO_V2, 1)],
+                ..Default::default()
+            },
+            wp::Rule {
+                matches: vec![wp::RouteMatch {
+                    path: prefix("/old"),
+                    ..Default::default()
+                }],
+                filters: vec![filter(wp::filter::Kind::RequestRedirect(
+                    wp::RequestRedirect {
+                        path: Some(wp::PathModifier {
+                            r#type: wp::PathModifierType::PrefixMatch as i32,
+                            value: "/new".into(),
+                        }),
+                        status_code: 301,
+                        ..Default::default()
+                    },
+                ))],
+                ..Default::default()
+            },
+            wp::Rule {
+                matches: vec![wp::RouteMatch {
+                    path: prefix("/api"),
+                    ..Default::default()
+                }],
+                filters: vec![
+                    filter(wp::filter::Kind::UrlRewrite(wp::UrlRewrite {
+                        hostname: "rewritten.example".into(),
+                        path: Some(wp::PathModifier {
+                            r#type: wp::PathModifierType::PrefixMatch as i32,
+                            value: "/v2".into(),
+                        }),
+                    })),
+                    filter(wp::filter::Kind::RequestHeaderModifier(
+                        wp::HeaderModifier {
+                            set: vec![wp::Header {
+                                name: "x-routed".into(),
+                                value: "api".into(),
+                            }],
+                            remove: vec!["x-drop-me".into()],
+                            ..Default::default()
+                        },
+                    )),
+                    filter(wp::filter::Kind::ResponseHeaderModifier(
+                        wp::HeaderModifier {
+                            add: vec![wp::Header {
+                                name: "x-served-by".into(),
+                                value: "waypoint".into(),
+                            }],
+                            ..Default::default()
+                        },
+                    )),
+                ],
+                backends: vec![backend(ECHO_V1, 1)],
+                ..Default::default()
+            },
+            wp::Rule {
+                matches: vec![wp::RouteMatch {
+                    path: prefix("/nowhere"),
+                    ..Default::default()
+                }],
+                backends: vec![wp::Backend {
+                    invalid: "Service demo/missing not found".into(),
+                    weight: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            wp::Rule {
+                matches: vec![wp::RouteMatch {
+                    path: prefix("/empty"),
+                    ..Default::default()
+                }],
+                backends: vec![backend("demo/empty.demo.svc.cluster.local", 1)],
+                ..Default::default()
+            },
+            wp::Rule {
+                matches: vec![wp::RouteMatch {
+                    path: prefix("/split"),
+                    ..Default::default()
+                }],
+                backends: vec![backend(ECHO_V1, 90), backend(ECHO_V2, 10)],
+                ..Default::default()
+            },
+        ])],
+        &[wp::Policy {
+            namespace: "demo".into(),
+            name: "no-admin-delete".into(),
+            action: wp::Action::Deny as i32,
+            targets: vec![wp::PolicyTarget {
+                kind: Some(wp::policy_target::Kind::Service(ECHO.into())),
+            }],
+            rules: vec![wp::PolicyRule {
+                to: vec![wp::Operation {
+                    methods: vec![sec::StringMatch {
+                        match_type: Some(sec::string_match::MatchType::Exact("DELETE".into())),
+                    }],
+                    paths: vec![sec::StringMatch {
+                        match_type: Some(sec::string_match::MatchType::Prefix("/admin".into())),
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    );
+
+    // The canary rule matches any path with the header; a longer path prefix outranks it, as
+    // the Gateway API's precedence says (path before headers).
+    for path in ["/", "/anything/else"] {
+        let answer = w.get_path(path, &[("x-canary", "true")]).await;
+        assert_eq!(answer.backend(), "v2", "{}", answer.text);
+    }
+    let answer = w.get_path("/api/x", &[("x-canary", "true")]).await;
+    assert_eq!(answer.backend(), "v1", "{}", answer.text);
+    let mut v2 = 0;
+    let total = 200;
+    for _ in 0..total {
+        if w.get_path("/split", &[]).await.backend() == "v2" {
+            v2 += 1;
+        }
+    }
+    // 10% of 200 = 20; a binomial(200, 0.1) is inside [6, 40] with probability > 0.9999.
+    assert!((6..=40).contains(&v2), "v2 answered {v2} of {total}");
+
+    let answer = w.get_path("/old/page?x=1", &[]).await;
+    assert_eq!(answer.status, 301);
+    assert_eq!(
+        answer.headers["location"],
+        "http://echo.demo.svc.cluster.local/new/page?x=1"
+    );
+
+    let answer = w
+        .get_path("/api/items?limit=2", &[("x-drop-me", "1")])
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.backend(), "v1");
+    assert_eq!(answer.body["path"], "/v2/items?limit=2");
+    assert_eq!(answer.body["host"], "rewritten.example");
+    assert_eq!(answer.body["headers"]["x-routed"], "api");
+    assert!(answer.body["headers"].get("x-drop-me").is_none());
+    assert_eq!(answer.headers["x-served-by"], "waypoint");
+
+    let answer = w.get_path("/nowhere", &[]).await;
+    assert_eq!(answer.status, 500, "{}", answer.text);
+    assert!(answer.text.contains("demo/missing"), "{}", answer.text);
+
+    let answer = w.get_path("/empty", &[]).await;
+    assert_eq!(answer.status, 503, "{}", answer.text);
+    assert!(
+        answer.text.contains("no healthy upstream"),
+        "{}",
+        answer.text
+    );
+
+    // Routes attach to port 80 only: no match there is 404; port 8080 (sniffed) is untouched.
+    let answer = w.get_path("/unmatched", &[]).await;
+    assert_eq!(answer.status, 404, "{}", answer.text);
+    let answer = w
+        .get(
+            SocketAddr::new(VIP.into(), 8080),
+            Request::builder()
+                .uri("/unmatched")
+                .header("host", "echo")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+
+    // Pod-addressed traffic never uses routes (the canary header would send it to v2).
+    let answer = w
+        .get(
+            SocketAddr::new(V1_IP.into(), w.backend_port),
+            Request::builder()
+                .uri("/unmatched")
+                .header("host", "whatever")
+                .header("x-canary", "true")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.backend(), "v1");
+
+    // The Host header never chooses the Service.
+    let answer = w
+        .get(
+            SocketAddr::new(V2_VIP.into(), 80),
+            Request::builder()
+                .uri("/split")
+                .header("host", "echo.demo.svc.cluster.local")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.backend(), "v2", "{}", answer.text);
+
+    // L7 policy: DELETE /admin refused with Istio's text; GET /admin passes.
+    let delete = Request::builder()
+        .method("DELETE")
+        .uri("/admin/users")
+        .header("host", "echo")
+        .header("x-canary", "true")
+        .body(Empty::new())
+        .unwrap();
+    let answer = w.get(SocketAddr::new(VIP.into(), 80), delete).await;
+    assert_eq!(answer.status, 403);
+    assert_eq!(answer.text.trim(), "RBAC: access denied");
+    let answer = w.get_path("/admin/users", &[("x-canary", "true")]).await;
+    assert_eq!(answer.status, 200);
+
+    // Metrics: reporter=waypoint with the full label set, destination from the chosen pod.
+    let text = w.registry.render();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"403\""))
+        .unwrap_or_else(|| panic!("no 403 series in:\n{text}"));
+    for label in [
+        "reporter=\"waypoint\"",
+        "source_workload=\"client\"",
+        "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+        "destination_service=\"echo.demo.svc.cluster.local\"",
+        "request_protocol=\"http\"",
+        "response_flags=\"-\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ] {
+        assert!(line.contains(label), "{label} missing in {line}");
+    }
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("response_code=\"503\"")
+            && l.contains("response_flags=\"UH\"")),
+        "no UH series:\n{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("destination_workload=\"echo-v2\"")
+            && l.contains("destination_canonical_revision=\"v2\"")),
+        "no series for echo-v2:\n{text}"
+    );
+    assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_tcp_ports() {
+    let w = world().await;
+
+    // HTTP/2 (prior knowledge) on a sniffed port: the backend is spoken to in HTTP/2 too.
+    let io = TokioIo::new(w.tunnel(SocketAddr::new(VIP.into(), 8080)).await);
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let request = Request::builder()
+            .uri("http://echo.demo.svc.cluster.local:8080/h2")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let answer = Answer::read(sender.send_request(request).await.unwrap()).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert_eq!(answer.body["version"], "HTTP/2.0");
+        assert_eq!(answer.body["host"], "echo.demo.svc.cluster.local:8080");
+    }
+
+    // A declared TCP port is never sniffed: the server speaks first and the client hears it.
+    let mut stream = w.tunnel(SocketAddr::new(VIP.into(), 25)).await;
+    let mut greeting = vec![0u8; 64];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut greeting))
+        .await
+        .expect("greeting in time")
+        .unwrap();
+    assert_eq!(&greeting[..n], b"220 hello from smtp-like\r\n");
+    stream.write_all(b"EHLO me\r\n").await.unwrap();
+    let n = tokio::time::timeout(WAIT, stream.read(&mut greeting))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&greeting[..n], b"EHLO me\r\n");
+    drop(stream);
+    let text = w.registry.render();
+    ambit_wait(|| {
+        w.registry.render().lines().any(|l| {
+            l.starts_with("istio_tcp_connections_closed_total{")
+                && l.contains("reporter=\"waypoint\"")
+        })
+    })
+    .await
+    .unwrap_or_else(|()| panic!("no closed TCP connection counted:\n{text}"));
+}
+
+async fn ambit_wait(mut check: impl FnMut() -> bool) -> Result<(), ()> {
+    for _ in 0..100 {
+        if check() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(())
+}

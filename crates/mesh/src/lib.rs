@@ -8,6 +8,7 @@ pub mod gateway_api;
 pub mod l7;
 pub mod objects;
 pub mod parse;
+pub mod status;
 pub mod translate;
 mod validate;
 mod waypoints;

@@ -93,7 +93,10 @@ spec:
   targetRefs: [{group: "", kind: Service, name: echo}]
   action: DENY
   rules:
-  - to: [{operation: {paths: ["/admin", "/admin/*"]}}]
+  # Scoped to the HTTP port (service port 80, target port 8080): TCP traffic cannot match the
+  # paths, and a DENY rule whose HTTP-only fields are dropped for TCP refuses everything, so
+  # without `ports` echo's TCP port 9000 would be refused through the waypoint too.
+  - to: [{operation: {ports: ["80", "8080"], paths: ["/admin", "/admin/*"]}}]
 "#;
 
 /// What to try once the demo is up.

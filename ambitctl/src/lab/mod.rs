@@ -761,6 +761,19 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
         "dev",
         "br-fabric",
     ])?;
+    // Pods that are not captured (waypoints) reach istiod-lite from their own address: the
+    // fabric routes each node's pod CIDR back through that node.
+    for node in &topology.nodes {
+        ambit_netlab::ip(&[
+            "-n",
+            &topology.fabric,
+            "route",
+            "add",
+            &node.pod_cidr(),
+            "via",
+            &node.ip.to_string(),
+        ])?;
+    }
     for sub in ["config", "ca"] {
         std::fs::create_dir_all(dir().join(sub))?;
     }

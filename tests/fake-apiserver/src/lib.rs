@@ -5,8 +5,11 @@
 //! collections and single objects under `/api/v1` and `/apis/{group}/{version}`, one global
 //! resourceVersion counter (as etcd), watches that replay history from a resourceVersion and then
 //! stream live events, label and field selectors, `410 Gone` after compaction (sent in the watch
-//! stream, as real servers do), optimistic concurrency on updates, merge patches, and `Status`
-//! errors. Tests script it directly ([`FakeApiServer::apply`], [`FakeApiServer::delete`],
+//! stream, as real servers do), optimistic concurrency on updates, merge patches, server-side
+//! apply (per field manager: fields a manager stops applying are removed), status subresources
+//! (writes to `.../status` change only `status`), `metadata.generation` (bumped when anything but
+//! metadata and status changes), garbage collection of dependents through `ownerReferences`, and
+//! `Status` errors. Tests script it directly ([`FakeApiServer::apply`], [`FakeApiServer::delete`],
 //! [`FakeApiServer::drop_watches`], [`FakeApiServer::compact`], [`FakeApiServer::fail_next`]) and
 //! inspect what clients asked ([`FakeApiServer::requests`]).
 
@@ -30,6 +33,8 @@ use tokio::sync::mpsc;
 use selector::{FieldSelector, LabelSelector};
 
 type Body = BoxBody<Bytes, Infallible>;
+/// (apiVersion, kind, namespace, name).
+type Key = (String, String, String, String);
 type CreateHandler = Arc<dyn Fn(Value) -> Result<Value, (u16, String)> + Send + Sync + 'static>;
 
 /// Handle to a running fake API server (cheap to clone; the server stops when the last handle
@@ -180,6 +185,8 @@ struct State {
     requests: Vec<RecordedRequest>,
     fail_rules: Vec<FailRule>,
     create_handlers: HashMap<String, CreateHandler>,
+    /// What each field manager last applied (server-side apply), by object key and manager.
+    applied: HashMap<(Key, String), Value>,
 }
 
 impl Default for State {
@@ -224,11 +231,18 @@ impl Default for State {
                 true,
             ),
             (
+                "gateway.networking.k8s.io/v1",
+                "GRPCRoute",
+                "grpcroutes",
+                true,
+            ),
+            (
                 "networking.istio.io/v1",
                 "DestinationRule",
                 "destinationrules",
                 true,
             ),
+            ("apps/v1", "Deployment", "deployments", true),
             (
                 "authentication.k8s.io/v1",
                 "TokenReview",
@@ -249,6 +263,7 @@ impl Default for State {
             requests: Vec::new(),
             fail_rules: Vec::new(),
             create_handlers: HashMap::new(),
+            applied: HashMap::new(),
         }
     }
 }
@@ -284,6 +299,10 @@ impl State {
                 for field in ["uid", "creationTimestamp"] {
                     meta.insert(field.into(), old["metadata"][field].clone());
                 }
+                let generation = old["metadata"]["generation"].as_u64().unwrap_or(1);
+                let bump = u64::from(spec_of(old) != spec_of(&object));
+                metadata_mut(&mut object)
+                    .insert("generation".into(), Value::from(generation + bump));
             }
             None => {
                 meta.insert("uid".into(), Value::String(uid(rv)));
@@ -291,8 +310,10 @@ impl State {
                     "creationTimestamp".into(),
                     Value::String(time::now_rfc3339()),
                 );
+                meta.insert("generation".into(), Value::from(1));
             }
         }
+        let meta = metadata_mut(&mut object);
         if meta
             .get("namespace")
             .is_some_and(|n| n.as_str() == Some(""))
@@ -315,7 +336,39 @@ impl State {
         object
     }
 
+    /// Removes an object and then (as the garbage collector would) every object whose
+    /// `ownerReferences` name it by uid.
     fn remove(&mut self, key: &(String, String, String, String)) -> Option<Value> {
+        let removed = self.remove_one(key)?;
+        let mut owners = vec![
+            removed["metadata"]["uid"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        ];
+        // Bounded: every round removes at least one object or stops.
+        while let Some(owner) = owners.pop() {
+            let dependents: Vec<_> = self
+                .objects
+                .iter()
+                .filter(|(_, o)| {
+                    o["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == owner.as_str()))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for dependent in dependents {
+                if let Some(gone) = self.remove_one(&dependent) {
+                    owners.push(gone["metadata"]["uid"].as_str().unwrap_or("").to_string());
+                }
+            }
+        }
+        Some(removed)
+    }
+
+    fn remove_one(&mut self, key: &(String, String, String, String)) -> Option<Value> {
+        self.applied.retain(|(k, _), _| k != key);
         let mut object = self.objects.remove(key)?;
         let rv = self.next_rv();
         metadata_mut(&mut object).insert("resourceVersion".into(), Value::String(rv.to_string()));
@@ -373,6 +426,16 @@ fn watch_line(kind_type: &str, object: &Value) -> Bytes {
         .expect("JSON values serialize");
     line.push(b'\n');
     Bytes::from(line)
+}
+
+/// Everything but metadata and status: what `metadata.generation` counts changes of.
+fn spec_of(object: &Value) -> Value {
+    let mut rest = object.clone();
+    if let Some(map) = rest.as_object_mut() {
+        map.remove("metadata");
+        map.remove("status");
+    }
+    rest
 }
 
 fn metadata_mut(object: &mut Value) -> &mut serde_json::Map<String, Value> {
@@ -596,6 +659,8 @@ struct Target {
     kind: KindInfo,
     namespace: Option<String>,
     name: Option<String>,
+    /// The path ends in the `status` subresource.
+    status: bool,
 }
 
 fn reason_for(code: u16) -> &'static str {
@@ -693,16 +758,18 @@ fn resolve(state: &State, path: &str) -> Option<Target> {
         _ => return None,
     };
     let find = |plural: &str| state.kind_by_plural(&api_version, plural).cloned();
-    // A trailing `status` subresource addresses the object itself.
-    let rest = match rest {
-        [head @ .., "status"] if head.len() == 2 || head.len() == 4 => head,
-        other => other,
+    // A trailing `status` subresource addresses the object itself (writes there change only
+    // its status).
+    let (rest, status) = match rest {
+        [head @ .., "status"] if head.len() == 2 || head.len() == 4 => (head, true),
+        other => (other, false),
     };
     match rest {
         [plural] => Some(Target {
             kind: find(plural)?,
             namespace: None,
             name: None,
+            status,
         }),
         ["namespaces", ns, plural] => {
             let kind = find(plural)?;
@@ -710,6 +777,7 @@ fn resolve(state: &State, path: &str) -> Option<Target> {
                 kind,
                 namespace: Some(ns.to_string()),
                 name: None,
+                status,
             })
         }
         [plural, name] => {
@@ -718,6 +786,7 @@ fn resolve(state: &State, path: &str) -> Option<Target> {
                 kind,
                 namespace: None,
                 name: Some(name.to_string()),
+                status,
             })
         }
         ["namespaces", ns, plural, name] => {
@@ -726,6 +795,7 @@ fn resolve(state: &State, path: &str) -> Option<Target> {
                 kind,
                 namespace: Some(ns.to_string()),
                 name: Some(name.to_string()),
+                status,
             })
         }
         _ => None,
@@ -872,7 +942,20 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             if let Err(status) = fill_identity(&target, &mut object, Some(name)) {
                 return status_json(&status);
             }
+            if target.status {
+                let Some(current) = state.objects.get(&key_for(&target, name)) else {
+                    return not_found(&target, name);
+                };
+                object = with_status_of(current, &object);
+            }
             update(&mut state, &target, name, object)
+        }
+        (&Method::PATCH, Some(name)) if content_type == "application/apply-patch+yaml" => {
+            let applied = match parse_body() {
+                Ok(o) => o,
+                Err(status) => return status_json(&status),
+            };
+            server_side_apply(&mut state, &target, name, &query, applied)
         }
         (&Method::PATCH, Some(name)) => {
             if !matches!(
@@ -895,7 +978,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 return not_found(&target, name);
             };
             let current_rv = object["metadata"]["resourceVersion"].clone();
+            let before = object.clone();
             merge_patch(&mut object, &patch);
+            if target.status {
+                object = with_status_of(&before, &object);
+            }
             // A resourceVersion in the patch is a precondition; otherwise the patch applies to
             // whatever is current.
             if patch["metadata"]["resourceVersion"].is_null() {
@@ -915,6 +1002,101 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             "MethodNotAllowed",
             &format!("{method} is not supported on {path}"),
         ),
+    }
+}
+
+/// `current` with the status (and a resourceVersion precondition) of `written`: what a write to
+/// the status subresource may change.
+fn with_status_of(current: &Value, written: &Value) -> Value {
+    let mut object = current.clone();
+    match written.get("status") {
+        Some(status) => object["status"] = status.clone(),
+        None => {
+            if let Some(map) = object.as_object_mut() {
+                map.remove("status");
+            }
+        }
+    }
+    let rv = written["metadata"]["resourceVersion"].clone();
+    metadata_mut(&mut object).insert("resourceVersion".into(), rv);
+    object
+}
+
+/// Server-side apply, simplified: the applied configuration is merged into the object (maps
+/// field by field, lists replaced whole), after removing the fields the same manager applied
+/// last time and no longer does. On the main resource `status` is ignored; on the status
+/// subresource only `status` counts. A missing object is created. Conflicts between managers
+/// are not detected (as if every apply were forced).
+fn server_side_apply(
+    state: &mut State,
+    target: &Target,
+    name: &str,
+    query: &BTreeMap<String, String>,
+    mut applied: Value,
+) -> Response<Body> {
+    let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()).cloned() else {
+        return status_response(
+            400,
+            "BadRequest",
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+        );
+    };
+    if let Err(status) = fill_identity(target, &mut applied, Some(name)) {
+        return status_json(&status);
+    }
+    if let Some(map) = applied.as_object_mut() {
+        if target.status {
+            map.retain(|k, _| matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status"));
+        } else {
+            map.remove("status");
+        }
+    }
+    let key = key_for(target, name);
+    let manager_key = (
+        key.clone(),
+        format!("{manager}{}", if target.status { "/status" } else { "" }),
+    );
+    let current = state.objects.get(&key).cloned();
+    let mut object = match current {
+        Some(current) => current,
+        None if target.status => return not_found(target, name),
+        None => json!({}),
+    };
+    if let Some(previous) = state.applied.get(&manager_key) {
+        remove_unapplied(&mut object, previous, &applied);
+    }
+    let rv = object["metadata"]["resourceVersion"].clone();
+    merge_patch(&mut object, &applied);
+    if !rv.is_null() {
+        metadata_mut(&mut object).insert("resourceVersion".into(), rv);
+    }
+    let created = !state.objects.contains_key(&key);
+    state.applied.insert(manager_key, applied);
+    let stored = state.store(object);
+    json_response(if created { 201 } else { 200 }, &stored)
+}
+
+/// Removes from `object` what `previous` set and `now` does not (maps recursively; identity
+/// fields are kept).
+fn remove_unapplied(object: &mut Value, previous: &Value, now: &Value) {
+    let (Some(object), Some(previous)) = (object.as_object_mut(), previous.as_object()) else {
+        return;
+    };
+    for (k, v) in previous {
+        if matches!(k.as_str(), "apiVersion" | "kind" | "name" | "namespace") {
+            continue;
+        }
+        match now.get(k) {
+            None => {
+                object.remove(k);
+            }
+            Some(now_v) if v.is_object() && now_v.is_object() => {
+                if let Some(child) = object.get_mut(k) {
+                    remove_unapplied(child, v, now_v);
+                }
+            }
+            Some(_) => {}
+        }
     }
 }
 

@@ -583,6 +583,24 @@ fn wait_waypoints(state: &LabState) -> anyhow::Result<()> {
     wait("waypoints to be ready", Duration::from_secs(60), || {
         pods.iter().all(|p| waypoint_ready(state, p))
     })
+    .map_err(|e| {
+        // A failed `up` removes the lab directory: keep the end of each waiting log.
+        let mut message = e.to_string();
+        for pod in pods.iter().filter(|p| !waypoint_ready(state, p)) {
+            let log = std::fs::read_to_string(pod_log(pod)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(8).collect();
+            message.push_str(&format!(
+                "\nlast lines of waypoint {}/{} ({}):",
+                pod.namespace,
+                pod.gateway.as_deref().unwrap_or(""),
+                pod_log(pod).display()
+            ));
+            for line in tail.into_iter().rev() {
+                message.push_str(&format!("\n  {line}"));
+            }
+        }
+        anyhow::anyhow!(message)
+    })
 }
 
 /// The token of service account `account` (`namespace/name`) on `node` in the lab's tokens
@@ -829,37 +847,48 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
             start_ztunnel(&topology, &state, i, token)?,
         ));
     }
-    for object in pods {
-        if let Object::Pod(pod) = object {
-            progress(&format!(
-                "creating pod {}/{} on {}",
-                pod.metadata.namespace, pod.metadata.name, pod.spec.node_name
-            ));
-            create_pod(&mut topology, &mut state, pod, &namespaces)?;
+    // Pods' processes are detached as they start; a failed `up` stops them (the namespaces and
+    // the other components go when `topology` and `processes` are dropped).
+    let started = (|| -> anyhow::Result<()> {
+        for object in pods {
+            if let Object::Pod(pod) = object {
+                progress(&format!(
+                    "creating pod {}/{} on {}",
+                    pod.metadata.namespace, pod.metadata.name, pod.spec.node_name
+                ));
+                create_pod(&mut topology, &mut state, pod, &namespaces)?;
+            }
         }
+        write_hosts(&state)?;
+        progress("waiting for every ztunnel to be ready and every ambient pod to be captured");
+        wait("ztunnels to be ready", Duration::from_secs(60), || {
+            (0..state.nodes.len()).all(|i| ztunnel_ready(&state, i))
+        })?;
+        wait(
+            "ambient pods to be captured",
+            Duration::from_secs(60),
+            || {
+                state
+                    .pods
+                    .iter()
+                    .filter(|p| p.ambient)
+                    .all(|p| captured(&state, p))
+            },
+        )?;
+        wait(
+            "configuration to reach every ztunnel",
+            Duration::from_secs(60),
+            || (0..state.nodes.len()).all(|i| config_propagated(&state, i)),
+        )?;
+        wait_waypoints(&state)?;
+        Ok(())
+    })();
+    if let Err(e) = started {
+        for pid in state.pids.values() {
+            kill(*pid);
+        }
+        return Err(e);
     }
-    write_hosts(&state)?;
-    progress("waiting for every ztunnel to be ready and every ambient pod to be captured");
-    wait("ztunnels to be ready", Duration::from_secs(60), || {
-        (0..state.nodes.len()).all(|i| ztunnel_ready(&state, i))
-    })?;
-    wait(
-        "ambient pods to be captured",
-        Duration::from_secs(60),
-        || {
-            state
-                .pods
-                .iter()
-                .filter(|p| p.ambient)
-                .all(|p| captured(&state, p))
-        },
-    )?;
-    wait(
-        "configuration to reach every ztunnel",
-        Duration::from_secs(60),
-        || (0..state.nodes.len()).all(|i| config_propagated(&state, i)),
-    )?;
-    wait_waypoints(&state)?;
     for (name, process) in processes {
         if let Some(pid) = process.detach() {
             state.pids.insert(name, pid);

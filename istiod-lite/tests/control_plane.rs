@@ -22,14 +22,13 @@ use ambit_proto::discovery::DeltaDiscoveryRequest;
 use ambit_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
-use ambit_xds::ControlPlane;
+use ambit_xds::{CaClient, ControlPlane};
 use istiod_lite::auth::TokenFileAuthenticator;
 use istiod_lite::ca::{CaService, load_or_create};
 use istiod_lite::store::Store;
 use istiod_lite::xds::XdsServer;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
-use ztunnel::caclient::CaClient;
 use ztunnel::mesh::MeshState;
 
 const OBJECTS: &str = r#"

@@ -967,8 +967,8 @@ async fn ztunnels_ca_client_gets_certificates_through_token_review_over_tls() {
     use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
     use ambit_proto::discovery::DeltaDiscoveryRequest;
     use ambit_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use ambit_xds::CaClient;
     use tonic::transport::Server;
-    use ztunnel::caclient::CaClient;
 
     let c = cluster().await;
     let dir = tempfile::tempdir().unwrap();

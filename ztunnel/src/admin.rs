@@ -9,11 +9,11 @@ use ambit_core::logging::LogHandle;
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
 use ambit_identity::store::CertStore;
+use ambit_state::{GatewayAddress, GatewayDestination, Service, Workload};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::mesh::MeshState;
-use crate::state::{GatewayAddress, GatewayDestination, Service, Workload};
 
 /// A source of extra `/config_dump` sections (the in-pod manager's pods).
 pub type DumpSection = Arc<dyn Fn() -> Value + Send + Sync>;
@@ -184,7 +184,7 @@ fn service_json(s: &Service) -> Value {
         "namespace": &*s.namespace,
         "hostname": &*s.hostname,
         "vips": s.vips.iter().map(|(n, ip)| format!("{n}/{ip}")).collect::<Vec<_>>(),
-        "ports": s.ports.iter().map(|(p, t)| (p.to_string(), Value::from(*t))).collect::<serde_json::Map<_, _>>(),
+        "ports": s.ports.iter().map(|p| (p.service_port.to_string(), Value::from(p.target_port))).collect::<serde_json::Map<_, _>>(),
         "waypoint": waypoint_json(&s.waypoint),
         "loadBalancing": s.load_balancing.as_ref().map(|lb| json!({
             "mode": format!("{:?}", lb.mode),

@@ -17,12 +17,11 @@ use ambit_core::readiness::Readiness;
 use ambit_identity::ca::CertificateAuthority;
 use ambit_identity::store::{CertStore, CertificateSource, StoreConfig};
 use ambit_proto::envoy_core::Node;
-use ambit_xds::XdsConfig;
+use ambit_xds::{CaClient, XdsConfig};
 use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::admin::{AdminState, admin_handler, metrics_handler, readiness_handler};
-use crate::caclient::CaClient;
 use crate::config::{Config, ConfigSource};
 use crate::inpod::InPodManager;
 use crate::mesh::MeshState;

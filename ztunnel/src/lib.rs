@@ -7,12 +7,10 @@
 
 pub mod admin;
 pub mod app;
-pub mod caclient;
 pub mod config;
 pub mod inpod;
 pub mod localconfig;
 pub mod mesh;
 pub mod proxy;
 pub mod socket;
-pub mod state;
 pub mod xds;

@@ -1,5 +1,6 @@
-//! The one place configuration lands: the workload/service index and the authorization policies,
-//! fed by either the delta xDS client or the local config file, read by every proxy.
+//! The one place configuration lands: the workload/service index (ambit-state's [`Addresses`])
+//! and the authorization policies, fed by either the delta xDS client or the local config file,
+//! read by every proxy.
 //!
 //! Updates are applied resource by resource: a resource that fails validation is rejected with a
 //! reason naming it and the previous good version keeps serving, while its valid neighbours in the
@@ -11,21 +12,20 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use ambit_authz::{Policy, PolicyStore};
 use ambit_proto::security as sec;
 use ambit_proto::workload as pb;
+use ambit_state::{Addresses, StateIndex};
 use ambit_xds::Rejection;
 use tokio::sync::watch;
-
-use crate::state::StateIndex;
 
 /// Shared configuration state. Cheap to clone.
 #[derive(Clone)]
 pub struct MeshState {
+    addresses: Addresses,
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    index: RwLock<StateIndex>,
     policies: RwLock<PolicyStore>,
-    /// Bumped on every change, so watchers (in-pod manager, admin) can react.
+    /// Bumped on every change of either half, so watchers (in-pod manager, admin) can react.
     generation: watch::Sender<u64>,
 }
 
@@ -44,36 +44,32 @@ impl MeshState {
     /// Empty state for a ztunnel on `local_node`.
     pub fn new(local_node: &str) -> Self {
         Self {
+            addresses: Addresses::new(local_node),
             inner: Arc::new(Inner {
-                index: RwLock::new(StateIndex::new(local_node)),
                 policies: RwLock::new(PolicyStore::new()),
                 generation: watch::channel(0).0,
             }),
         }
     }
 
+    /// The workload/service half, as the shared crate sees it. Change it through
+    /// [`MeshState::apply_addresses`] so that [`MeshState::subscribe`] watchers see it.
+    pub fn addresses(&self) -> &Addresses {
+        &self.addresses
+    }
+
     /// Read access to workloads and services. Hold the guard briefly (never across an await).
     pub fn index(&self) -> RwLockReadGuard<'_, StateIndex> {
-        // A panic while holding the lock leaves the index consistent (every mutation is a
-        // single insert/remove), so a poisoned lock is still safe to read.
-        self.inner
-            .index
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.addresses.index()
     }
 
     /// Read access to the authorization policies. Hold the guard briefly.
     pub fn policies(&self) -> RwLockReadGuard<'_, PolicyStore> {
+        // A panic while holding the lock leaves the store consistent (every mutation is a single
+        // insert/remove), so a poisoned lock is still safe to read.
         self.inner
             .policies
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn index_mut(&self) -> RwLockWriteGuard<'_, StateIndex> {
-        self.inner
-            .index
-            .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -99,21 +95,7 @@ impl MeshState {
         upserts: &[(String, pb::Address)],
         removals: &[String],
     ) -> Vec<Rejection> {
-        let mut rejected = Vec::new();
-        {
-            let mut index = self.index_mut();
-            for name in removals {
-                index.remove(name);
-            }
-            for (name, address) in upserts {
-                if let Err(reason) = upsert_address(&mut index, name, address) {
-                    rejected.push(Rejection {
-                        name: name.clone(),
-                        reason,
-                    });
-                }
-            }
-        }
+        let rejected = self.addresses.apply(upserts, removals);
         self.bump();
         rejected
     }
@@ -158,16 +140,6 @@ impl MeshState {
         addresses: &[(String, pb::Address)],
         policies: &[(String, sec::Authorization)],
     ) -> Vec<Rejection> {
-        let keep_addresses: BTreeSet<&str> = addresses.iter().map(|(n, _)| n.as_str()).collect();
-        let stale_addresses: Vec<String> = {
-            let index = self.index();
-            index
-                .workloads()
-                .map(|w| w.uid.to_string())
-                .chain(index.services().map(|s| s.key.to_string()))
-                .filter(|n| !keep_addresses.contains(n.as_str()))
-                .collect()
-        };
         let keep_policies: BTreeSet<&str> = policies.iter().map(|(n, _)| n.as_str()).collect();
         let stale_policies: Vec<String> = self
             .policies()
@@ -175,35 +147,9 @@ impl MeshState {
             .map(|p| p.key())
             .filter(|n| !keep_policies.contains(n.as_str()))
             .collect();
-        let mut rejected = self.apply_addresses(addresses, &stale_addresses);
+        let mut rejected = self.addresses.replace_all(addresses);
+        self.bump();
         rejected.extend(self.apply_policies(policies, &stale_policies));
         rejected
-    }
-}
-
-fn upsert_address(index: &mut StateIndex, name: &str, address: &pb::Address) -> Result<(), String> {
-    match &address.r#type {
-        Some(pb::address::Type::Workload(w)) => {
-            if w.uid != name {
-                return Err(format!(
-                    "resource name does not match the workload uid {:?}",
-                    w.uid
-                ));
-            }
-            index
-                .insert_workload(w)
-                .map(drop)
-                .map_err(|e| e.to_string())
-        }
-        Some(pb::address::Type::Service(s)) => {
-            let key = format!("{}/{}", s.namespace, s.hostname);
-            if key != name {
-                return Err(format!(
-                    "resource name does not match the service's namespace/hostname {key:?}"
-                ));
-            }
-            index.insert_service(s).map(drop).map_err(|e| e.to_string())
-        }
-        None => Err("Address holds neither a workload nor a service".to_string()),
     }
 }

@@ -14,11 +14,10 @@ use ambit_proto::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use ambit_proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
-use ambit_xds::TokenSource;
+use ambit_xds::{CaClient, TokenSource};
 use prost_types::value::Kind;
 use support::tls_server::TlsFixture;
 use tonic::{Request, Response, Status};
-use ztunnel::caclient::CaClient;
 
 #[derive(Debug, Clone)]
 struct Seen {

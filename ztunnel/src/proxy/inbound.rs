@@ -12,6 +12,7 @@ use ambit_authz::ConnectionContext;
 use ambit_core::drain::DrainWatcher;
 use ambit_hbone::HboneError;
 use ambit_hbone::server::{InboundRequest, Responder, serve_connection};
+use ambit_state::{Service, Workload};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
@@ -22,7 +23,6 @@ use super::metrics::{
 };
 use super::outbound::baggage;
 use super::{PodContext, ProxyInputs, accept_loop};
-use crate::state::{Service, Workload};
 
 /// Why an inbound connection was refused or ended badly. Each failure carries its response flag
 /// (metrics, access log) and, for HBONE, the status the CONNECT is refused with.
@@ -210,8 +210,8 @@ fn resolve_target(
             service
                 .ports
                 .iter()
-                .find(|(s, t)| *s == port && *t != 0)
-                .map(|(_, t)| *t)
+                .find(|p| p.service_port == port && p.target_port != 0)
+                .map(|p| p.target_port)
         })
         .ok_or_else(|| InboundError::UnknownPort {
             host: host.to_string(),

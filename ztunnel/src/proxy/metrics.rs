@@ -11,10 +11,9 @@ use ambit_core::metrics::Registry;
 use ambit_hbone::HboneStream;
 use ambit_hbone::copy::ByteCounters;
 use ambit_identity::Identity;
+use ambit_state::{Service, Workload};
 pub use ambit_telemetry::{ConnectionGuard, Reporter, ResponseFlag, ResponseFlags};
 use ambit_telemetry::{ServiceLabels, TrafficLabels, WorkloadLabels};
-
-use crate::state::{Service, Workload};
 
 /// Registers the help texts of the traffic metrics.
 pub fn describe(registry: &Registry) {

@@ -16,11 +16,11 @@ use ambit_core::metrics::Registry;
 use ambit_hbone::{Pool, PoolConfig, TlsDialer};
 use ambit_identity::store::CertStore;
 use ambit_identity::{Identity, WorkloadCertificate};
+use ambit_state::Workload;
 use tokio::task::JoinSet;
 
 use crate::mesh::MeshState;
 use crate::socket::SocketFactory;
-use crate::state::Workload;
 
 /// Proxy settings shared by every pod.
 #[derive(Clone, Debug)]

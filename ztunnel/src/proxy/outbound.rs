@@ -9,6 +9,10 @@ use std::sync::Arc;
 use ambit_core::drain::DrainWatcher;
 use ambit_hbone::{ConnectRequest, HboneError, PoolKey};
 use ambit_identity::Identity;
+use ambit_state::{
+    Address, GatewayAddress, GatewayDestination, LoadBalancingMode, Protocol, Service, StateIndex,
+    Workload,
+};
 use http::{HeaderMap, HeaderValue};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
@@ -18,10 +22,6 @@ use super::metrics::{
     copy_counted_to_tunnel,
 };
 use super::{PodContext, ProxyInputs, accept_loop};
-use crate::state::{
-    Address, GatewayAddress, GatewayDestination, LoadBalancingMode, Protocol, Service, StateIndex,
-    Workload,
-};
 
 /// Where an outbound connection goes.
 #[derive(Clone, Debug)]
@@ -147,7 +147,7 @@ fn route_service(
             service: Some(service),
         });
     }
-    if !service.ports.iter().any(|(p, _)| *p == dst.port()) {
+    if service.port(dst.port()).is_none() {
         return Err(RouteError::UnknownPort {
             service: service.key.to_string(),
             port: dst.port(),

@@ -1,11 +1,11 @@
-//! The workload state index: every workload and service ztunnel knows, validated once on
+//! The workload state index: every workload and service a proxy knows, validated once on
 //! arrival and indexed for the lookups the data path makes per connection.
 //!
 //! Memory is a budget (at most 600 bytes per workload): strings that repeat across workloads
 //! (namespaces, service accounts, nodes, trust domains, canonical names, service keys) are
 //! interned as shared `Arc<str>`, per-workload lists are boxed slices, and the "local pods" index
-//! holds only this node's pods, so a node's state grows with what it runs rather than with the
-//! cluster.
+//! holds only the local node's pods, so a node's state grows with what it runs rather than with
+//! the cluster.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -31,7 +31,7 @@ pub struct StateError {
     pub reason: String,
 }
 
-/// How other ztunnels reach a workload.
+/// How other proxies (ztunnels, waypoints) reach a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     /// Plain TCP to the workload's own port (not captured).
@@ -82,7 +82,54 @@ pub struct Locality {
 /// (service port, target port) pairs.
 pub type PortMap = Box<[(u16, u16)]>;
 
-/// One pod (or VM) as ztunnel sees it.
+/// The application protocol a service port declares (Kubernetes `appProtocol`, or the port
+/// name's prefix, as the control plane resolved it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AppProtocol {
+    /// Not declared: a waypoint sniffs the protocol.
+    #[default]
+    Unknown,
+    /// HTTP/1.1.
+    Http11,
+    /// HTTP/2 (cleartext when not TLS).
+    Http2,
+    /// gRPC (HTTP/2).
+    Grpc,
+    /// Opaque TCP: never sniffed (server-first protocols break otherwise).
+    Tcp,
+    /// TLS passed through.
+    Tls,
+}
+
+impl AppProtocol {
+    /// The protocol for a wire value. Values this build does not know (a newer control plane)
+    /// read as [`AppProtocol::Unknown`] rather than refusing the whole service: the port still
+    /// works, its traffic is sniffed.
+    pub fn from_wire(value: i32) -> Self {
+        match pb::AppProtocol::try_from(value) {
+            Ok(pb::AppProtocol::Http11) => AppProtocol::Http11,
+            Ok(pb::AppProtocol::Http2) => AppProtocol::Http2,
+            Ok(pb::AppProtocol::Grpc) => AppProtocol::Grpc,
+            Ok(pb::AppProtocol::Tcp) => AppProtocol::Tcp,
+            Ok(pb::AppProtocol::Tls) => AppProtocol::Tls,
+            Ok(pb::AppProtocol::Unknown) | Err(_) => AppProtocol::Unknown,
+        }
+    }
+}
+
+/// One port of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// The port clients dial on the service's VIPs.
+    pub service_port: u16,
+    /// The port on the endpoint; 0 means a named port, resolved per endpoint from its
+    /// [`Workload::services`].
+    pub target_port: u16,
+    /// What the port speaks, when declared.
+    pub app_protocol: AppProtocol,
+}
+
+/// One pod (or VM) as a proxy sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
     /// Primary key.
@@ -196,14 +243,21 @@ pub struct Service {
     pub key: Arc<str>,
     /// VIPs with their networks.
     pub vips: Box<[(Arc<str>, IpAddr)]>,
-    /// (service port, target port); target 0 means "named port, resolve per endpoint".
-    pub ports: Box<[(u16, u16)]>,
+    /// The ports, in the order the service lists them.
+    pub ports: Box<[ServicePort]>,
     /// Extra identities accepted for endpoints.
     pub subject_alt_names: Box<[Arc<str>]>,
     /// Service-addressed traffic goes through this waypoint.
     pub waypoint: Option<Box<GatewayAddress>>,
     /// Load-balancing preferences.
     pub load_balancing: Option<LoadBalancing>,
+}
+
+impl Service {
+    /// The port clients dial as `service_port`, if the service has it.
+    pub fn port(&self, service_port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.service_port == service_port)
+    }
 }
 
 /// What an address resolves to.
@@ -283,7 +337,8 @@ impl<T> NetworkMap<T> {
     }
 }
 
-/// The index both config sources (xDS, local file) feed.
+/// Every workload and service a proxy knows, indexed for its per-connection lookups. Fed by
+/// xDS (or ztunnel's local file) through [`crate::Addresses`].
 pub struct StateIndex {
     local_node: Arc<str>,
     strings: Interner,
@@ -319,7 +374,8 @@ fn port(value: u32) -> Option<u16> {
 }
 
 impl StateIndex {
-    /// An empty index for the ztunnel on `local_node`.
+    /// An empty index for a proxy on `local_node` (whose pods [`StateIndex::local_workload`]
+    /// finds).
     pub fn new(local_node: &str) -> Self {
         StateIndex {
             local_node: Arc::from(local_node),
@@ -584,7 +640,11 @@ impl StateIndex {
             .iter()
             .enumerate()
             .map(|(i, p)| match (port(p.service_port), port(p.target_port)) {
-                (Some(sp), Some(tp)) if sp != 0 => Ok((sp, tp)),
+                (Some(service_port), Some(target_port)) if service_port != 0 => Ok(ServicePort {
+                    service_port,
+                    target_port,
+                    app_protocol: AppProtocol::from_wire(p.app_protocol),
+                }),
                 _ => Err(err(
                     format!("ports[{i}]"),
                     format!(
@@ -750,11 +810,7 @@ impl StateIndex {
         service_port: u16,
         source: Option<&Workload>,
     ) -> Option<(Arc<Workload>, u16)> {
-        let declared = service
-            .ports
-            .iter()
-            .find(|(s, _)| *s == service_port)
-            .map(|(_, t)| *t)?;
+        let declared = service.port(service_port)?.target_port;
         let allow_unhealthy = service
             .load_balancing
             .as_ref()

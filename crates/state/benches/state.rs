@@ -2,14 +2,14 @@
 //! workloads (one service per ten workloads). Lookups are what every connection does: resolve the
 //! destination address, then pick an endpoint. Prints a Markdown table.
 //!
-//! `cargo bench -p ztunnel --bench state` runs both sizes; without `--bench` it runs 2,000.
+//! `cargo bench -p ambit-state --bench state` runs both sizes; without `--bench` it runs 2,000.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use ambit_proto::workload as pb;
-use ztunnel::state::{Address, StateIndex};
+use ambit_state::{Address, StateIndex};
 
 fn ip(i: usize) -> Vec<u8> {
     vec![

@@ -5,8 +5,8 @@ mod support;
 use std::collections::HashSet;
 
 use ambit_proto::workload as pb;
+use ambit_state::{Address, AppProtocol, ServicePort, StateIndex};
 use support::{ip_bytes, service, workload};
-use ztunnel::state::{Address, StateIndex};
 
 const ECHO: &str = "demo/echo.demo.svc.cluster.local";
 
@@ -345,4 +345,88 @@ fn invalid_resources_name_the_resource_and_field() {
             .contains("addresses[0]: has 3 bytes")
     );
     assert_eq!(state.len(), (0, 0), "nothing bad was stored");
+}
+
+#[test]
+fn service_ports_keep_their_target_and_app_protocol() {
+    let mut state = StateIndex::new("node-1");
+    let mut svc = service(
+        "demo",
+        "echo",
+        "10.96.0.10",
+        &[(80, 8080), (9000, 0), (5432, 5432)],
+    );
+    svc.ports[0].app_protocol = pb::AppProtocol::Http11 as i32;
+    svc.ports[1].app_protocol = pb::AppProtocol::Grpc as i32;
+    svc.ports[2].app_protocol = pb::AppProtocol::Tcp as i32;
+    let mut newer = svc.ports[2];
+    newer.service_port = 7000;
+    // A value from a newer control plane: the port still works, its protocol is not known.
+    newer.app_protocol = 42;
+    svc.ports.push(newer);
+    state.insert_service(&svc).unwrap();
+    let echo = state.service(ECHO).unwrap();
+    assert_eq!(
+        echo.port(80),
+        Some(&ServicePort {
+            service_port: 80,
+            target_port: 8080,
+            app_protocol: AppProtocol::Http11,
+        })
+    );
+    assert_eq!(
+        echo.port(9000),
+        Some(&ServicePort {
+            service_port: 9000,
+            target_port: 0,
+            app_protocol: AppProtocol::Grpc,
+        }),
+        "a named target port is resolved per endpoint"
+    );
+    assert_eq!(echo.port(5432).unwrap().app_protocol, AppProtocol::Tcp);
+    assert_eq!(echo.port(7000).unwrap().app_protocol, AppProtocol::Unknown);
+    assert_eq!(echo.port(81), None);
+    let order: Vec<u16> = echo.ports.iter().map(|p| p.service_port).collect();
+    assert_eq!(order, vec![80, 9000, 5432, 7000], "in the order listed");
+}
+
+#[test]
+fn a_workload_carries_what_a_waypoint_labels_and_routes_by() {
+    let mut state = StateIndex::new("node-9");
+    let mut w = workload(
+        "demo",
+        "echo-a",
+        "10.244.1.5",
+        "node-1",
+        &[(ECHO, &[(80, 8080)])],
+    );
+    w.addresses.push(ip_bytes("fd00::5"));
+    w.trust_domain = "example.org".into();
+    w.service_account = "echo".into();
+    w.canonical_revision = "v2".into();
+    w.locality = Some(pb::Locality {
+        region: "eu".into(),
+        zone: "eu-a".into(),
+        subzone: String::new(),
+    });
+    state.insert_workload(&w).unwrap();
+    let Some(Address::Workload(found)) = state.find_address("", "fd00::5".parse().unwrap()) else {
+        panic!("the workload's second address resolves to it");
+    };
+    assert_eq!(
+        found.identity().to_string(),
+        "spiffe://example.org/ns/demo/sa/echo"
+    );
+    assert_eq!((&*found.namespace, &*found.workload_name), ("demo", "echo"));
+    assert_eq!(
+        (&*found.canonical_name, &*found.canonical_revision),
+        ("echo", "v2")
+    );
+    assert_eq!(&*found.cluster_id, "Kubernetes");
+    assert_eq!(&*found.locality.as_ref().unwrap().zone, "eu-a");
+    assert_eq!(found.addresses.len(), 2);
+    assert!(
+        state.local_workload("demo", "echo-a").is_none(),
+        "only node-9's pods are local"
+    );
 }

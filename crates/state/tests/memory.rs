@@ -8,9 +8,9 @@ mod support;
 
 use std::alloc::System;
 
+use ambit_state::StateIndex;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use support::{service, workload};
-use ztunnel::state::StateIndex;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;

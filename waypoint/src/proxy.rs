@@ -365,18 +365,15 @@ impl Proxy {
             async move { Ok::<_, Infallible>(proxy.handle_request(&conn, request).await) }
         });
         let io = TokioIo::new(io);
-        let result = if h2 {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .initial_stream_window_size(4 << 20)
-                .initial_connection_window_size(16 << 20)
-                .serve_connection(io, service)
-                .await
-        } else {
-            hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
-        };
+        // Like Envoy's codec AUTO: a port declared HTTP/1.1 still takes an HTTP/2 preface
+        // (curl --http2-prior-knowledge), and a sniffed one was already classified.
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http2()
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20);
+        let builder = if h2 { builder.http2_only() } else { builder };
+        let result = builder.serve_connection_with_upgrades(io, service).await;
         if let Err(error) = result {
             tracing::debug!(%error, "downstream HTTP connection ended with an error");
         }
@@ -460,7 +457,11 @@ impl Proxy {
                 let endpoint = workload_endpoint(workload, *port, &[]);
                 meta.destination = Some(workload.clone());
                 meta.upstream = Some(endpoint.addr);
-                let protocol = downstream_protocol(&parts);
+                let protocol = if is_grpc(&parts.headers) {
+                    Protocol::Http2
+                } else {
+                    downstream_protocol(&parts)
+                };
                 return self
                     .send(parts, body, endpoint, protocol, None, Applied::default())
                     .await;
@@ -545,7 +546,10 @@ impl Proxy {
         let endpoint =
             workload_endpoint(&workload, target_port, &backend_service.subject_alt_names);
         meta.upstream = Some(endpoint.addr);
+        // gRPC needs HTTP/2 (trailers) whatever the port says; otherwise the port's declared
+        // version, else the client's.
         let protocol = match port_protocol(&backend_service, backend_port) {
+            _ if is_grpc(&parts.headers) => Protocol::Http2,
             Some(PortProtocol::Http2) => Protocol::Http2,
             Some(PortProtocol::Http1) => Protocol::Http1,
             _ => downstream_protocol(&parts),

@@ -422,9 +422,14 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled
-            && let Some(done) = self.done.take()
-        {
+        // Read to the end: either the end was polled, or the last frame said so (hyper does not
+        // poll again a body that reports its end).
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended && let Some(done) = self.done.take() {
             let _ = done.send(());
         }
         polled

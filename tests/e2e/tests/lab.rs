@@ -1,7 +1,8 @@
 //! `ambitctl lab` end to end: the demo comes up with every component as its own process, does
 //! what its hints say (an allowed call answered across nodes, a refused one, metrics naming both
-//! workloads), refuses invalid objects without changing anything, applies a policy to new
-//! connections, and `down` leaves nothing behind. Needs root.
+//! workloads, the waypoint's canary route and its L7 refusal), refuses invalid objects without
+//! changing anything, applies a policy to new connections, and `down` leaves nothing behind.
+//! Needs root.
 
 use std::process::Command;
 
@@ -26,6 +27,32 @@ fn ambitctl(args: &[&str]) -> (i32, String, String) {
 fn curl(pod: &str, url: &str) -> String {
     let (_, out, _) = ambitctl(&["lab", "exec", pod, "--", "curl", "-s", "-m", "3", url]);
     out
+}
+
+fn curl_with(pod: &str, extra: &[&str], url: &str) -> String {
+    let mut args = vec!["lab", "exec", pod, "--", "curl", "-s", "-m", "5"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let (_, out, _) = ambitctl(&args);
+    out
+}
+
+/// `count` HTTP requests from `pod` with the echo client; its JSON summary (codes, pods).
+fn echo_call(pod: &str, url: &str, count: u32) -> serde_json::Value {
+    let echo = binary("ambit-echo");
+    let (code, out, err) = ambitctl(&[
+        "lab",
+        "exec",
+        pod,
+        "--",
+        echo.to_str().unwrap(),
+        "call",
+        url,
+        "-n",
+        &count.to_string(),
+    ]);
+    assert_eq!(code, 0, "echo call failed: {err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 fn status() -> serde_json::Value {
@@ -84,11 +111,36 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
     assert_eq!(code, 0);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     let pods = status["pods"].as_array().unwrap();
-    assert_eq!(pods.len(), 4);
-    assert!(
-        pods.iter()
-            .filter(|p| p["pod"].as_str().unwrap().starts_with("demo/"))
-            .all(|p| p["captured"] == true)
+    assert_eq!(pods.len(), 5, "{status}");
+    // Every demo pod is captured except the waypoint's own (istio.io/dataplane-mode: none).
+    for pod in pods {
+        let name = pod["pod"].as_str().unwrap();
+        if name.starts_with("demo/") {
+            assert_eq!(
+                pod["captured"],
+                name != "demo/waypoint-waypoint",
+                "{name}: {pod}"
+            );
+        }
+    }
+    let waypoints = status["waypoints"].as_array().unwrap();
+    assert_eq!(waypoints.len(), 1, "{status}");
+    let waypoint_ip = waypoints[0]["ip"].as_str().unwrap().to_string();
+    assert_eq!(
+        (
+            &waypoints[0]["namespace"],
+            &waypoints[0]["name"],
+            &waypoints[0]["ready"]
+        ),
+        (
+            &serde_json::json!("demo"),
+            &serde_json::json!("waypoint"),
+            &serde_json::json!(true)
+        )
+    );
+    assert_eq!(
+        waypoints[0]["metrics"],
+        format!("http://{waypoint_ip}:15020/metrics")
     );
     assert!(
         status["nodes"]
@@ -102,19 +154,39 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
         .unwrap()
         .to_string();
 
-    // 1. Allowed: the client reaches echo by name; over a few calls both nodes answer.
-    let mut answered = std::collections::BTreeSet::new();
-    for _ in 0..12 {
-        let body: serde_json::Value =
-            serde_json::from_str(&curl("demo/client", "http://echo.demo.svc.cluster.local/"))
-                .unwrap_or_default();
-        if let Some(pod) = body["pod"].as_str() {
-            answered.insert(pod.to_string());
-        }
+    // 1. Allowed: the client reaches echo by name through the waypoint, which splits 90/10
+    //    between v1 (node 1) and v2 (node 2); the canary header always reaches v2.
+    let split = echo_call("demo/client", "http://echo.demo.svc.cluster.local/", 200);
+    assert_eq!(split["codes"]["200"], 200, "{split}");
+    let v2 = split["pods"]["echo-2"].as_u64().unwrap_or(0);
+    // Binomial(200, 0.1): outside [6, 40] with probability below 1e-4.
+    assert!((6..=40).contains(&v2), "v2 answered {v2} of 200: {split}");
+    for _ in 0..3 {
+        let body: serde_json::Value = serde_json::from_str(&curl_with(
+            "demo/client",
+            &["-H", "x-canary: true"],
+            "http://echo.demo.svc.cluster.local/",
+        ))
+        .unwrap_or_default();
+        assert_eq!(body["pod"], "echo-2", "{body}");
+        // The waypoint forwarded it: the pod saw the waypoint's address, and a request id.
+        assert!(
+            body["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with(&format!("{waypoint_ip}:"))),
+            "{body}"
+        );
+        assert!(body["headers"]["x-request-id"].is_string(), "{body}");
     }
+    // The demo's L7 policy refuses /admin with Istio's answer.
+    let admin = curl_with(
+        "demo/client",
+        &["-i"],
+        "http://echo.demo.svc.cluster.local/admin",
+    );
     assert!(
-        answered.contains("echo-1") && answered.contains("echo-2"),
-        "answered by {answered:?}"
+        admin.starts_with("HTTP/1.1 403") && admin.trim_end().ends_with("RBAC: access denied"),
+        "{admin}"
     );
 
     // 2. Refused: legacy/client has no identity, the ALLOW policy names only demo/client.
@@ -257,6 +329,8 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
         std::fs::read_to_string(prom_dir.path().join("prometheus.log")).unwrap_or_default()
     );
 
+    waypoint_behaves_like_istios(&status, &waypoint_ip);
+
     // Restarts in turn: ztunnel on node 2, cni-agent on node 1, istiod-lite. A connection
     // between two pods on node 1 does not pass through any of them and stays up; captured pods
     // stay captured; new connections work afterwards.
@@ -294,26 +368,21 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|p| p["pod"].as_str().unwrap().starts_with("demo/"))
+            .filter(|p| p["pod"].as_str().unwrap().starts_with("demo/")
+                && p["pod"] != "demo/waypoint-waypoint")
             .all(|p| p["captured"] == true),
         "{after}"
     );
-    let mut served = std::collections::BTreeSet::new();
-    for _ in 0..20 {
-        let body: serde_json::Value =
-            serde_json::from_str(&curl("demo/client", "http://echo.demo.svc.cluster.local/"))
-                .unwrap_or_default();
-        if let Some(pod) = body["pod"].as_str() {
-            served.insert(pod.to_string());
-        }
-        if served.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(
-        served.len(),
-        2,
-        "both echo pods serve again after the restarts: {served:?}"
+    let served = echo_call("demo/client", "http://echo.demo.svc.cluster.local/", 60);
+    assert_eq!(served["codes"]["200"], 60, "{served}");
+    let canary = curl_with(
+        "demo/client",
+        &["-H", "x-canary: true"],
+        "http://echo.demo.svc.cluster.local/",
+    );
+    assert!(
+        canary.contains("\"pod\":\"echo-2\""),
+        "both nodes serve again after the restarts: {canary}"
     );
 
     // Invalid objects change nothing; a valid DENY applies to new connections.
@@ -329,9 +398,11 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
         ambitctl(&["lab", "apply", "-f", deny.to_str().unwrap()]).0,
         0
     );
+    // With the waypoint in the path the destination ztunnel sees the waypoint's identity, so
+    // the client's own identity is checked on pod-addressed connections (which go direct).
     let mut denied = false;
     for _ in 0..30 {
-        if curl("demo/client", "http://echo.demo.svc.cluster.local/").is_empty() {
+        if curl("demo/client", &format!("http://{echo_1}:8080/")).is_empty() {
             denied = true;
             break;
         }
@@ -437,4 +508,214 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
         "namespaces left: {namespaces}"
     );
     assert!(!std::path::Path::new("/run/ambit-lab-test").exists());
+}
+
+fn waypoint_metrics(waypoint_ip: &str) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "ambit-lt-node-1",
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            &format!("http://{waypoint_ip}:15020/metrics"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn apply_yaml(dir: &std::path::Path, name: &str, yaml: &str) -> (i32, String, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    ambitctl(&["lab", "apply", "-f", path.to_str().unwrap()])
+}
+
+/// Polls `check` (bounded) until it holds.
+fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let mut last = String::new();
+    for _ in 0..50 {
+        match check() {
+            Ok(()) => return,
+            Err(why) => last = why,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("{what}: {last}");
+}
+
+/// The demo's waypoint with real clients: HTTP/2 prior knowledge, a real gRPC client, a
+/// server-first TCP port, Istio's request metrics, a refused route that disturbs nothing, an L7
+/// ALLOW policy, a restart, and `istio.io/use-waypoint` taking effect live.
+fn waypoint_behaves_like_istios(status: &serde_json::Value, waypoint_ip: &str) {
+    let url = "http://echo.demo.svc.cluster.local/";
+    let dir = tempfile::tempdir().unwrap();
+
+    // HTTP/2 with prior knowledge to a port named `http`: the waypoint takes it (Envoy's AUTO).
+    let h2 = curl_with(
+        "demo/client",
+        &["--http2-prior-knowledge", "-H", "x-canary: true"],
+        url,
+    );
+    assert!(h2.contains("\"pod\":\"echo-2\""), "{h2}");
+
+    // A real gRPC client (grpcio's C core) through the waypoint; a status it asks for is counted.
+    let client = concat!(env!("CARGO_MANIFEST_DIR"), "/../echo/tests/grpc_client.py");
+    let (code, out, err) = ambitctl(&[
+        "lab",
+        "exec",
+        "demo/client",
+        "--",
+        "env",
+        "GRPC_DNS_RESOLVER=native",
+        "/usr/bin/python3",
+        client,
+        "echo.demo.svc.cluster.local:80",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let grpc: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    assert_eq!(grpc["health_status"], 1, "{out}");
+    assert_eq!(grpc["echo"]["message"], "hello from python", "{out}");
+    assert_eq!(grpc["asked_status"], "NOT_FOUND", "{out}");
+    assert!(
+        grpc["echo"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(&format!("{waypoint_ip}:"))),
+        "{out}"
+    );
+
+    // A declared TCP port (`tcp`, 9000) is never sniffed: echo's greeting comes first.
+    let vip = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "demo/echo" || s["name"] == "echo")
+        .and_then(|s| s["vip"].as_str())
+        .unwrap()
+        .to_string();
+    let echo_bin = binary("ambit-echo");
+    let (code, out, err) = ambitctl(&[
+        "lab",
+        "exec",
+        "demo/client",
+        "--",
+        echo_bin.to_str().unwrap(),
+        "tcp",
+        &format!("{vip}:9000"),
+        "--send",
+        "server-first",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("server-first"), "{out}");
+
+    // Istio's request metrics, reported by the waypoint with the full label set.
+    let metrics = waypoint_metrics(waypoint_ip);
+    let has = |labels: &[&str]| {
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{") && labels.iter().all(|x| l.contains(x)))
+    };
+    assert!(
+        has(&[
+            "reporter=\"waypoint\"",
+            "source_workload=\"client\"",
+            "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+            "destination_service=\"echo-v2.demo.svc.cluster.local\"",
+            "response_code=\"200\"",
+        ]),
+        "{metrics}"
+    );
+    assert!(
+        has(&[
+            "response_code=\"403\"",
+            "destination_service=\"echo.demo.svc.cluster.local\""
+        ]),
+        "{metrics}"
+    );
+    assert!(
+        has(&["request_protocol=\"grpc\"", "grpc_response_status=\"5\""]),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"waypoint\"")),
+        "{metrics}"
+    );
+
+    // A route that does not validate is refused by name and field; the demo's keeps serving.
+    let (code, _, err) = apply_yaml(
+        dir.path(),
+        "bad-route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: bad, namespace: demo}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: echo}]\n  rules: [{matches: [{path: {type: RegularExpression, value: \"(unclosed\"}}], backendRefs: [{name: echo-v1, port: 80}]}]\n",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("HTTPRoute demo/bad") && err.contains("spec.rules[0].matches[0].path"),
+        "{err}"
+    );
+    let canary = curl_with("demo/client", &["-H", "x-canary: true"], url);
+    assert!(canary.contains("\"pod\":\"echo-2\""), "{canary}");
+
+    // An L7 ALLOW on the Service: only GET passes; POST gets 403. Then removed.
+    let allow = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: demo}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: echo}]\n  action: ALLOW\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n";
+    assert_eq!(apply_yaml(dir.path(), "allow.yaml", allow).0, 0);
+    eventually("POST refused by the L7 ALLOW", || {
+        let post = curl_with("demo/client", &["-i", "-X", "POST"], url);
+        post.starts_with("HTTP/1.1 403").then_some(()).ok_or(post)
+    });
+    assert!(curl("demo/client", url).contains("\"pod\""));
+    let path = dir.path().join("allow.yaml");
+    assert_eq!(
+        ambitctl(&["lab", "delete", "-f", path.to_str().unwrap()]).0,
+        0
+    );
+    eventually("POST allowed again", || {
+        let post = curl_with("demo/client", &["-i", "-X", "POST"], url);
+        post.starts_with("HTTP/1.1 200").then_some(()).ok_or(post)
+    });
+
+    // A waypoint restart: ready again, routing again.
+    let (code, out, err) = ambitctl(&["lab", "restart", "waypoint", "--name", "demo/waypoint"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let canary = curl_with("demo/client", &["-H", "x-canary: true"], url);
+    assert!(canary.contains("\"pod\":\"echo-2\""), "{canary}");
+
+    // `istio.io/use-waypoint: none` on the Service takes effect live: connections go straight
+    // to the pods (the pod sees the client's own address) and the canary rule no longer applies.
+    let service = |label: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: demo, labels: {{istio.io/use-waypoint: {label}}}}}\nspec:\n  selector: {{app: echo}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: tcp, port: 9000, targetPort: 9000}}]\n"
+        )
+    };
+    assert_eq!(apply_yaml(dir.path(), "echo.yaml", &service("none")).0, 0);
+    let client_ip = status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pod"] == "demo/client")
+        .unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually("traffic bypasses the waypoint", || {
+        let body = curl("demo/client", url);
+        body.contains(&format!("\"peer\":\"{client_ip}:"))
+            .then_some(())
+            .ok_or(body)
+    });
+    assert_eq!(
+        apply_yaml(dir.path(), "echo.yaml", &service("waypoint")).0,
+        0
+    );
+    eventually("traffic goes through the waypoint again", || {
+        let body = curl_with("demo/client", &["-H", "x-canary: true"], url);
+        (body.contains("\"pod\":\"echo-2\"")
+            && body.contains(&format!("\"peer\":\"{waypoint_ip}:")))
+        .then_some(())
+        .ok_or(body)
+    });
 }

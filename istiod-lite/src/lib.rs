@@ -6,4 +6,5 @@ pub mod ca;
 pub mod kube_ca;
 pub mod source;
 pub mod store;
+pub mod waypoint_controller;
 pub mod xds;

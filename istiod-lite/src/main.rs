@@ -88,6 +88,18 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Kubernetes mode: the image of the waypoint Deployments created for Gateways of class
+    /// istio-waypoint (default ambit/waypoint:<version>).
+    #[arg(long)]
+    waypoint_image: Option<String>,
+    /// Kubernetes mode: where waypoints reach istiod-lite's xDS and CA (default
+    /// https://istiod.<system-namespace>.svc:15012).
+    #[arg(long)]
+    waypoint_xds_address: Option<String>,
+    /// Kubernetes mode: do not create waypoint Deployments, Services and ServiceAccounts or write
+    /// Gateway, route and Service status (another controller does).
+    #[arg(long)]
+    no_waypoint_controller: bool,
     /// On SIGTERM, how long in-flight calls get to finish before istiod-lite exits anyway (xDS
     /// streams are closed at once; their clients reconnect).
     #[arg(long, default_value = "5s", value_parser = ambit_core::config::parse_duration_arg)]
@@ -137,6 +149,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     match (&source, &kube_client) {
         (ConfigSource::Kubernetes(_), Some(client)) => {
+            if !args.no_waypoint_controller {
+                let waypoints = istiod_lite::waypoint_controller::WaypointSettings {
+                    image: args.waypoint_image.clone().unwrap_or_else(
+                        istiod_lite::waypoint_controller::WaypointSettings::default_image,
+                    ),
+                    xds_address: args.waypoint_xds_address.clone().unwrap_or_else(|| {
+                        istiod_lite::waypoint_controller::WaypointSettings::default_xds_address(
+                            &args.system_namespace,
+                        )
+                    }),
+                    mesh: settings.clone(),
+                };
+                tracing::info!(
+                    image = %waypoints.image,
+                    xds = %waypoints.xds_address,
+                    "waypoint controller on"
+                );
+                let (controller, feed) =
+                    istiod_lite::waypoint_controller::Controller::new(client.clone(), waypoints);
+                tokio::spawn(feed);
+                tokio::spawn(controller.run(Duration::from_millis(100)));
+            }
             tokio::spawn(istiod_lite::source::watch_kubernetes(
                 client.clone(),
                 settings,
@@ -261,14 +295,20 @@ fn config_source(args: &Args) -> anyhow::Result<ConfigSource> {
              (watch the API server)"
         ),
         (Some(dir), false) => {
-            for (flag, given) in [
-                ("--kubeconfig", args.kubeconfig.is_some()),
-                ("--kube-url", args.kube_url.is_some()),
+            let reach = "it says how to reach the API server";
+            let waypoints = "waypoints are deployed only in Kubernetes mode";
+            for (flag, given, why) in [
+                ("--kubeconfig", args.kubeconfig.is_some(), reach),
+                ("--kube-url", args.kube_url.is_some(), reach),
+                ("--waypoint-image", args.waypoint_image.is_some(), waypoints),
+                (
+                    "--waypoint-xds-address",
+                    args.waypoint_xds_address.is_some(),
+                    waypoints,
+                ),
             ] {
                 if given {
-                    anyhow::bail!(
-                        "{flag} needs --kubernetes (it says how to reach the API server)"
-                    );
+                    anyhow::bail!("{flag} needs --kubernetes ({why})");
                 }
             }
             Ok(ConfigSource::Directory(dir.clone()))

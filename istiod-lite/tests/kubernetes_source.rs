@@ -694,6 +694,9 @@ async fn the_binary_needs_exactly_one_config_source_and_becomes_ready_from_kuber
                 &listen.to_string(),
                 "--monitoring",
                 &monitoring.to_string(),
+                // The waypoint controller keeps watches of its own (tests/waypoint_controller.rs);
+                // this test counts the config source's.
+                "--no-waypoint-controller",
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

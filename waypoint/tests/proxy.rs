@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ambit_core::drain;
@@ -70,55 +71,93 @@ impl Dial for PlainDial {
 
 /// An HTTP backend (HTTP/1.1 and h2c) that answers JSON naming itself, with the request it saw;
 /// `/status/<code>` answers that code; it adds `x-backend` to every response.
-async fn http_backend(ip: Ipv4Addr, port: u16, name: &'static str) -> SocketAddr {
+async fn http_backend(
+    ip: Ipv4Addr,
+    port: u16,
+    name: &'static str,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind((ip, port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let counter = counter.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |request: Request<Incoming>| async move {
-                    let headers: BTreeMap<String, String> = request
-                        .headers()
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-                        .collect();
-                    let host = request
-                        .uri()
-                        .authority()
-                        .map(|a| a.to_string())
-                        .or_else(|| headers.get("host").cloned())
-                        .unwrap_or_default();
-                    let path = request.uri().path().to_string();
-                    let status = path
-                        .strip_prefix("/status/")
-                        .and_then(|c| c.parse::<u16>().ok())
-                        .unwrap_or(200);
-                    let body = json!({
-                        "backend": name,
-                        "method": request.method().as_str(),
-                        "path": request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
-                        "host": host,
-                        "version": format!("{:?}", request.version()),
-                        "headers": headers,
-                    });
-                    let mut response =
-                        hyper::Response::new(Full::new(Bytes::from(body.to_string())));
-                    *response.status_mut() = StatusCode::from_u16(status).unwrap();
-                    response
-                        .headers_mut()
-                        .insert("x-backend", name.parse().unwrap());
-                    Ok::<_, std::convert::Infallible>(response)
+                let service = service_fn(move |mut request: Request<Incoming>| {
+                    let counter = counter.clone();
+                    async move {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        if let Some(ms) = request
+                            .headers()
+                            .get("x-delay-ms")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok())
+                        {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        if request.headers().contains_key("upgrade") {
+                            // Answer 101 and echo whatever arrives on the upgraded connection.
+                            let upgrade = hyper::upgrade::on(&mut request);
+                            tokio::spawn(async move {
+                                if let Ok(upgraded) = upgrade.await {
+                                    let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                            response
+                                .headers_mut()
+                                .insert("connection", "upgrade".parse().unwrap());
+                            response
+                                .headers_mut()
+                                .insert("upgrade", "websocket".parse().unwrap());
+                            return Ok::<_, std::convert::Infallible>(response);
+                        }
+                        let headers: BTreeMap<String, String> = request
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                            .collect();
+                        let host = request
+                            .uri()
+                            .authority()
+                            .map(|a| a.to_string())
+                            .or_else(|| headers.get("host").cloned())
+                            .unwrap_or_default();
+                        let path = request.uri().path().to_string();
+                        let status = path
+                            .strip_prefix("/status/")
+                            .and_then(|c| c.parse::<u16>().ok())
+                            .unwrap_or(200);
+                        let body = json!({
+                            "backend": name,
+                            "method": request.method().as_str(),
+                            "path": request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                            "host": host,
+                            "version": format!("{:?}", request.version()),
+                            "headers": headers,
+                        });
+                        let mut response =
+                            hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+                        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                        response
+                            .headers_mut()
+                            .insert("x-backend", name.parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await;
             });
         }
     });
-    addr
+    (addr, hits)
 }
 
 /// A server-first TCP backend: greets before reading, then echoes one line.
@@ -223,14 +262,15 @@ struct World {
     proxy: Arc<Proxy>,
     registry: Registry,
     backend_port: u16,
+    v2_hits: Arc<AtomicUsize>,
     _drain: drain::DrainTrigger,
 }
 
 async fn world() -> World {
     // Two backends on the same port of two loopback addresses, like two pods.
-    let first = http_backend(V1_IP, 0, "v1").await;
+    let (first, _) = http_backend(V1_IP, 0, "v1").await;
     let backend_port = first.port();
-    http_backend(V2_IP, backend_port, "v2").await;
+    let (_, v2_hits) = http_backend(V2_IP, backend_port, "v2").await;
     server_first_backend(V1_IP, backend_port + 1).await;
     server_first_backend(V2_IP, backend_port + 1).await;
 
@@ -306,6 +346,7 @@ async fn world() -> World {
         proxy,
         registry,
         backend_port,
+        v2_hits,
         _drain: trigger,
     }
 }
@@ -771,4 +812,84 @@ async fn ambit_wait(mut check: impl FnMut() -> bool) -> Result<(), ()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_timeout_and_upgrade() {
+    let w = world().await;
+    w.set_routes(
+        &[route(vec![
+            wp::Rule {
+                matches: vec![wp::RouteMatch {
+                    path: prefix("/mirror"),
+                    ..Default::default()
+                }],
+                filters: vec![filter(wp::filter::Kind::RequestMirror(wp::RequestMirror {
+                    backend: Some(backend(ECHO_V2, 1)),
+                    numerator: 0,
+                    denominator: 0,
+                }))],
+                backends: vec![backend(ECHO_V1, 1)],
+                ..Default::default()
+            },
+            wp::Rule {
+                matches: vec![wp::RouteMatch {
+                    path: prefix("/slow"),
+                    ..Default::default()
+                }],
+                backends: vec![backend(ECHO_V1, 1)],
+                timeouts: Some(wp::Timeouts {
+                    request: None,
+                    backend_request: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 200_000_000,
+                    }),
+                }),
+                ..Default::default()
+            },
+            wp::Rule {
+                backends: vec![backend(ECHO_V1, 1)],
+                ..Default::default()
+            },
+        ])],
+        &[],
+    );
+
+    // The mirror gets a copy; the client gets the real backend's answer.
+    let before = w.v2_hits.load(Ordering::SeqCst);
+    let answer = w.get_path("/mirror", &[]).await;
+    assert_eq!(answer.backend(), "v1", "{}", answer.text);
+    ambit_wait(|| w.v2_hits.load(Ordering::SeqCst) > before)
+        .await
+        .unwrap_or_else(|()| panic!("the mirror never received the copy"));
+
+    // backendRequest: a slow backend is cut with 504 and flag UT; a fast one answers.
+    let answer = w.get_path("/slow", &[("x-delay-ms", "3000")]).await;
+    assert_eq!(answer.status, 504, "{}", answer.text);
+    assert_eq!(answer.headers["x-ambit-response-flags"], "UT");
+    let answer = w.get_path("/slow", &[("x-delay-ms", "10")]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+
+    // Upgrade (WebSocket-style) passes through: 101, then bytes both ways.
+    let io = TokioIo::new(w.tunnel(SocketAddr::new(VIP.into(), 80)).await);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let request = Request::builder()
+        .uri("/ws")
+        .header("host", "echo")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut upgraded = TokioIo::new(upgraded);
+    upgraded.write_all(b"ping over the upgrade").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, upgraded.read(&mut buf))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&buf[..n], b"ping over the upgrade");
 }

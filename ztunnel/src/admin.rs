@@ -1,13 +1,11 @@
-//! The operator endpoints: admin on localhost:15000 (`/config_dump`, `/logging`), Prometheus on
-//! :15020 (`/metrics`, `/stats/prometheus`) and readiness on :15021 (`/healthz/ready`).
+//! The admin endpoint on localhost:15000 (`/config_dump`, `/logging`). The Prometheus (:15020)
+//! and readiness (:15021) handlers are the shared ones of `ambit_core::endpoints`.
 
 use std::sync::Arc;
 
 use ambit_authz::Policy;
 use ambit_core::http::{Handler, json, text};
 use ambit_core::logging::LogHandle;
-use ambit_core::metrics::Registry;
-use ambit_core::readiness::Readiness;
 use ambit_identity::store::CertStore;
 use ambit_state::{GatewayAddress, GatewayDestination, Service, Workload};
 use http::{Method, StatusCode};
@@ -49,7 +47,9 @@ pub fn admin_handler(state: AdminState) -> Handler {
                 (&Method::GET, "/config_dump") => {
                     json(StatusCode::OK, format!("{:#}\n", config_dump(&state)))
                 }
-                (_, "/logging") => logging(&state, request.uri().query()),
+                (_, "/logging") => {
+                    ambit_core::endpoints::logging(state.log.as_ref(), request.uri().query())
+                }
                 (&Method::GET, "/") => text(
                     StatusCode::OK,
                     "ztunnel admin\n  GET /config_dump\n  GET|POST /logging[?level=<filter>|reset]\n",
@@ -58,36 +58,6 @@ pub fn admin_handler(state: AdminState) -> Handler {
             }
         }
     })
-}
-
-fn logging(
-    state: &AdminState,
-    query: Option<&str>,
-) -> http::Response<http_body_util::Full<bytes::Bytes>> {
-    let Some(log) = &state.log else {
-        return text(
-            StatusCode::NOT_IMPLEMENTED,
-            "logging is not managed by this process\n",
-        );
-    };
-    let level = query.and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("level="))
-            .map(|v| v.replace("%3D", "=").replace("%2C", ","))
-    });
-    let reset = query.is_some_and(|q| q.split('&').any(|kv| kv == "reset"));
-    let result = match (level, reset) {
-        (_, true) => log.reset(),
-        (Some(level), false) => log.set_level(&level),
-        (None, false) => Ok(()),
-    };
-    match result {
-        Ok(()) => text(
-            StatusCode::OK,
-            format!("current log level: {}\n", log.current()),
-        ),
-        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-    }
 }
 
 /// The whole configuration as JSON (no private keys).
@@ -200,94 +170,5 @@ fn policy_json(p: &Policy) -> Value {
         "action": format!("{:?}", p.action),
         "dryRun": p.dry_run,
         "rules": format!("{:?}", p.rules),
-    })
-}
-
-/// Refreshes the gauges computed from current state (certificates) just before a scrape.
-pub fn certificate_gauges(registry: &Registry, certs: &CertStore) {
-    registry.describe_gauge(
-        "ambit_certificates",
-        "Workload certificates managed by this ztunnel, by state",
-    );
-    registry.describe_gauge(
-        "ambit_certificate_expiry_seconds",
-        "Seconds until the certificate of each identity expires (negative: expired)",
-    );
-    let mut by_state: std::collections::BTreeMap<&'static str, f64> = [
-        ("initializing", 0.0),
-        ("available", 0.0),
-        ("refreshing", 0.0),
-        ("failing", 0.0),
-    ]
-    .into_iter()
-    .collect();
-    let now = std::time::SystemTime::now();
-    for status in certs.snapshot() {
-        let state = match status.state {
-            ambit_identity::store::CertState::Initializing => "initializing",
-            ambit_identity::store::CertState::Available => "available",
-            ambit_identity::store::CertState::Refreshing => "refreshing",
-            ambit_identity::store::CertState::Failing { .. } => "failing",
-        };
-        *by_state.entry(state).or_default() += 1.0;
-        if let Some(not_after) = status.not_after {
-            let remaining = match not_after.duration_since(now) {
-                Ok(d) => d.as_secs_f64(),
-                Err(e) => -e.duration().as_secs_f64(),
-            };
-            registry
-                .gauge(
-                    "ambit_certificate_expiry_seconds",
-                    &[("identity", status.identity.to_string())],
-                )
-                .set(remaining);
-        }
-    }
-    for (state, count) in by_state {
-        registry
-            .gauge("ambit_certificates", &[("state", state.to_string())])
-            .set(count);
-    }
-}
-
-/// The Prometheus handler; `before_scrape` refreshes computed gauges.
-pub fn metrics_handler(
-    registry: Registry,
-    before_scrape: Arc<dyn Fn(&Registry) + Send + Sync>,
-) -> Handler {
-    Handler::new(move |request| {
-        let registry = registry.clone();
-        let before_scrape = before_scrape.clone();
-        async move {
-            match request.uri().path() {
-                "/metrics" | "/stats/prometheus" => {
-                    before_scrape(&registry);
-                    let mut response = text(StatusCode::OK, registry.render());
-                    response.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                    );
-                    response
-                }
-                _ => text(StatusCode::NOT_FOUND, "metrics are at /metrics\n"),
-            }
-        }
-    })
-}
-
-/// The readiness handler.
-pub fn readiness_handler(readiness: Readiness) -> Handler {
-    Handler::new(move |request| {
-        let readiness = readiness.clone();
-        async move {
-            if request.uri().path() != "/healthz/ready" {
-                return text(StatusCode::NOT_FOUND, "readiness is at /healthz/ready\n");
-            }
-            let (status, body) = readiness.report();
-            text(
-                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                body,
-            )
-        }
     })
 }

@@ -21,7 +21,8 @@ use ambit_xds::{CaClient, XdsConfig};
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::admin::{AdminState, admin_handler, metrics_handler, readiness_handler};
+use crate::admin::{AdminState, admin_handler};
+use ambit_core::endpoints::{metrics_handler, readiness_handler};
 use crate::config::{Config, ConfigSource};
 use crate::inpod::InPodManager;
 use crate::mesh::MeshState;
@@ -194,7 +195,7 @@ pub async fn run(
     };
     let scrape_certs = certs.clone();
     let before_scrape = Arc::new(move |registry: &Registry| {
-        crate::admin::certificate_gauges(registry, &scrape_certs)
+        ambit_xds::certificate_gauges(registry, &scrape_certs)
     });
     control.handle.spawn(ambit_core::http::serve(
         stats,

@@ -586,6 +586,33 @@ fn waypoint_behaves_like_istios(status: &serde_json::Value, waypoint_ip: &str) {
         "{out}"
     );
 
+    // A GRPCRoute on the same Service sends Echo/Echo to v2 (gRPC requests are matched against
+    // GRPCRoutes first); removing it restores the HTTPRoute's split.
+    let grpc_route = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: echo-grpc, namespace: demo}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: echo, port: 80}]\n  rules: [{matches: [{method: {service: ambit.echo.v1.Echo, method: Echo}}], backendRefs: [{name: echo-v2, port: 80}]}]\n";
+    assert_eq!(apply_yaml(dir.path(), "grpc-route.yaml", grpc_route).0, 0);
+    eventually("the GRPCRoute sends Echo/Echo to v2", || {
+        let (_, out, err) = ambitctl(&[
+            "lab",
+            "exec",
+            "demo/client",
+            "--",
+            "env",
+            "GRPC_DNS_RESOLVER=native",
+            "/usr/bin/python3",
+            client,
+            "echo.demo.svc.cluster.local:80",
+        ]);
+        let seen: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+        (seen["echo"]["pod"] == "echo-2" && seen["health_status"] == 1)
+            .then_some(())
+            .ok_or(format!("{out}{err}"))
+    });
+    let path = dir.path().join("grpc-route.yaml");
+    assert_eq!(
+        ambitctl(&["lab", "delete", "-f", path.to_str().unwrap()]).0,
+        0
+    );
+
     // A declared TCP port (`tcp`, 9000) is never sniffed: echo's greeting comes first.
     let vip = status["services"]
         .as_array()

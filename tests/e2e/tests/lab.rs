@@ -745,4 +745,61 @@ fn waypoint_behaves_like_istios(status: &serde_json::Value, waypoint_ip: &str) {
         .then_some(())
         .ok_or(body)
     });
+
+    // `istio.io/waypoint-for: all` and a pod bound with `istio.io/use-waypoint`: traffic to the
+    // pod's own IP goes through the waypoint too, which forwards it to that pod and never
+    // routes it (the canary header would send service traffic to v2).
+    let echo_1 = status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pod"] == "demo/echo-1")
+        .unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gateway = |labels: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: demo, labels: {{{labels}}}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
+        )
+    };
+    let pod = |labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: echo-1, namespace: demo, labels: {{app: echo, version: v1{labels}}}}}\nspec: {{nodeName: node-1, serviceAccountName: echo}}\n"
+        )
+    };
+    assert_eq!(
+        apply_yaml(
+            dir.path(),
+            "gw.yaml",
+            &gateway("istio.io/waypoint-for: all")
+        )
+        .0,
+        0
+    );
+    assert_eq!(
+        apply_yaml(
+            dir.path(),
+            "pod.yaml",
+            &pod(", istio.io/use-waypoint: waypoint")
+        )
+        .0,
+        0
+    );
+    let direct = format!("http://{echo_1}:8080/");
+    eventually("pod-addressed traffic goes through the waypoint", || {
+        let body = curl_with("demo/client", &["-H", "x-canary: true"], &direct);
+        (body.contains("\"pod\":\"echo-1\"")
+            && body.contains(&format!("\"peer\":\"{waypoint_ip}:")))
+        .then_some(())
+        .ok_or(body)
+    });
+    assert_eq!(apply_yaml(dir.path(), "pod.yaml", &pod("")).0, 0);
+    assert_eq!(apply_yaml(dir.path(), "gw.yaml", &gateway("")).0, 0);
+    eventually("pod-addressed traffic goes direct again", || {
+        let body = curl("demo/client", &direct);
+        body.contains(&format!("\"peer\":\"{client_ip}:"))
+            .then_some(())
+            .ok_or(body)
+    });
 }

@@ -12,7 +12,9 @@
 //! 6. within a route, the first rule, then the first match.
 //!
 //! GRPCRoute matches rank by the characters of the service, then of the method, then header
-//! count, with the same tie-breaks. A gRPC request (`content-type: application/grpc*`) is matched
+//! count, with the same tie-breaks. VirtualService rules are not ranked: they are tried in the
+//! order written (first match wins, as Istio documents), oldest VirtualService first, before any
+//! GRPCRoute or HTTPRoute of the same Service. A gRPC request (`content-type: application/grpc*`) is matched
 //! against the Service's GRPCRoutes first, then its HTTPRoutes; other requests only against
 //! HTTPRoutes. Route `hostnames` are not used: with a Service parent the Service is already
 //! chosen by the address the client dialed (as the GAMMA spec asks).
@@ -50,6 +52,8 @@ pub enum PathMatcher {
     Prefix(String),
     /// The whole path matches the expression.
     Regex(Regex),
+    /// A plain string prefix (VirtualService `uri.prefix`: `/api` matches `/apis`).
+    StringPrefix(String),
 }
 
 impl PathMatcher {
@@ -62,6 +66,7 @@ impl PathMatcher {
                         && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
             }
             PathMatcher::Regex(re) => re.is_match(path),
+            PathMatcher::StringPrefix(prefix) => path.starts_with(prefix.as_str()),
         }
     }
 
@@ -70,6 +75,7 @@ impl PathMatcher {
         match self {
             PathMatcher::Exact(v) => (3, v.len()),
             PathMatcher::Prefix(v) => (2, v.len()),
+            PathMatcher::StringPrefix(v) => (2, v.len()),
             PathMatcher::Regex(_) => (1, 0),
         }
     }
@@ -79,6 +85,7 @@ impl PathMatcher {
 #[derive(Debug, Clone)]
 enum ValueMatcher {
     Exact(String),
+    Prefix(String),
     Regex(Regex),
 }
 
@@ -86,6 +93,7 @@ impl ValueMatcher {
     fn matches(&self, value: &str) -> bool {
         match self {
             ValueMatcher::Exact(v) => v == value,
+            ValueMatcher::Prefix(v) => value.starts_with(v.as_str()),
             ValueMatcher::Regex(re) => re.is_match(value),
         }
     }
@@ -118,6 +126,7 @@ struct CompiledMatch {
     path: PathMatcher,
     method: Option<String>,
     headers: Vec<NamedMatcher>,
+    without_headers: Vec<NamedMatcher>,
     query: Vec<NamedMatcher>,
     grpc: Option<GrpcMatcher>,
 }
@@ -136,16 +145,19 @@ impl CompiledMatch {
         {
             return false;
         }
-        self.headers.iter().all(|h| {
+        let header_matches = |h: &NamedMatcher| {
             request
                 .headers
                 .get_all(h.name.as_str())
                 .iter()
                 .any(|v| v.to_str().is_ok_and(|v| h.value.matches(v)))
-        }) && self
-            .query
-            .iter()
-            .all(|q| query_value(request.query, &q.name).is_some_and(|v| q.value.matches(&v)))
+        };
+        self.headers.iter().all(header_matches)
+            && !self.without_headers.iter().any(header_matches)
+            && self
+                .query
+                .iter()
+                .all(|q| query_value(request.query, &q.name).is_some_and(|v| q.value.matches(&v)))
     }
 
     fn http_rank(&self) -> (u8, usize, bool, usize, usize) {
@@ -307,6 +319,8 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct ServiceRoutes {
+    /// VirtualService rules, in the order written.
+    ordered: Vec<Entry>,
     http: Vec<Entry>,
     grpc: Vec<Entry>,
 }
@@ -352,6 +366,7 @@ impl RouteTable {
             }
         }
         for routes in table.services.values_mut() {
+            routes.ordered.sort_by(|a, b| compare(a, b, |_| ()));
             routes
                 .http
                 .sort_by(|a, b| compare(a, b, |e| e.matcher.http_rank()));
@@ -364,7 +379,8 @@ impl RouteTable {
 
     fn add(&mut self, route: &pb::Route) -> Result<(), String> {
         let name = route.resource_name();
-        let grpc = route.kind() == pb::RouteKind::Grpc;
+        let kind = route.kind();
+        let grpc = kind == pb::RouteKind::Grpc;
         let mut entries = Vec::new();
         for (rule_index, rule) in route.rules.iter().enumerate() {
             let compiled = Arc::new(compile_rule(&name, rule_index, rule)?);
@@ -387,10 +403,10 @@ impl RouteTable {
             let port = u16::try_from(parent.port)
                 .map_err(|_| format!("parentRefs port {} is out of range", parent.port))?;
             let routes = self.services.entry(parent.service.clone()).or_default();
-            let list = if grpc {
-                &mut routes.grpc
-            } else {
-                &mut routes.http
+            let list = match kind {
+                pb::RouteKind::Grpc => &mut routes.grpc,
+                pb::RouteKind::Http => &mut routes.http,
+                pb::RouteKind::VirtualService => &mut routes.ordered,
             };
             for (matcher, rule, rule_index, match_index) in &entries {
                 list.push(Entry {
@@ -418,19 +434,24 @@ impl RouteTable {
             return Decision::NoRoutes;
         };
         let applies = |e: &&Entry| e.port == 0 || e.port == port;
+        let ordered = routes.ordered.iter().filter(applies);
         let grpc_entries = routes.grpc.iter().filter(applies);
         let http_entries = routes.http.iter().filter(applies);
         let mut any = false;
         let candidates: Box<dyn Iterator<Item = &Entry>> = if request.grpc {
-            Box::new(grpc_entries.chain(http_entries))
+            Box::new(ordered.chain(grpc_entries).chain(http_entries))
         } else {
-            Box::new(http_entries)
+            Box::new(ordered.chain(http_entries))
         };
         for entry in candidates {
             any = true;
             if entry.matcher.matches(request) {
                 let matched_prefix = match &entry.matcher.path {
-                    PathMatcher::Prefix(p) if entry.matcher.grpc.is_none() => Some(p.clone()),
+                    PathMatcher::Prefix(p) | PathMatcher::StringPrefix(p)
+                        if entry.matcher.grpc.is_none() =>
+                    {
+                        Some(p.clone())
+                    }
                     _ => None,
                 };
                 return Decision::Matched(Matched {
@@ -501,6 +522,7 @@ fn value_matcher(m: &pb::StringMatch, at: &str) -> Result<ValueMatcher, String> 
     match m.r#type() {
         pb::MatchType::Exact => Ok(ValueMatcher::Exact(m.value.clone())),
         pb::MatchType::Regex => Ok(ValueMatcher::Regex(anchored(&m.value, at)?)),
+        pb::MatchType::PrefixString => Ok(ValueMatcher::Prefix(m.value.clone())),
         pb::MatchType::Prefix => Err(format!("{at}: prefix is not a header/query match type")),
     }
 }
@@ -512,6 +534,7 @@ fn compile_match(m: &pb::RouteMatch, grpc: bool, at: &str) -> Result<CompiledMat
             pb::MatchType::Exact => PathMatcher::Exact(p.value.clone()),
             pb::MatchType::Prefix => PathMatcher::Prefix(p.value.trim_end_matches('/').to_string()),
             pb::MatchType::Regex => PathMatcher::Regex(anchored(&p.value, &format!("{at}.path"))?),
+            pb::MatchType::PrefixString => PathMatcher::StringPrefix(p.value.clone()),
         },
     };
     let headers = m
@@ -522,6 +545,17 @@ fn compile_match(m: &pb::RouteMatch, grpc: bool, at: &str) -> Result<CompiledMat
             Ok(NamedMatcher {
                 name: h.name.to_ascii_lowercase(),
                 value: value_matcher(h, &format!("{at}.headers[{i}]"))?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let without_headers = m
+        .without_headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            Ok(NamedMatcher {
+                name: h.name.to_ascii_lowercase(),
+                value: value_matcher(h, &format!("{at}.withoutHeaders[{i}]"))?,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -564,6 +598,7 @@ fn compile_match(m: &pb::RouteMatch, grpc: bool, at: &str) -> Result<CompiledMat
         path,
         method: (!m.method.is_empty()).then(|| m.method.to_ascii_uppercase()),
         headers,
+        without_headers,
         query,
         grpc: grpc.transpose()?,
     })

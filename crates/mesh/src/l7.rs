@@ -349,6 +349,7 @@ fn http_route(
                     )?,
                     method: matched.method.clone().unwrap_or_default(),
                     grpc: None,
+                    without_headers: Vec::new(),
                 });
             }
             Ok(matches)

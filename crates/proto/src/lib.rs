@@ -122,6 +122,11 @@ pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.Route";
 /// Type URL of a waypoint's L7 authorization policy (`ambit.waypoint.v1.Policy`).
 pub const L7_POLICY_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.Policy";
 
+/// Type URL of a waypoint's destination policy (`ambit.waypoint.v1.DestinationPolicy`: one
+/// DestinationRule).
+pub const DESTINATION_POLICY_TYPE_URL: &str =
+    "type.googleapis.com/ambit.waypoint.v1.DestinationPolicy";
+
 /// Why an `Any` could not be turned back into the expected message.
 #[derive(Debug, Error)]
 pub enum UnpackError {
@@ -203,6 +208,7 @@ impl waypoint::Route {
         let kind = match self.kind() {
             waypoint::RouteKind::Http => "HTTPRoute",
             waypoint::RouteKind::Grpc => "GRPCRoute",
+            waypoint::RouteKind::VirtualService => "VirtualService",
         };
         format!("{kind}/{}/{}", self.namespace, self.name)
     }
@@ -210,6 +216,13 @@ impl waypoint::Route {
 
 impl waypoint::Policy {
     /// The xDS resource name of a waypoint policy: `<namespace>/<name>`.
+    pub fn resource_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl waypoint::DestinationPolicy {
+    /// The xDS resource name of a destination policy: `<namespace>/<name>`.
     pub fn resource_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }

@@ -22,6 +22,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 #[derive(Parser)]
 #[command(
     name = "istiod-lite",
+    version,
     about = "Ambit's control plane: CA and delta xDS"
 )]
 struct Args {

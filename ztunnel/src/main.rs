@@ -14,6 +14,11 @@ use ambit_core::config::ProcessEnv;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
+    // The only argument: `--version` (images and installers check the binary with it).
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("ztunnel {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     let vars: BTreeMap<String, String> = std::env::vars().collect();
     let config = match ztunnel::config::from_env(&ProcessEnv, &vars) {
         Ok(config) => config,

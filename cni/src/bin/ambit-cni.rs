@@ -4,6 +4,11 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 fn main() {
+    // Runtimes call the plugin with CNI_COMMAND=VERSION; `--version` is for people and images.
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("ambit-cni {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
     let env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("CNI_"))
         .collect();

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "cni-agent",
+    version,
     about = "Ambit's node agent: enrollment, in-pod redirection, ZDS"
 )]
 struct Cli {

@@ -810,6 +810,48 @@ impl StateIndex {
         service_port: u16,
         source: Option<&Workload>,
     ) -> Option<(Arc<Workload>, u16)> {
+        let (endpoints, best) = self.best_endpoints(service, service_port, source, &|_| true)?;
+        let count = endpoints.iter().filter(|w| best(w).is_some()).count();
+        if count == 0 {
+            return None;
+        }
+        let chosen = endpoints
+            .iter()
+            .filter(|w| best(w).is_some())
+            .nth(rand::rng().random_range(0..count))?;
+        Some((chosen.clone(), best(chosen)?))
+    }
+
+    /// Every endpoint [`pick_endpoint`](Self::pick_endpoint) would choose among, restricted to
+    /// those `keep` accepts (a subset, endpoints not ejected) before the routing preferences are
+    /// ranked, so a preference falls back to worse-ranked endpoints when the best are filtered
+    /// out. For a proxy that applies its own load balancing (the waypoint).
+    pub fn candidates(
+        &self,
+        service: &Service,
+        service_port: u16,
+        source: Option<&Workload>,
+        keep: &dyn Fn(&Workload) -> bool,
+    ) -> Vec<(Arc<Workload>, u16)> {
+        let Some((endpoints, best)) = self.best_endpoints(service, service_port, source, keep)
+        else {
+            return Vec::new();
+        };
+        endpoints
+            .iter()
+            .filter_map(|w| best(w).map(|port| (w.clone(), port)))
+            .collect()
+    }
+
+    /// The service's endpoints and a function giving the target port of each one that is
+    /// eligible (healthy or allowed, serving the port, kept) and of the best preference rank.
+    fn best_endpoints<'a>(
+        &'a self,
+        service: &'a Service,
+        service_port: u16,
+        source: Option<&'a Workload>,
+        keep: &'a dyn Fn(&Workload) -> bool,
+    ) -> Option<(&'a [Arc<Workload>], impl Fn(&Workload) -> Option<u16> + 'a)> {
         let declared = service.port(service_port)?.target_port;
         let allow_unhealthy = service
             .load_balancing
@@ -817,8 +859,8 @@ impl StateIndex {
             .is_some_and(|lb| lb.allow_unhealthy);
         let endpoints = self.endpoints.get(&service.key)?;
         // An endpoint that can take the connection, with the port it takes it on.
-        let eligible = |w: &Workload| -> Option<u16> {
-            if !(w.healthy || allow_unhealthy) {
+        let eligible = move |w: &Workload| -> Option<u16> {
+            if !(w.healthy || allow_unhealthy) || !keep(w) {
                 return None;
             }
             let target = if declared != 0 {
@@ -833,7 +875,7 @@ impl StateIndex {
             (Some(lb), Some(src)) if !lb.preferences.is_empty() => Some((lb, src)),
             _ => None,
         };
-        let rank = |w: &Workload| match preferences {
+        let rank = move |w: &Workload| match preferences {
             Some((lb, src)) => lb
                 .preferences
                 .iter()
@@ -850,16 +892,8 @@ impl StateIndex {
                 .max()?,
             None => 0,
         };
-        let best = |w: &&Arc<Workload>| eligible(w).is_some() && rank(w) == wanted;
-        let count = endpoints.iter().filter(best).count();
-        if count == 0 {
-            return None;
-        }
-        let chosen = endpoints
-            .iter()
-            .filter(best)
-            .nth(rand::rng().random_range(0..count))?;
-        Some((chosen.clone(), eligible(chosen)?))
+        let best = move |w: &Workload| eligible(w).filter(|_| rank(w) == wanted);
+        Some((&endpoints[..], best))
     }
 }
 

@@ -43,9 +43,15 @@ impl ResponseFlags {
     pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: Self = Self(1 << 13);
     /// Upstream request timeout (`UT`).
     pub const UPSTREAM_TIMEOUT: Self = Self(1 << 14);
+    /// Refused because a connection-pool limit was reached (`UO`).
+    pub const UPSTREAM_OVERFLOW: Self = Self(1 << 15);
+    /// Aborted by fault injection (`FI`).
+    pub const FAULT_INJECTED: Self = Self(1 << 16);
+    /// Delayed by fault injection (`DI`).
+    pub const DELAY_INJECTED: Self = Self(1 << 17);
 
     /// Rendering order and names.
-    const NAMES: [(ResponseFlags, &'static str); 15] = [
+    const NAMES: [(ResponseFlags, &'static str); 18] = [
         (Self::DENY, "DENY"),
         (Self::CONNECT, "CONNECT"),
         (Self::TLS_FAILURE, "TLS_FAILURE"),
@@ -61,6 +67,9 @@ impl ResponseFlags {
         (Self::UPSTREAM_RESET, "UR"),
         (Self::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
         (Self::UPSTREAM_TIMEOUT, "UT"),
+        (Self::UPSTREAM_OVERFLOW, "UO"),
+        (Self::FAULT_INJECTED, "FI"),
+        (Self::DELAY_INJECTED, "DI"),
     ];
 
     /// True when no flag is set.
@@ -149,7 +158,7 @@ mod tests {
         assert_eq!(
             all.to_string(),
             "DENY,CONNECT,TLS_FAILURE,H2_HANDSHAKE_FAILURE,NETWORK_POLICY,IDENTITY_ERROR,\
-             CERT_REVOKED,DC,NR,UC,UF,UH,UR,URX,UT"
+             CERT_REVOKED,DC,NR,UC,UF,UH,UR,URX,UT,UO,FI,DI"
         );
     }
 }

@@ -9,7 +9,9 @@ use http::{HeaderMap, Method, Uri};
 
 use crate::*;
 
-/// Collects what the `access` target logs while the returned guard lives.
+/// Collects what the `access` target logs. One process-wide subscriber writes into one buffer
+/// (thread-scoped subscribers lose events to tracing's process-wide callsite interest cache when
+/// tests run in parallel); the tests that read it run one at a time ([`serial`]) and clear it first.
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);
 
@@ -27,18 +29,34 @@ impl io::Write for Logs {
 }
 
 impl Logs {
-    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+    fn capture() -> (Self, ()) {
+        static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+        let logs = LOGS
+            .get_or_init(|| {
+                let logs = Logs::default();
+                let writer = logs.clone();
+                let subscriber = tracing_subscriber::fmt()
+                    .with_ansi(false)
+                    .with_writer(move || writer.clone())
+                    .finish();
+                let _ = tracing::subscriber::set_global_default(subscriber);
+                logs
+            })
+            .clone();
+        logs.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        (logs, ())
     }
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
     }
+}
+
+/// The log-capturing tests install thread-scoped subscribers, and tracing caches each callsite's
+/// interest process-wide: run this module's tests one at a time so that no test's events are
+/// filtered by another's subscriber (or the lack of one).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -90,6 +108,7 @@ impl ResponseFlag for Denied {
 
 #[test]
 fn a_connection_dropped_without_a_result_is_counted_closed_with_its_bytes() {
+    let _serial = serial();
     let registry = Registry::new();
     describe_tcp(&registry);
     let (logs, _guard) = Logs::capture();
@@ -161,6 +180,7 @@ fn a_connection_dropped_without_a_result_is_counted_closed_with_its_bytes() {
 
 #[test]
 fn a_failed_connection_carries_the_errors_flag_into_metrics_and_log() {
+    let _serial = serial();
     let registry = Registry::new();
     let (logs, _guard) = Logs::capture();
     let mut conn = ConnectionGuard::open(
@@ -238,6 +258,7 @@ fn request(
 
 #[test]
 fn a_request_records_istio_series_and_envoy_buckets() {
+    let _serial = serial();
     let registry = Registry::new();
     describe_http(&registry);
     let (logs, _guard) = Logs::capture();
@@ -335,6 +356,7 @@ fn a_request_records_istio_series_and_envoy_buckets() {
 
 #[test]
 fn a_request_dropped_before_its_response_is_a_downstream_disconnect() {
+    let _serial = serial();
     let registry = Registry::new();
     let (method, uri, headers) = request(Method::GET, "http://echo.demo:80/", &[]);
     drop(RequestGuard::start(
@@ -362,6 +384,7 @@ impl ResponseFlag for NoHealthyUpstream {
 
 #[test]
 fn a_grpc_failure_reports_its_status_and_flag() {
+    let _serial = serial();
     let registry = Registry::new();
     let (logs, _guard) = Logs::capture();
     let (method, uri, headers) = request(
@@ -400,6 +423,7 @@ fn a_grpc_failure_reports_its_status_and_flag() {
 
 #[test]
 fn trace_ids_come_only_from_well_formed_traceparents() {
+    let _serial = serial();
     assert_eq!(
         trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         Some("4bf92f3577b34da6a3ce929d0e0e4736")

@@ -1,15 +1,109 @@
 //! The translated resources every proxy is served from, with a content version per resource
 //! (a hash of its encoding, so versions survive restarts and unchanged resources are never
-//! re-sent to a client that reports holding them).
+//! re-sent to a client that reports holding them), and, per generation and type, every resource
+//! encoded and compressed once for all the clients that subscribe holding nothing (a cluster's
+//! ztunnels all starting at once would otherwise each cost one encoding and one gzip of the
+//! whole set).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::Write as _;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use ambit_mesh::l7::WaypointScope;
 use ambit_mesh::translate::{Cluster, Resources};
+use ambit_proto::discovery::{DeltaDiscoveryResponse, Resource};
 use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, ROUTE_TYPE_URL};
+use bytes::Bytes;
 use prost::Message;
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, watch};
+
+/// Why a type's resources could not be encoded for sending.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The snapshot has no such resource type.
+    #[error("no resource type {type_url} in the store")]
+    UnknownType {
+        /// The type URL asked for.
+        type_url: String,
+    },
+    /// Compressing the encoded set failed.
+    #[error("compressing the {type_url} resources of generation {generation}: {source}")]
+    Compress {
+        /// The type URL.
+        type_url: &'static str,
+        /// The store generation.
+        generation: u64,
+        /// The compressor's error.
+        source: std::io::Error,
+    },
+    /// The blocking task encoding the set did not finish (panicked or cancelled at shutdown).
+    #[error(
+        "encoding the {type_url} resources of generation {generation} did not finish: {source}"
+    )]
+    Task {
+        /// The type URL.
+        type_url: &'static str,
+        /// The store generation.
+        generation: u64,
+        /// Why the task ended.
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Every resource of one type as the `resources` field of a `DeltaDiscoveryResponse`, encoded
+/// once per generation and shared by every stream that sends the whole set: a response is the
+/// stream's own fields (type URL, nonce) encoded in front of these bytes, since protobuf merges
+/// the fields of concatenated encodings.
+#[derive(Debug)]
+pub struct EncodedSet {
+    /// How many resources.
+    pub resources: usize,
+    /// The encoding.
+    pub plain: Bytes,
+    /// `plain` compressed as a raw deflate stream ending with its final block, to be put
+    /// after a client's own non-final blocks inside one gzip member.
+    pub deflated: Bytes,
+    /// CRC-32 of `plain` (combined into the gzip trailer with the CRC of what precedes it).
+    pub crc: flate2::Crc,
+}
+
+impl EncodedSet {
+    /// Encodes and compresses `entries` (CPU-bound: tens of milliseconds per 10,000 workloads).
+    pub fn encode(entries: &BTreeMap<String, Entry>) -> std::io::Result<Self> {
+        let message = DeltaDiscoveryResponse {
+            resources: entries
+                .iter()
+                .map(|(name, entry)| Resource {
+                    name: name.clone(),
+                    version: entry.version.clone(),
+                    resource: Some(entry.any.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let plain = message.encode_to_vec();
+        drop(message);
+        let mut crc = flate2::Crc::new();
+        crc.update(&plain);
+        // The level tonic uses for gzip; paid once per generation instead of once per client.
+        let mut deflate = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(plain.len() / 4),
+            flate2::Compression::new(6),
+        );
+        deflate.write_all(&plain)?;
+        let deflated = deflate.finish()?;
+        Ok(Self {
+            resources: entries.len(),
+            plain: plain.into(),
+            deflated: deflated.into(),
+            crc,
+        })
+    }
+}
+
+/// One type's [`EncodedSet`] for a generation, built on first use.
+type SetCell = Arc<OnceCell<Arc<EncodedSet>>>;
 
 /// One resource ready to send.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,8 +117,9 @@ pub struct Entry {
 /// A consistent view: resources by type URL, then name; plus the objects they came from.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// type URL → name → entry.
-    pub types: BTreeMap<&'static str, BTreeMap<String, Entry>>,
+    /// type URL → name → entry (shared: a stream remembers what its client holds by keeping
+    /// the map it was last brought up to).
+    pub types: BTreeMap<&'static str, Arc<BTreeMap<String, Entry>>>,
     /// The cluster objects (the CA authorizes against pods' nodes).
     pub cluster: Arc<Cluster>,
     /// Bumped on every change.
@@ -37,6 +132,9 @@ pub struct Snapshot {
     pub waypoint_scopes: Arc<BTreeMap<String, WaypointScope>>,
     /// node → (namespace, service account) of the pods on it; built on first use by the CA.
     node_accounts: OnceLock<HashMap<String, HashSet<(String, String)>>>,
+    /// type URL → the whole set encoded, built on first use (carried over to the next
+    /// generation when the type did not change).
+    encoded: BTreeMap<&'static str, SetCell>,
 }
 
 /// The resource types only waypoints are served, each only the names of its own scope.
@@ -57,6 +155,41 @@ impl Snapshot {
             Some(scope) => &scope.policies,
             None => &NOTHING,
         })
+    }
+
+    /// Every resource of `type_url` encoded and compressed, built once per generation on a
+    /// blocking thread by the first caller while the others wait for it.
+    pub async fn encoded(self: &Arc<Self>, type_url: &str) -> Result<Arc<EncodedSet>, StoreError> {
+        let (type_url, cell) =
+            self.encoded
+                .get_key_value(type_url)
+                .ok_or_else(|| StoreError::UnknownType {
+                    type_url: type_url.to_string(),
+                })?;
+        let type_url: &'static str = type_url;
+        let generation = self.generation;
+        let cell = cell.clone();
+        cell.get_or_try_init(|| async {
+            let snapshot = self.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                let empty = BTreeMap::new();
+                let entries = snapshot.types.get(type_url).map_or(&empty, |t| &**t);
+                EncodedSet::encode(entries)
+            })
+            .await
+            .map_err(|source| StoreError::Task {
+                type_url,
+                generation,
+                source,
+            })?;
+            built.map(Arc::new).map_err(|source| StoreError::Compress {
+                type_url,
+                generation,
+                source,
+            })
+        })
+        .await
+        .cloned()
     }
 
     /// Whether a pod of `namespace`'s service account `service_account` is scheduled on `node`
@@ -143,7 +276,8 @@ impl Store {
             ROUTE_TYPE_URL,
             L7_POLICY_TYPE_URL,
         ] {
-            snapshot.types.insert(type_url, BTreeMap::new());
+            snapshot.types.insert(type_url, Arc::default());
+            snapshot.encoded.insert(type_url, SetCell::default());
         }
         Self {
             current: Arc::new(RwLock::new(Arc::new(snapshot))),
@@ -161,11 +295,17 @@ impl Store {
 
     /// Replaces everything; returns whether any resource changed. Notifies subscribers.
     pub fn replace(&self, cluster: Cluster, resources: &Resources) -> bool {
-        let mut types = BTreeMap::new();
-        types.insert(ADDRESS_TYPE_URL, entries(&resources.addresses));
-        types.insert(AUTHORIZATION_TYPE_URL, entries(&resources.authorizations));
-        types.insert(ROUTE_TYPE_URL, entries(&resources.routes));
-        types.insert(L7_POLICY_TYPE_URL, entries(&resources.l7_policies));
+        let mut types: BTreeMap<&'static str, Arc<BTreeMap<String, Entry>>> = BTreeMap::new();
+        types.insert(ADDRESS_TYPE_URL, Arc::new(entries(&resources.addresses)));
+        types.insert(
+            AUTHORIZATION_TYPE_URL,
+            Arc::new(entries(&resources.authorizations)),
+        );
+        types.insert(ROUTE_TYPE_URL, Arc::new(entries(&resources.routes)));
+        types.insert(
+            L7_POLICY_TYPE_URL,
+            Arc::new(entries(&resources.l7_policies)),
+        );
         let changed = {
             let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
             let empty = BTreeMap::new();
@@ -174,13 +314,25 @@ impl Store {
                 .map(|(t, new)| {
                     (
                         *t,
-                        changed_names(current.types.get(t).unwrap_or(&empty), new),
+                        changed_names(current.types.get(t).map_or(&empty, |m| &**m), new),
                     )
                 })
                 .collect();
             // A waypoint losing or gaining a route is a change even when no resource changed.
             let scopes_changed = *current.waypoint_scopes != resources.waypoint_scopes;
             let changed = scopes_changed || delta.values().any(|names| !names.is_empty());
+            // A type that did not change keeps its encoded set (and the work already done).
+            let encoded = types
+                .keys()
+                .map(|t| {
+                    let unchanged = delta.get(t).is_none_or(Vec::is_empty);
+                    let cell = match current.encoded.get(t) {
+                        Some(cell) if unchanged => cell.clone(),
+                        _ => SetCell::default(),
+                    };
+                    (*t, cell)
+                })
+                .collect();
             *current = Arc::new(Snapshot {
                 types,
                 waypoint_scopes: if scopes_changed {
@@ -196,6 +348,7 @@ impl Store {
                     current.changed.clone()
                 },
                 node_accounts: OnceLock::new(),
+                encoded,
             });
             changed
         };

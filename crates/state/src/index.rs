@@ -845,6 +845,8 @@ impl StateIndex {
 
     /// The service's endpoints and a function giving the target port of each one that is
     /// eligible (healthy or allowed, serving the port, kept) and of the best preference rank.
+    // The closure type cannot be named (no `impl Trait` in type aliases on stable).
+    #[allow(clippy::type_complexity)]
     fn best_endpoints<'a>(
         &'a self,
         service: &'a Service,

@@ -1,7 +1,8 @@
 //! Cluster objects to waypoint resources: HTTPRoutes and GRPCRoutes whose parent is a Service
-//! (GAMMA) become [`Route`](wp::Route)s, AuthorizationPolicies that waypoints enforce become
-//! [`Policy`](wp::Policy)s, and every usable waypoint gets the [`WaypointScope`] of names it is
-//! served. Pure, like the rest of the translation: a route or policy that cannot be honoured is
+//! (GAMMA) and VirtualServices whose hosts are Services become [`Route`](wp::Route)s,
+//! DestinationRules of those Services become [`DestinationPolicy`](wp::DestinationPolicy)s,
+//! AuthorizationPolicies that waypoints enforce become [`Policy`](wp::Policy)s, and every usable
+//! waypoint gets the [`WaypointScope`] of names it is served. Pure, like the rest of the translation: a route or policy that cannot be honoured is
 //! left out (or the part of it that cannot) with a warning naming the object and field, and the
 //! others translate.
 
@@ -29,6 +30,9 @@ pub struct WaypointScope {
     /// [`Policy`](wp::Policy) names (`<namespace>/<name>`) targeting the Gateway, its
     /// GatewayClass, or a Service bound to it.
     pub policies: BTreeSet<String>,
+    /// [`DestinationPolicy`](wp::DestinationPolicy) names (`<namespace>/<name>`) whose host
+    /// Service is bound to the waypoint.
+    pub destination_policies: BTreeSet<String>,
 }
 
 /// A field of the object being translated and why it cannot be honoured.
@@ -44,21 +48,35 @@ const WHEN_KEYS: [&str; 5] = [
 ];
 
 /// Everything the translation reads, indexed once.
-struct Context<'a> {
-    cluster: &'a Cluster,
-    settings: &'a MeshSettings,
+pub(crate) struct Context<'a> {
+    pub(crate) cluster: &'a Cluster,
+    pub(crate) settings: &'a MeshSettings,
     /// Service `(namespace, name)` → the waypoint (`ns/name`) serving its traffic.
-    bound: BTreeMap<(String, String), String>,
+    pub(crate) bound: BTreeMap<(String, String), String>,
 }
 
 impl Context<'_> {
-    fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+    pub(crate) fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
         self.cluster
             .services
             .get(&(namespace.to_string(), name.to_string()))
     }
 
-    fn address_name(&self, service: &Service) -> String {
+    /// The Service an Istio host names, relative to `namespace`: `name`, `name.ns`,
+    /// `name.ns.svc` or `name.ns.svc.<domain suffix>`.
+    pub(crate) fn host_service(&self, host: &str, namespace: &str) -> Option<&Service> {
+        let parts: Vec<&str> = host.split('.').collect();
+        let suffix = format!("svc.{}", self.settings.domain_suffix);
+        match parts.as_slice() {
+            [name] => self.service(namespace, name),
+            [name, ns] => self.service(ns, name),
+            [name, ns, "svc"] => self.service(ns, name),
+            [name, ns, rest @ ..] if rest.join(".") == suffix => self.service(ns, name),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn address_name(&self, service: &Service) -> String {
         format!(
             "{}/{}",
             service.metadata.namespace,
@@ -96,6 +114,15 @@ pub(crate) fn translate(
     }
     for route in cluster.grpc_routes.values() {
         routes.extend(grpc_route(route, &context, &mut out.warnings));
+    }
+    let subsets = destination_policies(&context, out, &mut scopes);
+    for vs in cluster.virtual_services.values() {
+        routes.extend(crate::virtual_service::translate(
+            vs,
+            &context,
+            &crate::virtual_service::Subsets(&subsets),
+            &mut out.warnings,
+        ));
     }
     for (route, served_by) in routes {
         let name = route.resource_name();
@@ -164,8 +191,106 @@ pub(crate) fn translate(
     out.waypoint_scopes = scopes;
 }
 
-fn warn(warnings: &mut Vec<String>, named: &str, field: &str, reason: &str) {
+pub(crate) fn warn(warnings: &mut Vec<String>, named: &str, field: &str, reason: &str) {
     warnings.push(format!("{named}: {field}: {reason}"));
+}
+
+/// Translates every DestinationRule whose host is a Service into a DestinationPolicy (added to
+/// `out` and to the scope of the Service's waypoint); returns the subset names declared for each
+/// Service (by Address name), which VirtualServices are checked against.
+fn destination_policies(
+    context: &Context<'_>,
+    out: &mut Resources,
+    scopes: &mut BTreeMap<String, WaypointScope>,
+) -> BTreeMap<String, BTreeSet<String>> {
+    use crate::destination_rule::{EndpointLabels, destination_policy};
+    // Endpoints of each Service (by Address name): the workloads listing it, with pod labels.
+    let mut endpoints: BTreeMap<&str, Vec<EndpointLabels<'_>>> = BTreeMap::new();
+    for address in out.addresses.values() {
+        let Some(ambit_proto::workload::address::Type::Workload(workload)) = &address.r#type else {
+            continue;
+        };
+        let labels = context
+            .cluster
+            .pods
+            .get(&(workload.namespace.clone(), workload.name.clone()))
+            .filter(|_| workload.uid.contains("//Pod/"))
+            .map(|pod| &pod.metadata.labels);
+        for service in workload.services.keys() {
+            endpoints
+                .entry(service.as_str())
+                .or_default()
+                .push(EndpointLabels {
+                    uid: &workload.uid,
+                    labels,
+                });
+        }
+    }
+    let mut subsets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut policies = Vec::new();
+    let mut by_service: BTreeMap<String, String> = BTreeMap::new();
+    for rule in context.cluster.destination_rules.values() {
+        let meta = &rule.metadata;
+        let named = format!("DestinationRule {}/{}", meta.namespace, meta.name);
+        let Some(service) = context.host_service(&rule.spec.host, &meta.namespace) else {
+            warn(
+                &mut out.warnings,
+                &named,
+                "spec.host",
+                &format!(
+                    "{:?} is not a Service; the DestinationRule is not served to waypoints",
+                    rule.spec.host
+                ),
+            );
+            continue;
+        };
+        let address = context.address_name(service);
+        let key = (
+            service.metadata.namespace.clone(),
+            service.metadata.name.clone(),
+        );
+        let waypoint = context.bound.get(&key);
+        if waypoint.is_none() {
+            warn(
+                &mut out.warnings,
+                &named,
+                "spec.host",
+                &format!(
+                    "Service {}/{} has no waypoint: the DestinationRule has no effect on it",
+                    key.0, key.1
+                ),
+            );
+        }
+        let name = format!("{}/{}", meta.namespace, meta.name);
+        if let Some(other) = by_service.insert(address.clone(), name.clone()) {
+            warn(
+                &mut out.warnings,
+                &named,
+                "spec.host",
+                &format!(
+                    "DestinationRule {other} names the same Service; both are served and the waypoint does not merge them"
+                ),
+            );
+        }
+        subsets
+            .entry(address.clone())
+            .or_default()
+            .extend(rule.spec.subsets.iter().map(|s| s.name.clone()));
+        let resource = destination_policy(
+            rule,
+            address.clone(),
+            endpoints.get(address.as_str()).map_or(&[], Vec::as_slice),
+            &mut out.warnings,
+        );
+        policies.push((name, resource, waypoint.cloned()));
+    }
+    for (name, resource, waypoint) in policies {
+        if let Some(scope) = waypoint.and_then(|w| scopes.get_mut(&w)) {
+            scope.destination_policies.insert(name.clone());
+        }
+        out.destination_policies.insert(name, resource);
+    }
+    subsets
 }
 
 /// The waypoint (`ns/name`) taking a Service's traffic: its own `istio.io/use-waypoint`, else
@@ -281,7 +406,7 @@ fn parents(
 }
 
 /// `metadata.creationTimestamp` as Unix seconds (0 when absent or unreadable).
-fn created(meta: &ObjectMeta) -> i64 {
+pub(crate) fn created(meta: &ObjectMeta) -> i64 {
     meta.creation_timestamp
         .as_deref()
         .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
@@ -376,6 +501,7 @@ fn http_route(
             request: t.request.as_deref().and_then(duration),
             backend_request: t.backend_request.as_deref().and_then(duration),
         });
+        rule_out.retry = rule.retry.as_ref().map(http_route_retry);
         rules.push(rule_out);
     }
     Some((
@@ -485,6 +611,35 @@ fn grpc_route(
     ))
 }
 
+/// The Envoy policies retried, besides `codes`, when an HTTPRoute names status codes (as Istio
+/// translates Gateway API retries): connection failures and refused or reset streams.
+const HTTP_ROUTE_RETRY_ON: [&str; 5] = [
+    "connect-failure",
+    "refused-stream",
+    "unavailable",
+    "cancelled",
+    "retriable-status-codes",
+];
+
+/// The attempts of an HTTPRoute `retry` without `attempts` (Istio's default).
+const HTTP_ROUTE_RETRY_ATTEMPTS: u32 = 2;
+
+/// HTTPRoute `retry` → Retry: `attempts` (retries after the first try; default 2), `codes`,
+/// `backoff`. Without codes, the waypoint's default conditions apply.
+fn http_route_retry(retry: &crate::gateway_api::HttpRouteRetry) -> wp::Retry {
+    wp::Retry {
+        attempts: retry.attempts.unwrap_or(HTTP_ROUTE_RETRY_ATTEMPTS),
+        per_try_timeout: None,
+        codes: retry.codes.clone(),
+        retry_on: if retry.codes.is_empty() {
+            Vec::new()
+        } else {
+            HTTP_ROUTE_RETRY_ON.iter().map(|s| s.to_string()).collect()
+        },
+        backoff: retry.backoff.as_deref().and_then(duration),
+    }
+}
+
 fn compiles(field: &str, pattern: &str) -> Result<(), Refused> {
     route_regex(pattern).map(|_| ()).map_err(|e| {
         (
@@ -530,7 +685,11 @@ fn string_match_list(
 }
 
 fn duration(text: &str) -> Option<prost_types::Duration> {
-    let d = parse_gateway_duration(text)?;
+    proto_duration(parse_gateway_duration(text)?)
+}
+
+/// A duration as protobuf writes it.
+pub(crate) fn proto_duration(d: std::time::Duration) -> Option<prost_types::Duration> {
     Some(prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).ok()?,
         nanos: i32::try_from(d.subsec_nanos()).ok()?,

@@ -11,6 +11,7 @@ pub mod parse;
 pub mod status;
 pub mod translate;
 mod validate;
+pub mod virtual_service;
 mod waypoints;
 
 pub use objects::{Namespace, Object, ObjectKey, ObjectMeta, Pod};

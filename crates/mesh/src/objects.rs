@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::destination_rule::DestinationRule;
 pub use crate::gateway_api::{Gateway, GatewayClass, GrpcRoute, HttpRoute};
+pub use crate::virtual_service::VirtualService;
 
 /// `metadata` of any object.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -593,6 +594,8 @@ pub enum Object {
     GrpcRoute(GrpcRoute),
     /// An Istio DestinationRule.
     DestinationRule(DestinationRule),
+    /// An Istio VirtualService.
+    VirtualService(VirtualService),
     /// An EndpointSlice.
     EndpointSlice(EndpointSlice),
     /// A Node (cluster-scoped).
@@ -630,6 +633,7 @@ impl Object {
             Object::HttpRoute(r) => key_of("HTTPRoute", &r.metadata),
             Object::GrpcRoute(r) => key_of("GRPCRoute", &r.metadata),
             Object::DestinationRule(d) => key_of("DestinationRule", &d.metadata),
+            Object::VirtualService(v) => key_of("VirtualService", &v.metadata),
             Object::EndpointSlice(e) => key_of("EndpointSlice", &e.metadata),
             Object::Node(n) => cluster_key("Node", &n.metadata),
             Object::Other { key, .. } => key.clone(),
@@ -647,7 +651,7 @@ impl Object {
             | Object::GatewayClass(_)
             | Object::HttpRoute(_)
             | Object::GrpcRoute(_) => "gateway.networking.k8s.io/v1",
-            Object::DestinationRule(_) => "networking.istio.io/v1",
+            Object::DestinationRule(_) | Object::VirtualService(_) => "networking.istio.io/v1",
             Object::EndpointSlice(_) => "discovery.k8s.io/v1",
             Object::Other { api_version, .. } => api_version,
         }
@@ -666,6 +670,7 @@ impl Object {
             Object::HttpRoute(o) => serde_json::to_value(o),
             Object::GrpcRoute(o) => serde_json::to_value(o),
             Object::DestinationRule(o) => serde_json::to_value(o),
+            Object::VirtualService(o) => serde_json::to_value(o),
             Object::EndpointSlice(o) => serde_json::to_value(o),
             Object::Node(o) => serde_json::to_value(o),
             Object::Other { value, .. } => Ok(value.clone()),

@@ -197,6 +197,9 @@ fn parse_value(
         "DestinationRule" if group(&header.api_version) == "networking.istio.io" => {
             checked(value, validate::destination_rule).map(Object::DestinationRule)
         }
+        "VirtualService" if group(&header.api_version) == "networking.istio.io" => {
+            checked(value, crate::virtual_service::validate).map(Object::VirtualService)
+        }
         "EndpointSlice" if group(&header.api_version) == "discovery.k8s.io" => {
             checked(value, validate::endpoint_slice).map(Object::EndpointSlice)
         }

@@ -19,6 +19,7 @@ use crate::objects::{
     AuthorizationPolicy, EndpointSlice, LabelSelector, Namespace, Node, Object, PeerAuthentication,
     Pod, REGION_LABEL, SUBZONE_LABEL, Service, ZONE_LABEL,
 };
+use crate::virtual_service::VirtualService;
 use crate::waypoints::{self, Waypoints};
 
 /// Mesh-wide settings.
@@ -70,6 +71,9 @@ pub struct Resources {
     pub routes: BTreeMap<String, wp::Route>,
     /// Policies waypoints enforce, by resource name (`<namespace>/<name>`).
     pub l7_policies: BTreeMap<String, wp::Policy>,
+    /// DestinationRules of Services, as waypoints apply them, by resource name
+    /// (`<namespace>/<name>`).
+    pub destination_policies: BTreeMap<String, wp::DestinationPolicy>,
     /// What each usable waypoint (`<namespace>/<name>` of its Gateway) is served.
     pub waypoint_scopes: BTreeMap<String, WaypointScope>,
     /// Objects honoured only partly, or not at all, and why.
@@ -99,6 +103,8 @@ pub struct Cluster {
     pub grpc_routes: BTreeMap<(String, String), GrpcRoute>,
     /// DestinationRules by (namespace, name), for waypoints.
     pub destination_rules: BTreeMap<(String, String), DestinationRule>,
+    /// VirtualServices by (namespace, name), for waypoints.
+    pub virtual_services: BTreeMap<(String, String), VirtualService>,
     /// EndpointSlices by (namespace, name).
     pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
     /// Nodes by name.
@@ -148,6 +154,9 @@ impl Cluster {
             Object::DestinationRule(d) => {
                 self.destination_rules.insert(key(&d.metadata), d);
             }
+            Object::VirtualService(v) => {
+                self.virtual_services.insert(key(&v.metadata), v);
+            }
             Object::EndpointSlice(e) => {
                 self.endpoint_slices.insert(key(&e.metadata), e);
             }
@@ -172,6 +181,7 @@ impl Cluster {
             "HTTPRoute" => self.http_routes.remove(&k).is_some(),
             "GRPCRoute" => self.grpc_routes.remove(&k).is_some(),
             "DestinationRule" => self.destination_rules.remove(&k).is_some(),
+            "VirtualService" => self.virtual_services.remove(&k).is_some(),
             "EndpointSlice" => self.endpoint_slices.remove(&k).is_some(),
             "Node" => self.nodes.remove(&object.name).is_some(),
             _ => false,

@@ -606,6 +606,41 @@ fn load_balancer(at: &str, lb: &LoadBalancerSettings) -> Result<(), Invalid> {
             istio_duration(format!("{at}.consistentHash.httpCookie.ttl"), &cookie.ttl)?;
         }
     }
+    if let Some(locality) = &lb.locality_lb_setting {
+        let at = format!("{at}.localityLbSetting");
+        if !locality.distribute.is_empty() && !locality.failover.is_empty() {
+            return fail(
+                format!("{at}.failover"),
+                "cannot be combined with distribute",
+            );
+        }
+        for (i, entry) in locality.distribute.iter().enumerate() {
+            if entry.from.is_empty() {
+                return fail(format!("{at}.distribute[{i}].from"), "required");
+            }
+            let total: u64 = entry.to.values().map(|w| u64::from(*w)).sum();
+            if total != 100 {
+                return fail(
+                    format!("{at}.distribute[{i}].to"),
+                    format!("the percentages add up to {total}, not 100"),
+                );
+            }
+        }
+        for (i, entry) in locality.failover.iter().enumerate() {
+            if entry.from.is_empty() {
+                return fail(format!("{at}.failover[{i}].from"), "required");
+            }
+            if entry.to.is_empty() {
+                return fail(format!("{at}.failover[{i}].to"), "required");
+            }
+            if entry.from == entry.to {
+                return fail(
+                    format!("{at}.failover[{i}].to"),
+                    format!("{:?} is the region it fails over from", entry.to),
+                );
+            }
+        }
+    }
     istio_duration(format!("{at}.warmupDurationSecs"), &lb.warmup_duration_secs)
 }
 

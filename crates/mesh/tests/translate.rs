@@ -654,6 +654,7 @@ spec:
         r.warnings,
         [
             "HTTPRoute demo/echo-split: spec.parentRefs[0]: Service demo/echo has no waypoint: the route has no effect on it",
+            "DestinationRule demo/echo: spec.host: Service demo/echo has no waypoint: the DestinationRule has no effect on it",
             "AuthorizationPolicy demo/l7: spec.targetRefs: no target has a usable waypoint; the policy is not enforced",
         ]
     );

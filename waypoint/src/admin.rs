@@ -98,8 +98,18 @@ pub fn config_dump(state: &AdminState) -> Value {
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
+    let ejected: Vec<Value> = state
+        .proxy
+        .traffic()
+        .ejected()
+        .into_iter()
+        .map(|(service, workload, left)| {
+            json!({"service": service, "workload": workload, "ejectedForSeconds": left})
+        })
+        .collect();
     json!({
         "gateway": settings.gateway,
+        "ejectedEndpoints": ejected,
         "gatewayClass": settings.gateway_class,
         "routes": l7.route_names,
         "policies": policies,

@@ -73,6 +73,7 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
 pub struct L7Resources {
     routes: BTreeMap<String, wp::Route>,
     policies: BTreeMap<String, wp::Policy>,
+    destinations: BTreeMap<String, wp::DestinationPolicy>,
 }
 
 impl L7Resources {
@@ -127,6 +128,21 @@ impl L7Resources {
         rejected
     }
 
+    /// Applies destination policy upserts and removals (nothing in them can fail to compile).
+    fn apply_destinations(
+        &mut self,
+        upserts: &[(String, wp::DestinationPolicy)],
+        removals: &[String],
+    ) -> Vec<Rejection> {
+        for name in removals {
+            self.destinations.remove(name);
+        }
+        for (name, policy) in upserts {
+            self.destinations.insert(name.clone(), policy.clone());
+        }
+        Vec::new()
+    }
+
     /// Compiles everything held.
     fn compile(&self) -> L7Config {
         let (routes, _) = RouteTable::build(self.routes.values());
@@ -140,6 +156,7 @@ impl L7Resources {
             routes,
             policies,
             route_names: self.routes.keys().cloned().collect(),
+            destinations: crate::traffic::Destinations::build(self.destinations.values()),
         }
     }
 }
@@ -245,6 +262,7 @@ pub async fn run(
         let addresses = state.clone();
         let (routes_in, routes_proxy) = (resources.clone(), proxy.clone());
         let (policies_in, policies_proxy) = (resources.clone(), proxy.clone());
+        let (destinations_in, destinations_proxy) = (resources.clone(), proxy.clone());
         XdsClient::builder(
             XdsConfig {
                 control_plane: config.xds.clone(),
@@ -275,6 +293,14 @@ pub async fn run(
                 rejected
             },
         )
+        .subscribe::<wp::DestinationPolicy>(
+            move |upserts: &[(String, wp::DestinationPolicy)], removals: &[String]| {
+                let mut held = destinations_in.lock().unwrap_or_else(|p| p.into_inner());
+                let rejected = held.apply_destinations(upserts, removals);
+                destinations_proxy.set_l7(held.compile());
+                rejected
+            },
+        )
         .ready(Some(config_ready))
         .build()
     };
@@ -288,8 +314,12 @@ pub async fn run(
         config: config.effective.clone(),
     };
     let scrape_certs = certs.clone();
-    let before_scrape =
-        Arc::new(move |registry: &Registry| ambit_xds::certificate_gauges(registry, &scrape_certs));
+    let scrape_proxy = proxy.clone();
+    let before_scrape = Arc::new(move |registry: &Registry| {
+        ambit_xds::certificate_gauges(registry, &scrape_certs);
+        // Refreshes the ejected-endpoints gauge.
+        scrape_proxy.traffic().ejected();
+    });
     control.handle.spawn(ambit_core::http::serve(
         stats,
         metrics_handler(metrics.clone(), before_scrape),

@@ -66,6 +66,8 @@ pub struct L7Config {
     pub policies: PolicyStore,
     /// The route resources compiled into `routes`, by name.
     pub route_names: Vec<String>,
+    /// DestinationRules by Service.
+    pub destinations: crate::traffic::Destinations,
 }
 
 /// What every connection shares.
@@ -76,6 +78,7 @@ pub struct Proxy {
     upstreams: Upstreams,
     dial: Arc<dyn Dial>,
     telemetry: Telemetry,
+    traffic: crate::traffic::TrafficState,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -162,6 +165,9 @@ pub enum RequestError {
     /// A timeout passed.
     #[error("upstream request timeout ({0:?})")]
     Timeout(Duration),
+    /// The destination's connection-pool limit is reached.
+    #[error("upstream overflow: the connection pool of {0} is full")]
+    Overflow(String),
 }
 
 impl RequestError {
@@ -176,6 +182,7 @@ impl RequestError {
             }
             RequestError::Reset(_) => StatusCode::BAD_GATEWAY,
             RequestError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            RequestError::Overflow(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -211,6 +218,7 @@ impl ResponseFlag for RequestError {
             RequestError::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
             RequestError::Reset(_) => ResponseFlags::UPSTREAM_RESET,
             RequestError::Timeout(_) => ResponseFlags::UPSTREAM_TIMEOUT,
+            RequestError::Overflow(_) => ResponseFlags::UPSTREAM_OVERFLOW,
         }
     }
 }
@@ -252,6 +260,7 @@ impl Proxy {
             l7: RwLock::new(Arc::new(L7Config::default())),
             upstreams: Upstreams::new(dial.clone()),
             dial,
+            traffic: crate::traffic::TrafficState::new(telemetry.registry().clone()),
             telemetry,
         })
     }
@@ -264,6 +273,11 @@ impl Proxy {
     /// The routes and policies in force.
     pub fn l7(&self) -> Arc<L7Config> {
         lock_read(&self.l7).clone()
+    }
+
+    /// Live destination state (outlier ejections, pools).
+    pub fn traffic(&self) -> &crate::traffic::TrafficState {
+        &self.traffic
     }
 
     /// The settings.
@@ -420,6 +434,9 @@ impl Proxy {
         if let Some(upstream) = routed.upstream {
             guard.set_upstream(upstream);
         }
+        if !routed.flags.is_empty() {
+            guard.fail_with(routed.flags, "see response_flags");
+        }
         crate::telemetry::finish(guard, request_bytes, response)
     }
 
@@ -463,7 +480,7 @@ impl Proxy {
                     downstream_protocol(&parts)
                 };
                 return self
-                    .send(parts, body, endpoint, protocol, None, Applied::default())
+                    .send(parts, body, endpoint, protocol, None, Vec::new())
                     .await;
             }
             Dest::Service { service, port, .. } => (service.clone(), *port),
@@ -482,8 +499,8 @@ impl Proxy {
             l7.routes.decide(&service.key, port, &view)
         };
         let mut applied = Applied::default();
-        let (backend_service, backend_port, limit) = match decided {
-            Decision::NoRoutes => (service.clone(), port, None),
+        let rule = match decided {
+            Decision::NoRoutes => None,
             Decision::NoMatch => {
                 return Err(RequestError::NoRoute {
                     service: service.hostname.to_string(),
@@ -494,68 +511,277 @@ impl Proxy {
             Decision::Matched(matched) => {
                 let rule = matched.rule.clone();
                 meta.route = Some(format!("{}#{}", rule.route, rule.index));
-                let prefix = matched.matched_prefix.as_deref();
-                filters::apply_request(&rule.filters, &mut parts, prefix, &mut applied);
+                let prefix = matched.matched_prefix.clone();
+                filters::apply_request(&rule.filters, &mut parts, prefix.as_deref(), &mut applied);
                 if let Some(redirect) = applied.redirect.take() {
                     return Ok(redirect.map(|()| empty()));
                 }
-                let roll = |total: u32| rand::rng().random_range(0..total);
-                let Some(backend) = rule.choose(roll) else {
-                    return Err(RequestError::InvalidBackend(format!(
-                        "{} rule {}: no backend with a weight above 0",
-                        rule.route, rule.index
-                    )));
-                };
-                if let Some(why) = &backend.invalid {
-                    return Err(RequestError::InvalidBackend(format!(
-                        "{} rule {}: backend is invalid: {why}",
-                        rule.route, rule.index
-                    )));
+                if let Some(fault) = &rule.fault
+                    && let Some(answer) = self.inject_fault(fault, &parts, meta).await
+                {
+                    return Ok(answer);
                 }
-                filters::apply_request(&backend.filters, &mut parts, prefix, &mut applied);
-                if let Some(redirect) = applied.redirect.take() {
-                    return Ok(redirect.map(|()| empty()));
-                }
-                let found = self.state.index().service(&backend.service).cloned();
-                let Some(backend_service) = found else {
-                    return Err(RequestError::InvalidBackend(format!(
-                        "{} rule {}: backend Service {} is unknown to this waypoint",
-                        rule.route, rule.index, backend.service
-                    )));
-                };
-                let limit = match (rule.request_timeout, rule.backend_timeout) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                (backend_service, backend.port, limit)
+                Some((rule, prefix))
             }
         };
-        let picked = self.state.index().pick_endpoint(
-            &backend_service,
-            backend_port,
-            conn.source.as_deref(),
-        );
-        let Some((workload, target_port)) = picked else {
-            return Err(RequestError::NoHealthyUpstream {
-                service: backend_service.hostname.to_string(),
-                port: backend_port,
-            });
+        let timeouts = rule.as_ref().map_or((None, None), |(r, _)| {
+            (r.request_timeout, r.backend_timeout)
+        });
+        let routed = self.send_routed(conn, parts, body, &service, port, rule, applied, meta);
+        match timeouts.0 {
+            Some(limit) => tokio::time::timeout(limit, routed)
+                .await
+                .map_err(|_| RequestError::Timeout(limit))?,
+            None => routed.await,
+        }
+    }
+
+    /// Fault injection: a delay, then possibly an abort, each for its percentage of requests.
+    async fn inject_fault(
+        &self,
+        fault: &ambit_proto::waypoint::Fault,
+        parts: &http::request::Parts,
+        meta: &mut Routed,
+    ) -> Option<Response<ResponseBody>> {
+        let rng_roll = || rand::rng().random_range(0.0..100.0);
+        if let Some(delay) = fault
+            .delay
+            .as_ref()
+            .and_then(|d| Duration::try_from(*d).ok())
+            .filter(|_| fault.delay_percent > 0.0 && rng_roll() < fault.delay_percent)
+        {
+            meta.flags |= ResponseFlags::DELAY_INJECTED;
+            tokio::time::sleep(delay).await;
+        }
+        if fault.abort_percent > 0.0 && rng_roll() < fault.abort_percent {
+            meta.flags |= ResponseFlags::FAULT_INJECTED;
+            let mut response = Response::new(full(Bytes::from_static(b"fault filter abort\n")));
+            if fault.abort_grpc || is_grpc(&parts.headers) && fault.abort_http_status == 0 {
+                // A trailers-only gRPC answer.
+                *response.body_mut() = empty();
+                let headers = response.headers_mut();
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                headers.insert("grpc-status", HeaderValue::from(fault.abort_grpc_status));
+                headers.insert(
+                    "grpc-message",
+                    HeaderValue::from_static("fault filter abort"),
+                );
+            } else {
+                *response.status_mut() = u16::try_from(fault.abort_http_status)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            response
+                .headers_mut()
+                .insert("x-ambit-response-flags", HeaderValue::from_static("FI"));
+            return Some(response);
+        }
+        None
+    }
+
+    /// Chooses the backend, endpoint and protocol for each try and sends it, retrying as the
+    /// rule allows (same rule's backends, another endpoint when there is one, replayable bodies
+    /// only, within the retry budget); reports every try's outcome to outlier detection.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_routed(
+        &self,
+        conn: &Conn,
+        parts: http::request::Parts,
+        body: RequestBody,
+        service: &Arc<Service>,
+        port: u16,
+        rule: Option<(Arc<crate::routes::Rule>, Option<String>)>,
+        applied: Applied,
+        meta: &mut Routed,
+    ) -> Result<Response<ResponseBody>, RequestError> {
+        let l7 = self.l7();
+        let retry = rule.as_ref().and_then(|(r, _)| r.retry.clone());
+        let per_try = retry
+            .as_ref()
+            .and_then(|r| r.per_try_timeout)
+            .or_else(|| rule.as_ref().and_then(|(r, _)| r.backend_timeout));
+        let mut body = if retry.is_some() {
+            crate::retry::Replayable::read(body, crate::retry::REPLAY_LIMIT).await
+        } else {
+            crate::retry::Replayable::Streaming(body)
         };
-        meta.destination = Some(workload.clone());
-        meta.service = Some(backend_service.clone());
-        let endpoint =
-            workload_endpoint(&workload, target_port, &backend_service.subject_alt_names);
-        meta.upstream = Some(endpoint.addr);
-        // gRPC needs HTTP/2 (trailers) whatever the port says; otherwise the port's declared
-        // version, else the client's.
-        let protocol = match port_protocol(&backend_service, backend_port) {
-            _ if is_grpc(&parts.headers) => Protocol::Http2,
-            Some(PortProtocol::Http2) => Protocol::Http2,
-            Some(PortProtocol::Http1) => Protocol::Http1,
-            _ => downstream_protocol(&parts),
-        };
-        self.send(parts, body, endpoint, protocol, limit, applied)
-            .await
+        for mirror in &applied.mirrors {
+            self.mirror(mirror, &parts);
+        }
+        let attempts = retry.as_ref().map_or(0, |r| r.attempts);
+        let mut previous: Option<Arc<str>> = None;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            // The backend: the route's weighted choice (again on every try, among the same
+            // rule's backends), else the Service addressed.
+            let mut try_parts = clone_parts(&parts);
+            let mut try_applied = Applied::default();
+            let (backend_service, backend_port, subset) = match &rule {
+                None => (service.clone(), port, None),
+                Some((rule, prefix)) => {
+                    let roll = |total: u32| rand::rng().random_range(0..total);
+                    let Some(backend) = rule.choose(roll) else {
+                        return Err(RequestError::InvalidBackend(format!(
+                            "{} rule {}: no backend with a weight above 0",
+                            rule.route, rule.index
+                        )));
+                    };
+                    if let Some(why) = &backend.invalid {
+                        return Err(RequestError::InvalidBackend(format!(
+                            "{} rule {}: backend is invalid: {why}",
+                            rule.route, rule.index
+                        )));
+                    }
+                    filters::apply_request(
+                        &backend.filters,
+                        &mut try_parts,
+                        prefix.as_deref(),
+                        &mut try_applied,
+                    );
+                    if let Some(redirect) = try_applied.redirect.take() {
+                        return Ok(redirect.map(|()| empty()));
+                    }
+                    let found = self.state.index().service(&backend.service).cloned();
+                    let Some(backend_service) = found else {
+                        return Err(RequestError::InvalidBackend(format!(
+                            "{} rule {}: backend Service {} is unknown to this waypoint",
+                            rule.route, rule.index, backend.service
+                        )));
+                    };
+                    (backend_service, backend.port, backend.subset.clone())
+                }
+            };
+            let policy =
+                l7.destinations
+                    .policy(&backend_service.key, backend_port, subset.as_deref());
+            let hash = match &policy.balance {
+                crate::traffic::Balance::Hash(key) => crate::traffic::hash_of(
+                    key,
+                    &try_parts.headers,
+                    try_parts.uri.query(),
+                    conn.src.ip(),
+                ),
+                _ => None,
+            };
+            let chosen = self.traffic.choose(
+                &self.state.index(),
+                &l7.destinations,
+                &backend_service,
+                backend_port,
+                subset.as_deref(),
+                conn.source.as_deref(),
+                &policy,
+                hash,
+                previous.as_deref(),
+            );
+            let chosen = match chosen {
+                Ok(chosen) => chosen,
+                Err(crate::traffic::ChooseError::UnknownSubset { service, subset }) => {
+                    return Err(RequestError::InvalidBackend(format!(
+                        "subset {subset} of {service} is not defined by a DestinationRule"
+                    )));
+                }
+                Err(crate::traffic::ChooseError::NoEndpoint) => {
+                    return Err(RequestError::NoHealthyUpstream {
+                        service: backend_service.hostname.to_string(),
+                        port: backend_port,
+                    });
+                }
+            };
+            meta.destination = Some(chosen.workload.clone());
+            meta.service = Some(backend_service.clone());
+            let endpoint = workload_endpoint(
+                &chosen.workload,
+                chosen.port,
+                &backend_service.subject_alt_names,
+            );
+            meta.upstream = Some(endpoint.addr);
+            // gRPC needs HTTP/2 (trailers) whatever the port says; h2UpgradePolicy UPGRADE asks
+            // for it; otherwise the port's declared version, else the client's.
+            let protocol = match port_protocol(&backend_service, backend_port) {
+                _ if is_grpc(&try_parts.headers) || policy.pool.h2_upgrade => Protocol::Http2,
+                Some(PortProtocol::Http2) => Protocol::Http2,
+                Some(PortProtocol::Http1) => Protocol::Http1,
+                _ => downstream_protocol(&try_parts),
+            };
+            let destination = format!(
+                "{}:{backend_port}{}",
+                backend_service.hostname,
+                subset
+                    .as_deref()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default()
+            );
+            let Some(_admitted) =
+                self.traffic
+                    .admit(&destination, &policy.pool, protocol == Protocol::Http2)
+            else {
+                return Err(RequestError::Overflow(destination));
+            };
+            let Some(try_body) = body.take() else {
+                return Err(RequestError::InvalidBackend(
+                    "the request body cannot be sent again".to_string(),
+                ));
+            };
+            let mut all_applied = applied.response.clone();
+            all_applied.extend(try_applied.response);
+            let result = self
+                .send(
+                    try_parts,
+                    try_body,
+                    endpoint,
+                    protocol,
+                    per_try,
+                    all_applied,
+                )
+                .await;
+            let outcome = match &result {
+                Ok(response) => crate::traffic::TryOutcome::Status(response.status().as_u16()),
+                Err(_) => crate::traffic::TryOutcome::LocalFailure,
+            };
+            self.traffic.report(
+                &self.state.index(),
+                &backend_service,
+                backend_port,
+                &chosen.workload,
+                &policy,
+                outcome,
+            );
+            drop(chosen);
+            let Some(retry) = &retry else {
+                return result;
+            };
+            let retriable = match &result {
+                Ok(response) => retry.retries_status(
+                    response.status().as_u16(),
+                    response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok()),
+                ),
+                Err(RequestError::Connect(_)) => retry.retries_connect_failure(),
+                Err(RequestError::Reset(_) | RequestError::Timeout(_)) => retry.retries_reset(),
+                Err(_) => false,
+            };
+            if !retriable {
+                return result;
+            }
+            if tries > attempts || !body.can_replay() {
+                if tries > 1 {
+                    meta.flags |= ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
+                }
+                return result;
+            }
+            let Some(_retry_slot) = self.traffic.admit_retry(&destination, &policy.pool) else {
+                meta.flags |= ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
+                return result;
+            };
+            previous = meta.destination.as_ref().map(|w| w.uid.clone());
+            tokio::time::sleep(retry.backoff(tries)).await;
+        }
     }
 
     async fn send(
@@ -565,11 +791,8 @@ impl Proxy {
         endpoint: Endpoint,
         protocol: Protocol,
         timeout: Option<Duration>,
-        applied: Applied,
+        response_modifiers: Vec<ambit_proto::waypoint::HeaderModifier>,
     ) -> Result<Response<ResponseBody>, RequestError> {
-        for mirror in &applied.mirrors {
-            self.mirror(mirror, &parts);
-        }
         let upgrade = protocol == Protocol::Http1 && parts.headers.contains_key(UPGRADE);
         let request = Request::from_parts(parts, body);
         if upgrade {
@@ -584,7 +807,7 @@ impl Proxy {
         };
         let response = result.map_err(upstream_error)?;
         let (mut parts, body) = response.into_parts();
-        for modifier in &applied.response {
+        for modifier in &response_modifiers {
             filters::modify_headers(&mut parts.headers, modifier);
         }
         Ok(Response::from_parts(
@@ -750,6 +973,19 @@ impl Proxy {
     }
 }
 
+/// A copy of a request's head for one try.
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    let (mut copy, ()) = request.into_parts();
+    // Upgrades (WebSocket) are never retried, so the extensions the first try needs move with it.
+    copy.extensions = parts.extensions.clone();
+    copy
+}
+
 /// A TCP tunnel's endpoint, the pod behind it and the Service addressed.
 type Resolved = (Endpoint, Arc<Workload>, Option<Arc<Service>>);
 
@@ -764,6 +1000,8 @@ struct Routed {
     upstream: Option<SocketAddr>,
     /// `HTTPRoute/ns/name#rule`.
     route: Option<String>,
+    /// Flags of what happened on the way (retries exhausted, faults injected).
+    flags: ResponseFlags,
 }
 
 fn empty_request_body() -> RequestBody {

@@ -251,6 +251,8 @@ pub struct Backend {
     pub filters: Vec<pb::Filter>,
     /// Why the backendRef is unusable (requests landing here get 500).
     pub invalid: Option<String>,
+    /// The DestinationRule subset (VirtualService `destination.subset`).
+    pub subset: Option<String>,
 }
 
 /// One rule of one route, compiled.
@@ -270,6 +272,10 @@ pub struct Rule {
     pub request_timeout: Option<Duration>,
     /// `timeouts.backendRequest`.
     pub backend_timeout: Option<Duration>,
+    /// Retries, when the rule asks for them.
+    pub retry: Option<crate::retry::RetryPolicy>,
+    /// Fault injection (VirtualService `fault`).
+    pub fault: Option<pb::Fault>,
 }
 
 impl Rule {
@@ -494,6 +500,7 @@ fn compile_rule(route: &str, index: usize, rule: &pb::Rule) -> Result<Rule, Stri
                 weight: b.weight,
                 filters: b.filters.clone(),
                 invalid: (!b.invalid.is_empty()).then(|| b.invalid.clone()),
+                subset: (!b.subset.is_empty()).then(|| b.subset.clone()),
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -510,6 +517,12 @@ fn compile_rule(route: &str, index: usize, rule: &pb::Rule) -> Result<Rule, Stri
         backends,
         request_timeout: duration(timeouts.and_then(|t| t.request.as_ref())),
         backend_timeout: duration(timeouts.and_then(|t| t.backend_request.as_ref())),
+        retry: rule
+            .retry
+            .as_ref()
+            .filter(|r| r.attempts > 0)
+            .map(crate::retry::RetryPolicy::from_proto),
+        fault: rule.fault,
     })
 }
 
@@ -921,9 +934,12 @@ mod tests {
                 weight: 0,
                 filters: vec![],
                 invalid: None,
+                subset: None,
             }],
             request_timeout: None,
             backend_timeout: None,
+            retry: None,
+            fault: None,
         };
         assert!(zero.choose(|_| 0).is_none());
     }

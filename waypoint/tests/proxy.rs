@@ -44,6 +44,9 @@ const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(127, 255, 0, 4);
 const V1_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const V2_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const ECHO: &str = "demo/echo.demo.svc.cluster.local";
+const FLAKY: &str = "demo/flaky.demo.svc.cluster.local";
+const FLAKY_VIP: Ipv4Addr = Ipv4Addr::new(127, 255, 0, 5);
+const BAD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
 const ECHO_V1: &str = "demo/echo-v1.demo.svc.cluster.local";
 const ECHO_V2: &str = "demo/echo-v2.demo.svc.cluster.local";
 const WAIT: Duration = Duration::from_secs(30);
@@ -91,6 +94,9 @@ async fn http_backend(
                     let counter = counter.clone();
                     async move {
                         counter.fetch_add(1, Ordering::SeqCst);
+                        if name == "bad" && request.headers().contains_key("x-bad-hangs") {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                        }
                         if let Some(ms) = request
                             .headers()
                             .get("x-delay-ms")
@@ -133,7 +139,7 @@ async fn http_backend(
                         let status = path
                             .strip_prefix("/status/")
                             .and_then(|c| c.parse::<u16>().ok())
-                            .unwrap_or(200);
+                            .unwrap_or(if name == "bad" { 503 } else { 200 });
                         let body = json!({
                             "backend": name,
                             "method": request.method().as_str(),
@@ -271,6 +277,7 @@ async fn world() -> World {
     let (first, _) = http_backend(V1_IP, 0, "v1").await;
     let backend_port = first.port();
     let (_, v2_hits) = http_backend(V2_IP, backend_port, "v2").await;
+    http_backend(BAD_IP, backend_port, "bad").await;
     server_first_backend(V1_IP, backend_port + 1).await;
     server_first_backend(V2_IP, backend_port + 1).await;
 
@@ -309,8 +316,14 @@ async fn world() -> World {
                 EMPTY_VIP,
                 vec![port(80, backend_port, pb::AppProtocol::Http11)],
             ),
-            workload("echo-v1", V1_IP, &[ECHO, ECHO_V1]),
-            workload("echo-v2", V2_IP, &[ECHO, ECHO_V2]),
+            service(
+                "flaky",
+                FLAKY_VIP,
+                vec![port(80, backend_port, pb::AppProtocol::Http11)],
+            ),
+            workload("echo-v1", V1_IP, &[ECHO, ECHO_V1, FLAKY]),
+            workload("echo-v2", V2_IP, &[ECHO, ECHO_V2, FLAKY]),
+            workload("echo-bad", BAD_IP, &[FLAKY]),
             client_workload(),
         ],
         &[],
@@ -400,6 +413,15 @@ impl World {
     }
 
     fn set_routes(&self, routes: &[wp::Route], policies: &[wp::Policy]) {
+        self.set_l7(routes, policies, &[]);
+    }
+
+    fn set_l7(
+        &self,
+        routes: &[wp::Route],
+        policies: &[wp::Policy],
+        destinations: &[wp::DestinationPolicy],
+    ) {
         let (table, errors) = RouteTable::build(routes);
         assert!(errors.is_empty(), "{errors:?}");
         let mut store = ambit_authz::PolicyStore::new();
@@ -410,6 +432,7 @@ impl World {
             routes: table,
             policies: store,
             route_names: routes.iter().map(|r| r.resource_name()).collect(),
+            destinations: waypoint::traffic::Destinations::build(destinations),
         });
     }
 }
@@ -892,4 +915,251 @@ async fn mirror_timeout_and_upgrade() {
         .expect("echo in time")
         .unwrap();
     assert_eq!(&buf[..n], b"ping over the upgrade");
+}
+
+fn flaky_route(rule: wp::Rule) -> wp::Route {
+    wp::Route {
+        namespace: "demo".into(),
+        name: "flaky".into(),
+        parents: vec![wp::ParentRef {
+            service: FLAKY.into(),
+            port: 80,
+        }],
+        rules: vec![rule],
+        ..Default::default()
+    }
+}
+
+fn seconds(s: i64, ms: i32) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: ms * 1_000_000,
+    })
+}
+
+impl World {
+    async fn flaky(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut builder = Request::builder()
+            .uri(path)
+            .header("host", "flaky.demo.svc.cluster.local");
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        self.get(
+            SocketAddr::new(FLAKY_VIP.into(), 80),
+            builder.body(Empty::new()).unwrap(),
+        )
+        .await
+    }
+}
+
+/// Issue 13's progress under failure: one of three backends always answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_outlier_detection_timeouts_faults_and_pools() {
+    let w = world().await;
+    let to_flaky = |weight| wp::Backend {
+        service: FLAKY.into(),
+        port: 80,
+        weight,
+        ..Default::default()
+    };
+
+    // Three retries on 503: the client sees success (>= 99% over 150 requests), and those
+    // that needed no retry never touched the bad pod twice.
+    w.set_routes(
+        &[flaky_route(wp::Rule {
+            backends: vec![to_flaky(1)],
+            retry: Some(wp::Retry {
+                attempts: 3,
+                codes: vec![503],
+                backoff: seconds(0, 1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })],
+        &[],
+    );
+    let mut ok = 0;
+    for _ in 0..150 {
+        if w.flaky("/", &[]).await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert!(ok >= 149, "{ok} of 150 succeeded with three retries");
+
+    // Outlier detection, retries off: after three 503s in a row the bad pod is ejected; of the
+    // next 100 requests at least 98 succeed, and the ejection is counted.
+    let policy = wp::DestinationPolicy {
+        namespace: "demo".into(),
+        name: "flaky".into(),
+        service: FLAKY.into(),
+        traffic_policy: Some(wp::TrafficPolicy {
+            outlier_detection: Some(wp::OutlierDetection {
+                consecutive_5xx_errors: 3,
+                interval: seconds(30, 0),
+                base_ejection_time: seconds(60, 0),
+                enabled: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        subsets: vec![wp::Subset {
+            name: "v2-only".into(),
+            workloads: vec!["Kubernetes//Pod/demo/echo-v2".into()],
+            traffic_policy: None,
+        }],
+        ..Default::default()
+    };
+    w.set_l7(
+        &[flaky_route(wp::Rule {
+            backends: vec![to_flaky(1)],
+            ..Default::default()
+        })],
+        &[],
+        std::slice::from_ref(&policy),
+    );
+    // Until the bad pod has failed three times in a row it takes its share (bounded loop).
+    for _ in 0..60 {
+        w.flaky("/", &[]).await;
+        if w.registry
+            .render()
+            .contains("ambit_waypoint_outlier_ejections_total{")
+        {
+            break;
+        }
+    }
+    assert!(
+        w.registry
+            .render()
+            .contains("ambit_waypoint_outlier_ejections_total{destination_service=\"flaky.demo.svc.cluster.local\"} 1"),
+        "no ejection counted:\n{}",
+        w.registry.render()
+    );
+    let mut ok = 0;
+    for _ in 0..100 {
+        if w.flaky("/", &[]).await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert!(ok >= 98, "{ok} of 100 succeeded after the ejection");
+
+    // A subset: only its workloads answer.
+    w.set_l7(
+        &[flaky_route(wp::Rule {
+            backends: vec![wp::Backend {
+                subset: "v2-only".into(),
+                ..to_flaky(1)
+            }],
+            ..Default::default()
+        })],
+        &[],
+        std::slice::from_ref(&policy),
+    );
+    for _ in 0..10 {
+        assert_eq!(w.flaky("/", &[]).await.backend(), "v2");
+    }
+
+    // A backend that hangs is cut by perTryTimeout and the request succeeds on another; a
+    // route timeout answers 504 on time.
+    w.set_routes(
+        &[route(vec![wp::Rule {
+            backends: vec![backend(ECHO_V1, 1)],
+            retry: Some(wp::Retry {
+                attempts: 2,
+                per_try_timeout: seconds(0, 200),
+                retry_on: vec!["5xx".into()],
+                backoff: seconds(0, 1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }])],
+        &[],
+    );
+    // Every try hangs here: each is cut at 200 ms and the client gets 504 UT.
+    let answer = w.get_path("/", &[("x-delay-ms", "30000")]).await;
+    assert_eq!(answer.status, 504, "{}", answer.text);
+    assert!(
+        answer.headers["x-ambit-response-flags"]
+            .to_str()
+            .unwrap()
+            .contains("UT"),
+        "{:?}",
+        answer.headers
+    );
+    // One pod of three hangs: a try that lands on it is cut and the request succeeds on another.
+    w.set_routes(
+        &[flaky_route(wp::Rule {
+            backends: vec![to_flaky(1)],
+            retry: Some(wp::Retry {
+                attempts: 3,
+                per_try_timeout: seconds(0, 200),
+                retry_on: vec!["5xx".into()],
+                backoff: seconds(0, 1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })],
+        &[],
+    );
+    for _ in 0..15 {
+        let answer = w.flaky("/", &[("x-bad-hangs", "1")]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+
+    // Fault injection: an abort of 50% of requests lands within a tolerance.
+    w.set_routes(
+        &[route(vec![wp::Rule {
+            backends: vec![backend(ECHO_V1, 1)],
+            fault: Some(wp::Fault {
+                abort_http_status: 418,
+                abort_percent: 50.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }])],
+        &[],
+    );
+    let mut aborted = 0;
+    for _ in 0..200 {
+        let answer = w.get_path("/", &[]).await;
+        if answer.status == 418 {
+            assert_eq!(answer.headers["x-ambit-response-flags"], "FI");
+            aborted += 1;
+        }
+    }
+    // Binomial(200, 0.5): outside [70, 130] with probability below 1e-4.
+    assert!((70..=130).contains(&aborted), "{aborted} of 200 aborted");
+
+    // Connection-pool overflow answers 503 UO at once instead of queueing.
+    let limited = wp::DestinationPolicy {
+        namespace: "demo".into(),
+        name: "echo-v1".into(),
+        service: ECHO_V1.into(),
+        traffic_policy: Some(wp::TrafficPolicy {
+            connection_pool: Some(wp::ConnectionPool {
+                max_connections: 1,
+                http1_max_pending_requests: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    w.set_l7(
+        &[route(vec![wp::Rule {
+            backends: vec![backend(ECHO_V1, 1)],
+            ..Default::default()
+        }])],
+        &[],
+        &[limited],
+    );
+    let slow = w.get_path("/", &[("x-delay-ms", "1500")]);
+    let quick = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        w.get_path("/", &[]).await
+    };
+    let (slow, quick) = tokio::join!(slow, quick);
+    assert_eq!(slow.status, 200, "{}", slow.text);
+    assert_eq!(quick.status, 503, "{}", quick.text);
+    assert_eq!(quick.headers["x-ambit-response-flags"], "UO");
 }

@@ -28,7 +28,10 @@ use ambit_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, SERVICE_NAME,
 };
 use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
-use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, ROUTE_TYPE_URL};
+use ambit_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, DESTINATION_POLICY_TYPE_URL, L7_POLICY_TYPE_URL,
+    ROUTE_TYPE_URL,
+};
 use bytes::Bytes;
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -181,6 +184,7 @@ fn known_type(type_url: &str) -> Option<&'static str> {
         AUTHORIZATION_TYPE_URL,
         ROUTE_TYPE_URL,
         L7_POLICY_TYPE_URL,
+        DESTINATION_POLICY_TYPE_URL,
     ]
     .into_iter()
     .find(|t| *t == type_url)
@@ -781,5 +785,139 @@ impl AggregatedDiscoveryService for XdsServer {
         self.open(&metadata, request.into_inner(), Sink::Messages(tx))
             .await?;
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    fn entries(count: usize, size: usize) -> BTreeMap<String, Entry> {
+        (0..count)
+            .map(|i| {
+                let value: Vec<u8> = (0..size).map(|b| ((b * 31 + i * 7) % 251) as u8).collect();
+                (
+                    format!("demo/pod-{i}"),
+                    Entry {
+                        version: format!("{i:016x}"),
+                        any: prost_types::Any {
+                            type_url: ADDRESS_TYPE_URL.into(),
+                            value,
+                        },
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The frame's compressed flag and payload, checking the length prefix.
+    fn unframe(frame: &Frame) -> (u8, Vec<u8>) {
+        let bytes: Vec<u8> = frame.iter().flat_map(|part| part.iter().copied()).collect();
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        assert_eq!(len, bytes.len() - 5, "length prefix");
+        (bytes[0], bytes[5..].to_vec())
+    }
+
+    fn expected(own: &DeltaDiscoveryResponse, entries: &BTreeMap<String, Entry>) -> Vec<Resource> {
+        assert!(own.resources.is_empty());
+        entries
+            .iter()
+            .map(|(name, e)| Resource {
+                name: name.clone(),
+                version: e.version.clone(),
+                resource: Some(e.any.clone()),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_set_framed_for_a_stream_decodes_as_one_message_with_its_own_fields() {
+        let entries = entries(500, 300);
+        let set = EncodedSet::encode(&entries).unwrap();
+        assert_eq!(set.resources, 500);
+        assert!(set.deflated.len() < set.plain.len());
+        // Own fields over one stored block's 65,535 bytes take several.
+        for version_info in ["", &"v".repeat(140_000)] {
+            let own = DeltaDiscoveryResponse {
+                type_url: ADDRESS_TYPE_URL.into(),
+                nonce: "17".into(),
+                system_version_info: version_info.to_string(),
+                ..Default::default()
+            };
+            let want = DeltaDiscoveryResponse {
+                resources: expected(&own, &entries),
+                ..own.clone()
+            };
+            let encoded = own.encode_to_vec();
+
+            let plain = frame_set(&encoded, &set, false, ADDRESS_TYPE_URL).unwrap();
+            let (flag, payload) = unframe(&plain);
+            assert_eq!(flag, 0);
+            assert_eq!(DeltaDiscoveryResponse::decode(&payload[..]).unwrap(), want);
+
+            let gzip = frame_set(&encoded, &set, true, ADDRESS_TYPE_URL).unwrap();
+            let (flag, payload) = unframe(&gzip);
+            assert_eq!(flag, 1);
+            // One gzip member, checked by the decoder against its CRC and length.
+            let mut inflated = Vec::new();
+            flate2::read::GzDecoder::new(&payload[..])
+                .read_to_end(&mut inflated)
+                .unwrap();
+            assert_eq!(DeltaDiscoveryResponse::decode(&inflated[..]).unwrap(), want);
+            assert_eq!(
+                gzip[1].as_ptr(),
+                set.deflated.as_ptr(),
+                "the shared bytes are not copied"
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_framed_for_one_stream_is_gzipped_only_when_accepted() {
+        let response = DeltaDiscoveryResponse {
+            type_url: AUTHORIZATION_TYPE_URL.into(),
+            nonce: "3".into(),
+            removed_resources: vec!["demo/gone".into()],
+            ..Default::default()
+        };
+        let (flag, payload) = unframe(&frame_message(&response, false).unwrap());
+        assert_eq!(flag, 0);
+        assert_eq!(
+            DeltaDiscoveryResponse::decode(&payload[..]).unwrap(),
+            response
+        );
+        let (flag, payload) = unframe(&frame_message(&response, true).unwrap());
+        assert_eq!(flag, 1);
+        let mut inflated = Vec::new();
+        flate2::read::GzDecoder::new(&payload[..])
+            .read_to_end(&mut inflated)
+            .unwrap();
+        assert_eq!(
+            DeltaDiscoveryResponse::decode(&inflated[..]).unwrap(),
+            response
+        );
+    }
+
+    #[test]
+    fn gzip_is_used_only_when_the_client_names_it() {
+        let mut headers = http::HeaderMap::new();
+        assert!(!accepts_gzip(&headers));
+        headers.insert("grpc-accept-encoding", "identity, deflate".parse().unwrap());
+        assert!(!accepts_gzip(&headers));
+        headers.insert("grpc-accept-encoding", "deflate,gzip".parse().unwrap());
+        assert!(accepts_gzip(&headers));
+        assert_eq!(request_encoding(&headers).unwrap(), None);
+        headers.insert("grpc-encoding", "gzip".parse().unwrap());
+        assert_eq!(
+            request_encoding(&headers).unwrap(),
+            Some(CompressionEncoding::Gzip)
+        );
+        headers.insert("grpc-encoding", "zstd".parse().unwrap());
+        let refused = request_encoding(&headers).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unimplemented);
+        assert!(refused.message().contains("zstd"), "{}", refused.message());
     }
 }

@@ -26,10 +26,20 @@ pub const GRPC_ROUTE: KindSpec = KindSpec {
     namespaced: true,
 };
 
-/// Every kind the Kubernetes source watches: the shared control-plane kinds and GRPCRoute.
+/// `networking.istio.io/v1` VirtualService (waypoint routes in Istio's form).
+pub const VIRTUAL_SERVICE: KindSpec = KindSpec {
+    api_version: "networking.istio.io/v1",
+    kind: "VirtualService",
+    plural: "virtualservices",
+    namespaced: true,
+};
+
+/// Every kind the Kubernetes source watches: the shared control-plane kinds, GRPCRoute and
+/// VirtualService.
 pub fn watched_kinds() -> Vec<KindSpec> {
     let mut kinds = CONTROL_PLANE_KINDS.to_vec();
     kinds.push(GRPC_ROUTE);
+    kinds.push(VIRTUAL_SERVICE);
     kinds
 }
 
@@ -110,6 +120,7 @@ fn publish(
         policies = resources.authorizations.len(),
         routes = resources.routes.len(),
         waypoint_policies = resources.l7_policies.len(),
+        destination_policies = resources.destination_policies.len(),
         changed,
         "configuration translated"
     );

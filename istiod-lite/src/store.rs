@@ -12,7 +12,10 @@ use std::sync::{Arc, OnceLock, RwLock};
 use ambit_mesh::l7::WaypointScope;
 use ambit_mesh::translate::{Cluster, Resources};
 use ambit_proto::discovery::{DeltaDiscoveryResponse, Resource};
-use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, ROUTE_TYPE_URL};
+use ambit_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, DESTINATION_POLICY_TYPE_URL, L7_POLICY_TYPE_URL,
+    ROUTE_TYPE_URL,
+};
 use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{OnceCell, watch};
@@ -128,7 +131,7 @@ pub struct Snapshot {
     /// that saw the previous generation only needs to look at these.
     pub changed: BTreeMap<&'static str, Vec<String>>,
     /// What each usable waypoint (`<namespace>/<name>` of its Gateway) is served of
-    /// [`ROUTE_TYPE_URL`] and [`L7_POLICY_TYPE_URL`].
+    /// [`ROUTE_TYPE_URL`], [`L7_POLICY_TYPE_URL`] and [`DESTINATION_POLICY_TYPE_URL`].
     pub waypoint_scopes: Arc<BTreeMap<String, WaypointScope>>,
     /// node → (namespace, service account) of the pods on it; built on first use by the CA.
     node_accounts: OnceLock<HashMap<String, HashSet<(String, String)>>>,
@@ -138,7 +141,11 @@ pub struct Snapshot {
 }
 
 /// The resource types only waypoints are served, each only the names of its own scope.
-pub const WAYPOINT_TYPES: [&str; 2] = [ROUTE_TYPE_URL, L7_POLICY_TYPE_URL];
+pub const WAYPOINT_TYPES: [&str; 3] = [
+    ROUTE_TYPE_URL,
+    L7_POLICY_TYPE_URL,
+    DESTINATION_POLICY_TYPE_URL,
+];
 
 impl Snapshot {
     /// The names of `type_url` the waypoint `gateway` (`<namespace>/<name>`) may see: `None` for
@@ -152,6 +159,7 @@ impl Snapshot {
         let scope = gateway.and_then(|g| self.waypoint_scopes.get(g));
         Some(match scope {
             Some(scope) if type_url == ROUTE_TYPE_URL => &scope.routes,
+            Some(scope) if type_url == DESTINATION_POLICY_TYPE_URL => &scope.destination_policies,
             Some(scope) => &scope.policies,
             None => &NOTHING,
         })
@@ -275,6 +283,7 @@ impl Store {
             AUTHORIZATION_TYPE_URL,
             ROUTE_TYPE_URL,
             L7_POLICY_TYPE_URL,
+            DESTINATION_POLICY_TYPE_URL,
         ] {
             snapshot.types.insert(type_url, Arc::default());
             snapshot.encoded.insert(type_url, SetCell::default());
@@ -305,6 +314,10 @@ impl Store {
         types.insert(
             L7_POLICY_TYPE_URL,
             Arc::new(entries(&resources.l7_policies)),
+        );
+        types.insert(
+            DESTINATION_POLICY_TYPE_URL,
+            Arc::new(entries(&resources.destination_policies)),
         );
         let changed = {
             let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());

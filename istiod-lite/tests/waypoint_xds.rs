@@ -2,7 +2,8 @@
 //! metadata) receives the routes and policies of its own scope and every Address, another
 //! waypoint does not see them, a ztunnel subscribing to the waypoint types gets nothing of them,
 //! a rebinding pushes a removal to the waypoint that lost a route and an addition to the one that
-//! gained it, and a bad route is counted and logged while the others are served.
+//! gained it, a bad route is counted and logged while the others are served, and a VirtualService
+//! and DestinationRule reach the waypoint of their Service (and no ztunnel).
 
 mod support;
 use support::{WAIT, eventually};
@@ -18,7 +19,9 @@ use ambit_proto::discovery::aggregated_discovery_service_client::AggregatedDisco
 use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use ambit_proto::envoy_core::Node;
 use ambit_proto::waypoint as wp;
-use ambit_proto::{ADDRESS_TYPE_URL, L7_POLICY_TYPE_URL, ROUTE_TYPE_URL};
+use ambit_proto::{
+    ADDRESS_TYPE_URL, DESTINATION_POLICY_TYPE_URL, L7_POLICY_TYPE_URL, ROUTE_TYPE_URL,
+};
 use istiod_lite::auth::TokenFileAuthenticator;
 use istiod_lite::store::Store;
 use istiod_lite::xds::XdsServer;
@@ -125,6 +128,7 @@ struct Client {
     responses: tonic::Streaming<DeltaDiscoveryResponse>,
     holds: BTreeMap<String, BTreeSet<String>>,
     routes: BTreeMap<String, wp::Route>,
+    destination_policies: BTreeMap<String, wp::DestinationPolicy>,
 }
 
 impl Client {
@@ -186,6 +190,7 @@ impl Client {
             responses,
             holds: BTreeMap::new(),
             routes: BTreeMap::new(),
+            destination_policies: BTreeMap::new(),
         };
         for _ in types {
             this.next().await;
@@ -208,10 +213,17 @@ impl Client {
                     ambit_proto::unpack_any(resource.resource.as_ref().unwrap()).unwrap();
                 self.routes.insert(resource.name.clone(), route);
             }
+            if response.type_url == DESTINATION_POLICY_TYPE_URL {
+                let policy: wp::DestinationPolicy =
+                    ambit_proto::unpack_any(resource.resource.as_ref().unwrap()).unwrap();
+                self.destination_policies
+                    .insert(resource.name.clone(), policy);
+            }
         }
         for name in &response.removed_resources {
             held.remove(name);
             self.routes.remove(name);
+            self.destination_policies.remove(name);
         }
         self.requests
             .send(DeltaDiscoveryRequest {
@@ -345,4 +357,111 @@ spec:
     assert_eq!(shop.held(ROUTE_TYPE_URL), ["HTTPRoute/shop/cart"]);
     assert_eq!(shop.held(L7_POLICY_TYPE_URL), ["shop/shop-gets"]);
     source.abort();
+}
+
+/// The canary VirtualService and DestinationRule of issue 13 on `cart`, with a v1 and a v2 pod.
+const CANARY: &str = r#"---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-v1, namespace: shop, labels: {app: cart, version: v1}}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-v2, namespace: shop, labels: {app: cart, version: v2}}
+status: {podIP: 10.0.1.2}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cart, namespace: shop}
+spec:
+  hosts: [cart]
+  http:
+  - match: [{headers: {x-canary: {exact: "true"}}}]
+    route: [{destination: {host: cart, subset: canary}}]
+  - route:
+    - {destination: {host: cart, subset: stable}, weight: 90}
+    - {destination: {host: cart, subset: canary}, weight: 10}
+    retries: {attempts: 3, perTryTimeout: 2s}
+    timeout: 10s
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cart, namespace: shop}
+spec:
+  host: cart
+  trafficPolicy:
+    connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
+    outlierDetection: {consecutive5xxErrors: 3, interval: 30s, baseEjectionTime: 60s}
+  subsets:
+  - {name: stable, labels: {version: v1}}
+  - {name: canary, labels: {version: v2}}
+"#;
+
+/// The selector of the cart Service, so that the pods above are its endpoints.
+fn cart_with_pods() -> String {
+    "---\napiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\nspec: {clusterIP: 10.96.1.1, selector: {app: cart}, ports: [{name: http, port: 80}]}\n".to_string()
+}
+
+#[tokio::test]
+async fn a_waypoint_gets_the_virtual_service_and_destination_policy_of_its_service() {
+    let store = Store::new();
+    load(&store, &format!("{OBJECTS}{}{CANARY}", cart_with_pods()));
+    let dir = tempfile::tempdir().unwrap();
+    let addr = serve(&store, &dir).await;
+    let types = [
+        ADDRESS_TYPE_URL,
+        ROUTE_TYPE_URL,
+        L7_POLICY_TYPE_URL,
+        DESTINATION_POLICY_TYPE_URL,
+    ];
+
+    let shop = Client::connect(addr, Some(("shop", "wp")), &types).await;
+    assert_eq!(
+        shop.held(ROUTE_TYPE_URL),
+        ["HTTPRoute/shop/cart", "VirtualService/shop/cart"]
+    );
+    assert_eq!(shop.held(DESTINATION_POLICY_TYPE_URL), ["shop/cart"]);
+    let route = &shop.routes["VirtualService/shop/cart"];
+    assert_eq!(route.kind(), wp::RouteKind::VirtualService);
+    let split: Vec<(&str, u32)> = route.rules[1]
+        .backends
+        .iter()
+        .map(|b| (b.subset.as_str(), b.weight))
+        .collect();
+    assert_eq!(split, [("stable", 90), ("canary", 10)]);
+    assert_eq!(route.rules[1].retry.as_ref().unwrap().attempts, 3);
+    let policy = &shop.destination_policies["shop/cart"];
+    let subsets: Vec<(&str, Vec<&str>)> = policy
+        .subsets
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.workloads.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        subsets,
+        [
+            ("stable", vec!["Kubernetes//Pod/shop/cart-v1"]),
+            ("canary", vec!["Kubernetes//Pod/shop/cart-v2"]),
+        ]
+    );
+    let pool = policy
+        .traffic_policy
+        .as_ref()
+        .and_then(|t| t.connection_pool.as_ref())
+        .unwrap();
+    assert!(pool.h2_upgrade);
+
+    // Another waypoint and a ztunnel get none of it (answered, because they wait for that).
+    let pay = Client::connect(addr, Some(("pay", "pay-wp")), &types).await;
+    assert_eq!(pay.held(ROUTE_TYPE_URL), ["GRPCRoute/pay/pay"]);
+    assert!(pay.held(DESTINATION_POLICY_TYPE_URL).is_empty());
+    let ztunnel = Client::connect(addr, None, &types).await;
+    assert!(ztunnel.held(ROUTE_TYPE_URL).is_empty());
+    assert!(ztunnel.held(DESTINATION_POLICY_TYPE_URL).is_empty());
+    assert!(!ztunnel.held(ADDRESS_TYPE_URL).is_empty());
 }

@@ -914,21 +914,9 @@ impl Proxy {
                     workload.clone(),
                     None,
                 )),
-                Dest::Service { service, port, .. } => self
-                    .state
-                    .index()
-                    .pick_endpoint(service, *port, conn.source.as_deref())
-                    .map(|(workload, target_port)| {
-                        (
-                            workload_endpoint(&workload, target_port, &service.subject_alt_names),
-                            workload,
-                            Some(service.clone()),
-                        )
-                    })
-                    .ok_or_else(|| RequestError::NoHealthyUpstream {
-                        service: service.hostname.to_string(),
-                        port: *port,
-                    }),
+                Dest::Service { service, port, .. } => {
+                    self.tcp_endpoint(&l7, &conn, service, *port)
+                }
             }
         };
         let (destination, service) = match &resolved {
@@ -970,6 +958,72 @@ impl Proxy {
             Ok((received, sent)) => guard.record_bytes(received, sent),
             Err(error) => guard.fail_with(ResponseFlags::CONNECT, &error),
         }
+    }
+}
+
+impl Proxy {
+    /// Where a TCP connection to `service` goes: a VirtualService `tcp` rule's weighted backend
+    /// (and subset) when one applies, else the Service itself; then an endpoint under the
+    /// destination's policy (subsets, load balancing, ejections).
+    fn tcp_endpoint(
+        &self,
+        l7: &L7Config,
+        conn: &Conn,
+        service: &Arc<Service>,
+        port: u16,
+    ) -> Result<Resolved, RequestError> {
+        let (target, target_port, subset) = match l7.routes.tcp_rule(&service.key, port) {
+            None => (service.clone(), port, None),
+            Some(rule) => {
+                let roll = |total: u32| rand::rng().random_range(0..total);
+                let backend = rule.choose(roll).ok_or_else(|| {
+                    RequestError::InvalidBackend(format!(
+                        "{} rule {}: no backend with a weight above 0",
+                        rule.route, rule.index
+                    ))
+                })?;
+                let found = self.state.index().service(&backend.service).cloned();
+                let target = found.ok_or_else(|| {
+                    RequestError::InvalidBackend(format!(
+                        "{} rule {}: backend Service {} is unknown to this waypoint",
+                        rule.route, rule.index, backend.service
+                    ))
+                })?;
+                (target, backend.port, backend.subset.clone())
+            }
+        };
+        let policy = l7
+            .destinations
+            .policy(&target.key, target_port, subset.as_deref());
+        let chosen = self
+            .traffic
+            .choose(
+                &self.state.index(),
+                &l7.destinations,
+                &target,
+                target_port,
+                subset.as_deref(),
+                conn.source.as_deref(),
+                &policy,
+                None,
+                None,
+            )
+            .map_err(|e| match e {
+                crate::traffic::ChooseError::UnknownSubset { service, subset } => {
+                    RequestError::InvalidBackend(format!(
+                        "subset {subset} of {service} is not defined by a DestinationRule"
+                    ))
+                }
+                crate::traffic::ChooseError::NoEndpoint => RequestError::NoHealthyUpstream {
+                    service: target.hostname.to_string(),
+                    port: target_port,
+                },
+            })?;
+        Ok((
+            workload_endpoint(&chosen.workload, chosen.port, &target.subject_alt_names),
+            chosen.workload.clone(),
+            Some(target),
+        ))
     }
 }
 

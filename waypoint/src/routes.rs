@@ -327,6 +327,8 @@ struct Entry {
 struct ServiceRoutes {
     /// VirtualService rules, in the order written.
     ordered: Vec<Entry>,
+    /// VirtualService `tcp` rules: (port or 0, creation, rule), oldest first.
+    tcp: Vec<(u16, i64, Arc<Rule>)>,
     http: Vec<Entry>,
     grpc: Vec<Entry>,
 }
@@ -388,8 +390,14 @@ impl RouteTable {
         let kind = route.kind();
         let grpc = kind == pb::RouteKind::Grpc;
         let mut entries = Vec::new();
+        let mut tcp_rules = Vec::new();
         for (rule_index, rule) in route.rules.iter().enumerate() {
             let compiled = Arc::new(compile_rule(&name, rule_index, rule)?);
+            if kind == pb::RouteKind::VirtualService && rule.matches.is_empty() {
+                // A VirtualService `tcp` rule: for TCP ports only, never for HTTP requests.
+                tcp_rules.push(compiled);
+                continue;
+            }
             let matches = if rule.matches.is_empty() {
                 vec![pb::RouteMatch::default()]
             } else {
@@ -409,6 +417,11 @@ impl RouteTable {
             let port = u16::try_from(parent.port)
                 .map_err(|_| format!("parentRefs port {} is out of range", parent.port))?;
             let routes = self.services.entry(parent.service.clone()).or_default();
+            for rule in &tcp_rules {
+                routes
+                    .tcp
+                    .push((port, route.creation_timestamp, rule.clone()));
+            }
             let list = match kind {
                 pb::RouteKind::Grpc => &mut routes.grpc,
                 pb::RouteKind::Http => &mut routes.http,
@@ -427,6 +440,18 @@ impl RouteTable {
             }
         }
         Ok(())
+    }
+
+    /// The VirtualService `tcp` rule for a TCP connection to `service` on `port`, if any (the
+    /// oldest VirtualService's first).
+    pub fn tcp_rule(&self, service: &str, port: u16) -> Option<Arc<Rule>> {
+        self.services
+            .get(service)?
+            .tcp
+            .iter()
+            .filter(|(p, _, _)| *p == 0 || *p == port)
+            .min_by_key(|(_, created, rule)| (*created, rule.route.clone(), rule.index))
+            .map(|(_, _, rule)| rule.clone())
     }
 
     /// True when any route attaches to `service` (on any port).
@@ -954,5 +979,69 @@ mod tests {
         assert_eq!(query_value(Some("flag"), "flag").as_deref(), Some(""));
         assert_eq!(query_value(Some("a=%zz"), "a").as_deref(), Some("%zz"));
         assert_eq!(query_value(None, "a"), None);
+    }
+
+    #[test]
+    fn virtual_service_rules_apply_in_order_and_tcp_rules_only_to_tcp() {
+        let vs = pb::Route {
+            namespace: "ns".into(),
+            name: "vs".into(),
+            kind: pb::RouteKind::VirtualService as i32,
+            parents: vec![pb::ParentRef {
+                service: SVC.into(),
+                port: 0,
+            }],
+            rules: vec![
+                rule(
+                    vec![pb::RouteMatch {
+                        path: path(pb::MatchType::PrefixString, "/ap"),
+                        ..Default::default()
+                    }],
+                    "first",
+                ),
+                rule(
+                    vec![pb::RouteMatch {
+                        path: path(pb::MatchType::Exact, "/api/exact"),
+                        without_headers: vec![pb::StringMatch {
+                            name: "x-skip".into(),
+                            r#type: pb::MatchType::Exact as i32,
+                            value: "1".into(),
+                        }],
+                        ..Default::default()
+                    }],
+                    "second",
+                ),
+                rule(vec![pb::RouteMatch::default()], "catch-all"),
+                rule(vec![], "tcp"),
+            ],
+            ..Default::default()
+        };
+        let http = route(
+            "http",
+            0,
+            vec![rule(
+                vec![pb::RouteMatch {
+                    path: path(pb::MatchType::Exact, "/api/exact"),
+                    ..Default::default()
+                }],
+                "httproute",
+            )],
+        );
+        let (table, errors) = RouteTable::build([&vs, &http]);
+        assert!(errors.is_empty(), "{errors:?}");
+        // First match wins in the VirtualService's order, and before any HTTPRoute; a plain
+        // string prefix is not segment-aware.
+        assert_eq!(target(&table, "GET", "/api/exact", &[]), "first");
+        assert_eq!(target(&table, "GET", "/apis", &[]), "first");
+        assert_eq!(target(&table, "GET", "/other", &[]), "catch-all");
+        assert_eq!(
+            table.tcp_rule(SVC, 9000).unwrap().backends[0].service,
+            "tcp"
+        );
+        assert!(
+            table
+                .tcp_rule("ns/other.ns.svc.cluster.local", 9000)
+                .is_none()
+        );
     }
 }

@@ -330,6 +330,7 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
     );
 
     waypoint_behaves_like_istios(&status, &waypoint_ip);
+    istio_canary_example_works_unchanged();
 
     // Restarts in turn: ztunnel on node 2, cni-agent on node 1, istiod-lite. A connection
     // between two pods on node 1 does not pass through any of them and stays up; captured pods
@@ -802,4 +803,83 @@ fn waypoint_behaves_like_istios(status: &serde_json::Value, waypoint_ip: &str) {
             .then_some(())
             .ok_or(body)
     });
+}
+
+/// The VirtualService and DestinationRule of Istio's canary example, as written (issue 13), on
+/// a `product-service` with a v1 and a v2 pod behind the demo's waypoint, plus a second v1 pod
+/// that answers every request 503: the canary header always reaches v2, the rest splits 90/10,
+/// and the three retries (with outlier detection) keep every answer a 200.
+fn istio_canary_example_works_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: product-v1, namespace: demo, labels: {app: product-service, version: v1}}
+spec: {nodeName: node-1, serviceAccountName: product}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: product-v1-broken, namespace: demo, labels: {app: product-service, version: v1}}
+spec:
+  nodeName: node-2
+  serviceAccountName: product
+  containers: [{name: app, env: [{name: ECHO_STATUS, value: "503"}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: product-v2, namespace: demo, labels: {app: product-service, version: v2}}
+spec: {nodeName: node-2, serviceAccountName: product}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: product-service, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  selector: {app: product-service}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: product-service, namespace: demo}
+spec:
+  hosts: [product-service]
+  http:
+  - match: [{headers: {x-canary: {exact: "true"}}}]
+    route: [{destination: {host: product-service, subset: canary}}]
+  - route:
+    - {destination: {host: product-service, subset: stable}, weight: 90}
+    - {destination: {host: product-service, subset: canary}, weight: 10}
+    retries: {attempts: 3, perTryTimeout: 2s}
+    timeout: 10s
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: product-service, namespace: demo}
+spec:
+  host: product-service
+  trafficPolicy:
+    connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
+    outlierDetection: {consecutive5xxErrors: 3, interval: 30s, baseEjectionTime: 60s}
+  subsets:
+  - {name: stable, labels: {version: v1}}
+  - {name: canary, labels: {version: v2}}
+"#;
+    let (code, out, err) = apply_yaml(dir.path(), "canary.yaml", objects);
+    assert_eq!(code, 0, "{out}{err}");
+    let url = "http://product-service.demo.svc.cluster.local/";
+    eventually("the canary header reaches v2 through the waypoint", || {
+        let body = curl_with("demo/client", &["-H", "x-canary: true"], url);
+        body.contains("\"pod\":\"product-v2\"")
+            .then_some(())
+            .ok_or(body)
+    });
+    for _ in 0..5 {
+        let body = curl_with("demo/client", &["-H", "x-canary: true"], url);
+        assert!(body.contains("\"pod\":\"product-v2\""), "{body}");
+    }
+    // 90/10 between the subsets; the broken v1 pod's 503s are retried on the other one.
+    let split = echo_call("demo/client", url, 200);
+    assert_eq!(split["codes"]["200"], 200, "every answer is a 200: {split}");
+    let v2 = split["pods"]["product-v2"].as_u64().unwrap_or(0);
+    assert!((6..=40).contains(&v2), "v2 answered {v2} of 200: {split}");
+    assert!(split["pods"].get("product-v1-broken").is_none(), "{split}");
 }

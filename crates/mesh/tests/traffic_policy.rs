@@ -112,38 +112,15 @@ fn string(name: &str, kind: wp::MatchType, value: &str) -> wp::StringMatch {
     }
 }
 
-/// The VirtualService and DestinationRule of issue 13 item 5, unchanged (namespace from the
-/// applying context, here `shop`).
-const CANARY: &str = r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: product-service, namespace: shop}
-spec:
-  hosts: [product-service]
-  http:
-  - match: [{headers: {x-canary: {exact: "true"}}}]
-    route: [{destination: {host: product-service, subset: canary}}]
-  - route:
-    - {destination: {host: product-service, subset: stable}, weight: 90}
-    - {destination: {host: product-service, subset: canary}, weight: 10}
-    retries: {attempts: 3, perTryTimeout: 2s}
-    timeout: 10s
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: product-service, namespace: shop}
-spec:
-  host: product-service
-  trafficPolicy:
-    connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
-    outlierDetection: {consecutive5xxErrors: 3, interval: 30s, baseEjectionTime: 60s}
-  subsets:
-  - {name: stable, labels: {version: v1}}
-  - {name: canary, labels: {version: v2}}
-"#;
+/// The VirtualService and DestinationRule of issue 13 item 5, unchanged (the shared fixture,
+/// in namespace `shop`).
+fn canary() -> String {
+    include_str!("../../../tests/fixtures/istio-canary.yaml").replace("NAMESPACE", "shop")
+}
 
 #[test]
 fn istio_canary_example_translates_exactly() {
-    let r = run(CANARY);
+    let r = run(&canary());
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     let route = &r.routes["VirtualService/shop/product-service"];
     let expected = wp::Route {
@@ -238,7 +215,7 @@ fn istio_canary_example_translates_exactly() {
 #[test]
 fn subsets_follow_the_pods() {
     // v2 relabelled to v1: both pods are stable, canary is empty; a new v2 pod joins canary.
-    let moved = CANARY.to_string()
+    let moved = canary()
         + r#"---
 apiVersion: v1
 kind: Pod
@@ -648,7 +625,8 @@ fn a_virtual_service_naming_an_unknown_host_subset_or_port_is_refused() {
     ];
     for (spec, expected) in cases {
         let r = run(&format!(
-            "{CANARY}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bad, namespace: shop}}\nspec:\n  {spec}\n"
+            "{}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bad, namespace: shop}}\nspec:\n  {spec}\n",
+            canary()
         ));
         assert_eq!(
             r.warnings,
@@ -1176,7 +1154,7 @@ fn localities_are_refused_by_field() {
 
 #[test]
 fn a_virtual_service_is_written_back_with_its_kind_and_removed_from_a_cluster() {
-    let (objects, errors) = parse_documents(CANARY, "canary.yaml");
+    let (objects, errors) = parse_documents(&canary(), "canary.yaml");
     assert!(errors.is_empty(), "{errors:?}");
     let value = objects[0].to_value();
     assert_eq!(value["kind"], "VirtualService");

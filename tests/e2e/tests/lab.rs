@@ -836,34 +836,12 @@ metadata: {name: product-service, namespace: demo, labels: {istio.io/use-waypoin
 spec:
   selector: {app: product-service}
   ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: product-service, namespace: demo}
-spec:
-  hosts: [product-service]
-  http:
-  - match: [{headers: {x-canary: {exact: "true"}}}]
-    route: [{destination: {host: product-service, subset: canary}}]
-  - route:
-    - {destination: {host: product-service, subset: stable}, weight: 90}
-    - {destination: {host: product-service, subset: canary}, weight: 10}
-    retries: {attempts: 3, perTryTimeout: 2s}
-    timeout: 10s
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: product-service, namespace: demo}
-spec:
-  host: product-service
-  trafficPolicy:
-    connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
-    outlierDetection: {consecutive5xxErrors: 3, interval: 30s, baseEjectionTime: 60s}
-  subsets:
-  - {name: stable, labels: {version: v1}}
-  - {name: canary, labels: {version: v2}}
 "#;
-    let (code, out, err) = apply_yaml(dir.path(), "canary.yaml", objects);
+    let objects = format!(
+        "{objects}---\n{}",
+        include_str!("../../fixtures/istio-canary.yaml").replace("NAMESPACE", "demo")
+    );
+    let (code, out, err) = apply_yaml(dir.path(), "canary.yaml", &objects);
     assert_eq!(code, 0, "{out}{err}");
     let url = "http://product-service.demo.svc.cluster.local/";
     eventually("the canary header reaches v2 through the waypoint", || {

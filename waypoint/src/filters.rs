@@ -311,3 +311,150 @@ mod tests {
         assert!(applied.redirect.is_none());
     }
 }
+
+/// What a rule's CORS policy does with a request.
+#[derive(Debug)]
+pub enum Cors {
+    /// A preflight from an allowed origin: answered by the waypoint.
+    Preflight(Response<()>),
+    /// A request from an allowed origin: these headers go on its response.
+    Allow(pb::HeaderModifier),
+    /// No `Origin`, or one the policy does not allow: the request passes untouched.
+    None,
+}
+
+fn origin_allowed(cors: &pb::CorsPolicy, origin: &str) -> bool {
+    cors.allow_origins.iter().any(|m| match m.r#type() {
+        pb::MatchType::Exact => m.value == "*" || m.value == origin,
+        pb::MatchType::PrefixString | pb::MatchType::Prefix => origin.starts_with(&m.value),
+        pb::MatchType::Regex => {
+            regex::Regex::new(&format!("^(?:{})$", m.value)).is_ok_and(|re| re.is_match(origin))
+        }
+    })
+}
+
+/// Applies a VirtualService `corsPolicy` as Envoy's CORS filter does: a preflight (`OPTIONS`
+/// with `Origin` and `Access-Control-Request-Method`) from an allowed origin is answered here;
+/// other requests from an allowed origin get `Access-Control-Allow-Origin` (and the exposed
+/// headers and credentials flag) on their response.
+pub fn cors(cors: &pb::CorsPolicy, parts: &http::request::Parts) -> Cors {
+    let Some(origin) = parts
+        .headers
+        .get(http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Cors::None;
+    };
+    if !origin_allowed(cors, origin) {
+        return Cors::None;
+    }
+    let mut allow = vec![pb::Header {
+        name: "access-control-allow-origin".into(),
+        value: origin.to_string(),
+    }];
+    if cors.allow_credentials {
+        allow.push(pb::Header {
+            name: "access-control-allow-credentials".into(),
+            value: "true".into(),
+        });
+    }
+    let preflight = parts.method == http::Method::OPTIONS
+        && parts
+            .headers
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+    if preflight {
+        let mut response = Response::new(());
+        if !cors.allow_methods.is_empty() {
+            allow.push(pb::Header {
+                name: "access-control-allow-methods".into(),
+                value: cors.allow_methods.join(","),
+            });
+        }
+        if !cors.allow_headers.is_empty() {
+            allow.push(pb::Header {
+                name: "access-control-allow-headers".into(),
+                value: cors.allow_headers.join(","),
+            });
+        }
+        if let Some(max_age) = cors
+            .max_age
+            .as_ref()
+            .and_then(|d| std::time::Duration::try_from(*d).ok())
+        {
+            allow.push(pb::Header {
+                name: "access-control-max-age".into(),
+                value: max_age.as_secs().to_string(),
+            });
+        }
+        modify_headers(
+            response.headers_mut(),
+            &pb::HeaderModifier {
+                set: allow,
+                ..Default::default()
+            },
+        );
+        return Cors::Preflight(response);
+    }
+    if !cors.expose_headers.is_empty() {
+        allow.push(pb::Header {
+            name: "access-control-expose-headers".into(),
+            value: cors.expose_headers.join(","),
+        });
+    }
+    Cors::Allow(pb::HeaderModifier {
+        set: allow,
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod cors_tests {
+    use super::*;
+
+    fn request(method: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = http::Request::builder().method(method).uri("/");
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn preflights_are_answered_and_allowed_origins_marked() {
+        let policy = pb::CorsPolicy {
+            allow_origins: vec![pb::StringMatch {
+                name: String::new(),
+                r#type: pb::MatchType::PrefixString as i32,
+                value: "https://app.".into(),
+            }],
+            allow_methods: vec!["GET".into(), "POST".into()],
+            allow_headers: vec!["x-token".into()],
+            max_age: Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0,
+            }),
+            allow_credentials: true,
+            ..Default::default()
+        };
+        let preflight = request(
+            "OPTIONS",
+            &[
+                ("origin", "https://app.example"),
+                ("access-control-request-method", "POST"),
+            ],
+        );
+        let Cors::Preflight(answer) = cors(&policy, &preflight) else {
+            panic!("not answered");
+        };
+        let h = answer.headers();
+        assert_eq!(h["access-control-allow-origin"], "https://app.example");
+        assert_eq!(h["access-control-allow-methods"], "GET,POST");
+        assert_eq!(h["access-control-max-age"], "600");
+        assert_eq!(h["access-control-allow-credentials"], "true");
+        let simple = request("GET", &[("origin", "https://app.example")]);
+        assert!(matches!(cors(&policy, &simple), Cors::Allow(_)));
+        let other = request("GET", &[("origin", "https://evil.example")]);
+        assert!(matches!(cors(&policy, &other), Cors::None));
+        assert!(matches!(cors(&policy, &request("GET", &[])), Cors::None));
+    }
+}

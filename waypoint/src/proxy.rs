@@ -516,6 +516,13 @@ impl Proxy {
                 if let Some(redirect) = applied.redirect.take() {
                     return Ok(redirect.map(|()| empty()));
                 }
+                if let Some(policy) = &rule.cors {
+                    match filters::cors(policy, &parts) {
+                        filters::Cors::Preflight(answer) => return Ok(answer.map(|()| empty())),
+                        filters::Cors::Allow(headers) => applied.response.push(headers),
+                        filters::Cors::None => {}
+                    }
+                }
                 if let Some(fault) = &rule.fault
                     && let Some(answer) = self.inject_fault(fault, &parts, meta).await
                 {

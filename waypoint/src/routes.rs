@@ -276,6 +276,8 @@ pub struct Rule {
     pub retry: Option<crate::retry::RetryPolicy>,
     /// Fault injection (VirtualService `fault`).
     pub fault: Option<pb::Fault>,
+    /// VirtualService `corsPolicy`.
+    pub cors: Option<pb::CorsPolicy>,
 }
 
 impl Rule {
@@ -548,6 +550,7 @@ fn compile_rule(route: &str, index: usize, rule: &pb::Rule) -> Result<Rule, Stri
             .filter(|r| r.attempts > 0)
             .map(crate::retry::RetryPolicy::from_proto),
         fault: rule.fault,
+        cors: rule.cors.clone(),
     })
 }
 
@@ -965,6 +968,7 @@ mod tests {
             backend_timeout: None,
             retry: None,
             fault: None,
+            cors: None,
         };
         assert!(zero.choose(|_| 0).is_none());
     }

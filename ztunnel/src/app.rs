@@ -22,11 +22,11 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::admin::{AdminState, admin_handler};
-use ambit_core::endpoints::{metrics_handler, readiness_handler};
 use crate::config::{Config, ConfigSource};
 use crate::inpod::InPodManager;
 use crate::mesh::MeshState;
 use crate::proxy::ProxyInputs;
+use ambit_core::endpoints::{metrics_handler, readiness_handler};
 
 /// The certificate source: the CA over gRPC, or a local CA directory.
 fn certificate_source(config: &Config) -> anyhow::Result<Arc<dyn CertificateSource>> {
@@ -194,9 +194,8 @@ pub async fn run(
         sections,
     };
     let scrape_certs = certs.clone();
-    let before_scrape = Arc::new(move |registry: &Registry| {
-        ambit_xds::certificate_gauges(registry, &scrape_certs)
-    });
+    let before_scrape =
+        Arc::new(move |registry: &Registry| ambit_xds::certificate_gauges(registry, &scrape_certs));
     control.handle.spawn(ambit_core::http::serve(
         stats,
         metrics_handler(metrics.clone(), before_scrape),

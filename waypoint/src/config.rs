@@ -158,7 +158,9 @@ pub fn from_env(
         );
     }
     let log_format = env.parse("LOG_FORMAT", LogFormat::Text);
-    let log_level = env.string("RUST_LOG", "info");
+    // Like Istio's waypoints (no access log by default), successful requests are not logged
+    // unless asked for (`RUST_LOG=info`); failed ones are.
+    let log_level = env.string("RUST_LOG", "info,access=warn");
     let effective = env.finish()?;
     Ok(Config {
         gateway_name,

@@ -403,7 +403,7 @@ impl Proxy {
         let principal = conn.peer.identity().to_string();
         let initial = self
             .telemetry
-            .labels(conn.source.as_deref(), &principal, None, None);
+            .labels(conn.source.as_ref(), &principal, None, None);
         let mut guard = RequestGuard::start(
             self.telemetry.registry(),
             initial,
@@ -423,10 +423,10 @@ impl Proxy {
                 error.response()
             }
         };
-        let destination = routed.destination.as_deref();
-        let service = routed.service.as_deref();
+        let destination = routed.destination.as_ref();
+        let service = routed.service.as_ref();
         guard.set_labels(self.telemetry.labels(
-            conn.source.as_deref(),
+            conn.source.as_ref(),
             &principal,
             destination,
             service,
@@ -935,10 +935,10 @@ impl Proxy {
             Dest::Workload { .. } => None,
         });
         let labels = self.telemetry.labels(
-            conn.source.as_deref(),
+            conn.source.as_ref(),
             &principal,
-            destination.as_deref(),
-            service.as_deref(),
+            destination.as_ref(),
+            service.as_ref(),
         );
         let mut guard =
             ConnectionGuard::open(self.telemetry.registry(), labels, conn.src, conn.dst);

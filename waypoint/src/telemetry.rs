@@ -17,10 +17,27 @@ use http_body_util::BodyExt;
 
 use crate::upstream::{BoxError, RequestBody};
 
+/// The objects a label set is built from, by address: a workload or service that changes is a
+/// new object (the index replaces, never mutates), so a changed one is a new key.
+type LabelKey = (usize, String, usize, usize);
+
+/// A cached label set, holding the objects whose addresses key it (so no address is reused by
+/// another object while the entry lives).
+type Cached = (
+    Option<Arc<Workload>>,
+    Option<Arc<Workload>>,
+    Option<Arc<Service>>,
+    Arc<TrafficLabels>,
+);
+
+/// Label sets kept before the cache starts over.
+const MAX_CACHED_LABELS: usize = 4096;
+
 /// Labels and guards for one waypoint.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
     registry: Registry,
+    labels: Arc<std::sync::Mutex<std::collections::HashMap<LabelKey, Cached>>>,
 }
 
 impl Telemetry {
@@ -28,7 +45,10 @@ impl Telemetry {
     pub fn new(registry: Registry) -> Self {
         ambit_telemetry::describe_http(&registry);
         ambit_telemetry::describe_tcp(&registry);
-        Self { registry }
+        Self {
+            registry,
+            labels: Arc::default(),
+        }
     }
 
     /// The registry.
@@ -40,6 +60,46 @@ impl Telemetry {
     /// `service`, reported by the waypoint.
     pub fn labels(
         &self,
+        source: Option<&Arc<Workload>>,
+        principal: &str,
+        destination: Option<&Arc<Workload>>,
+        service: Option<&Arc<Service>>,
+    ) -> Arc<TrafficLabels> {
+        fn address<T>(value: Option<&Arc<T>>) -> usize {
+            value.map_or(0, |v| Arc::as_ptr(v) as usize)
+        }
+        let key = (
+            address(source),
+            principal.to_string(),
+            address(destination),
+            address(service),
+        );
+        let mut cache = self.labels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, _, labels)) = cache.get(&key) {
+            return labels.clone();
+        }
+        if cache.len() >= MAX_CACHED_LABELS {
+            cache.clear();
+        }
+        let labels = Self::build(
+            source.map(|w| &**w),
+            principal,
+            destination.map(|w| &**w),
+            service.map(|s| &**s),
+        );
+        cache.insert(
+            key,
+            (
+                source.cloned(),
+                destination.cloned(),
+                service.cloned(),
+                labels.clone(),
+            ),
+        );
+        labels
+    }
+
+    fn build(
         source: Option<&Workload>,
         principal: &str,
         destination: Option<&Workload>,

@@ -102,7 +102,39 @@ pub struct TrafficLabels {
     head: Vec<Label>,
     /// `connection_security_policy` and the localities.
     tail: Vec<Label>,
+    /// The request series already looked up for these labels (a lookup clones and hashes the
+    /// whole label set; a waypoint records four series per request).
+    series: SeriesCache,
 }
+
+/// The four request series of one label set and outcome.
+#[derive(Debug)]
+pub(crate) struct HttpSeries {
+    pub(crate) requests: metrics::Counter,
+    pub(crate) duration: metrics::Histogram,
+    pub(crate) request_bytes: metrics::Histogram,
+    pub(crate) response_bytes: metrics::Histogram,
+}
+
+type SeriesKey = (&'static str, u16, Option<i32>, ResponseFlags);
+
+/// Handles by outcome; shared by clones of the same labels.
+#[derive(Clone, Default)]
+struct SeriesCache(
+    std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<SeriesKey, std::sync::Arc<HttpSeries>>>,
+    >,
+);
+
+impl fmt::Debug for SeriesCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SeriesCache")
+    }
+}
+
+/// Outcomes kept per label set; beyond this (a pathological spread of codes) lookups go to the
+/// registry every time.
+const MAX_CACHED_SERIES: usize = 64;
 
 impl TrafficLabels {
     /// The labels for traffic reported by `reporter` from `source` to `destination` (the
@@ -148,7 +180,35 @@ impl TrafficLabels {
             mtls,
             head,
             tail,
+            series: SeriesCache::default(),
         }
+    }
+
+    /// The request series for an outcome, looked up in the registry once per label set.
+    pub(crate) fn http_series(
+        &self,
+        registry: &ambit_core::metrics::Registry,
+        protocol: &'static str,
+        code: u16,
+        grpc_status: Option<i32>,
+        flags: ResponseFlags,
+    ) -> std::sync::Arc<HttpSeries> {
+        let key = (protocol, code, grpc_status, flags);
+        let mut cache = self.series.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(series) = cache.get(&key) {
+            return series.clone();
+        }
+        let labels = self.http(protocol, code, grpc_status, flags);
+        let series = std::sync::Arc::new(HttpSeries {
+            requests: registry.counter("istio_requests_total", &labels),
+            duration: registry.histogram("istio_request_duration_milliseconds", &labels),
+            request_bytes: registry.histogram("istio_request_bytes", &labels),
+            response_bytes: registry.histogram("istio_response_bytes", &labels),
+        });
+        if cache.len() < MAX_CACHED_SERIES {
+            cache.insert(key, series.clone());
+        }
+        series
     }
 
     /// Who reports.

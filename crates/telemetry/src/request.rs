@@ -192,17 +192,29 @@ impl Drop for RequestGuard {
             flags = ResponseFlags::DOWNSTREAM_DISCONNECT;
         }
         let duration = self.start.elapsed();
-        let labels = self
-            .labels
-            .http(self.protocol.as_str(), code, self.grpc_status, flags);
-        let r = &self.registry;
-        r.counter("istio_requests_total", &labels).increment(1);
-        r.histogram("istio_request_duration_milliseconds", &labels)
-            .record(duration.as_secs_f64() * 1000.0);
-        r.histogram("istio_request_bytes", &labels)
-            .record(self.request_bytes as f64);
-        r.histogram("istio_response_bytes", &labels)
-            .record(self.response_bytes as f64);
+        let series = self.labels.http_series(
+            &self.registry,
+            self.protocol.as_str(),
+            code,
+            self.grpc_status,
+            flags,
+        );
+        series.requests.increment(1);
+        series.duration.record(duration.as_secs_f64() * 1000.0);
+        series.request_bytes.record(self.request_bytes as f64);
+        series.response_bytes.record(self.response_bytes as f64);
+
+        // The access log: only built when someone listens (the waypoint logs failed requests
+        // by default and successful ones on `access=info`).
+        let failed = !(flags.is_empty() && code < 500);
+        let wanted = if failed {
+            tracing::enabled!(target: "access", tracing::Level::WARN)
+        } else {
+            tracing::enabled!(target: "access", tracing::Level::INFO)
+        };
+        if !wanted {
+            return;
+        }
 
         let l = &self.labels;
         let upstream = self.upstream.map(|u| u.to_string()).unwrap_or_default();
@@ -236,7 +248,7 @@ impl Drop for RequestGuard {
                 )
             };
         }
-        if flags.is_empty() && code < 500 {
+        if !failed {
             access!(info, "request complete");
         } else {
             access!(warn, "request failed");

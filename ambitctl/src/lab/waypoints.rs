@@ -223,7 +223,7 @@ pub(super) fn environment(
         ("ADMIN_ADDR", "127.0.0.1:15000".into()),
         (
             "RUST_LOG",
-            std::env::var("AMBIT_LAB_WAYPOINT_LOG").unwrap_or_else(|_| "info".into()),
+            std::env::var("AMBIT_LAB_WAYPOINT_LOG").unwrap_or_else(|_| "info,access=warn".into()),
         ),
     ]
 }

@@ -484,14 +484,14 @@ async fn the_binary_in_kubernetes_mode_deploys_waypoints_with_the_image_given() 
             .spawn()
             .unwrap(),
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let image = loop {
         if let Some(d) = server.get("apps/v1", "Deployment", "demo", "wp") {
             break d["spec"]["template"]["spec"]["containers"][0]["image"].clone();
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no Deployment demo/wp within 30s; requests: {:#?}",
+            "no Deployment demo/wp within 90s; requests: {:#?}",
             server.requests()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

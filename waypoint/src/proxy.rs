@@ -608,7 +608,15 @@ impl Proxy {
             .as_ref()
             .and_then(|r| r.per_try_timeout)
             .or_else(|| rule.as_ref().and_then(|(r, _)| r.backend_timeout));
-        let mut body = if retry.is_some() {
+        // Only a body known to be small (no body, or a declared length within the limit) is
+        // read ahead for replay: reading a stream of unknown length first could wait forever on
+        // a client that expects an answer before it sends more (gRPC streaming).
+        let replayable = body.is_end_stream()
+            || body
+                .size_hint()
+                .upper()
+                .is_some_and(|upper| upper <= crate::retry::REPLAY_LIMIT as u64);
+        let mut body = if retry.is_some() && replayable {
             crate::retry::Replayable::read(body, crate::retry::REPLAY_LIMIT).await
         } else {
             crate::retry::Replayable::Streaming(body)

@@ -2,9 +2,10 @@
 //! the Gateway API write them), the backoff between tries, and request bodies that can be sent
 //! again.
 //!
-//! A body is replayed only if it fits in [`REPLAY_LIMIT`]: when a rule retries, the request body
-//! is read up to that size before the first try; a larger body is streamed to the first try and
-//! never retried (the request then gets at most one try, whatever `attempts` says).
+//! A body is replayed only if it is known to fit in [`REPLAY_LIMIT`] (no body, or a declared
+//! length within it): when a rule retries, such a body is read before the first try. A larger
+//! body, or one of unknown length (a gRPC stream), is streamed to the first try and never
+//! retried (the request then gets one try, whatever `attempts` says).
 
 use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;

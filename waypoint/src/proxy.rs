@@ -25,6 +25,7 @@ use ambit_state::{Address, Addresses, Service, Workload};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;

@@ -823,6 +823,9 @@ impl Proxy {
         };
         let response = result.map_err(upstream_error)?;
         let (mut parts, body) = response.into_parts();
+        // The backend's connection management is not the client's (a backend's
+        // `Connection: close` must not close the client's connection).
+        crate::upstream::strip_hop_by_hop(&mut parts.headers);
         for modifier in &response_modifiers {
             filters::modify_headers(&mut parts.headers, modifier);
         }

@@ -336,6 +336,41 @@ impl Upstreams {
 }
 
 /// Puts the request in the form `protocol` needs, keeping the host the client asked for.
+/// Removes the hop-by-hop headers of one connection: the fixed set, and any header the
+/// `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ] {
+        headers.remove(name);
+    }
+    // `te: trailers` is the one TE value that passes (gRPC needs it end to end).
+    let trailers_only = headers
+        .get(http::header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"));
+    if !trailers_only {
+        headers.remove(http::header::TE);
+    }
+}
+
 fn shape(mut request: Request<RequestBody>, protocol: Protocol) -> Request<RequestBody> {
     let host = request
         .headers()
@@ -352,6 +387,14 @@ fn shape(mut request: Request<RequestBody>, protocol: Protocol) -> Request<Reque
         .path_and_query()
         .map(|pq| pq.as_str().to_string())
         .unwrap_or_else(|| "/".to_string());
+    // Hop-by-hop headers describe the client's connection, not ours to the backend (RFC 9110
+    // 7.6.1): a client's `Connection: close` must not close the pooled upstream connection.
+    // An Upgrade keeps its `Connection`/`Upgrade` pair, which is the point of the request.
+    let upgrade =
+        protocol == Protocol::Http1 && request.headers().contains_key(http::header::UPGRADE);
+    if !upgrade {
+        strip_hop_by_hop(request.headers_mut());
+    }
     match protocol {
         Protocol::Http1 => {
             *request.version_mut() = http::Version::HTTP_11;
@@ -378,15 +421,6 @@ fn shape(mut request: Request<RequestBody>, protocol: Protocol) -> Request<Reque
                 *request.uri_mut() = uri;
             }
             request.headers_mut().remove(http::header::HOST);
-            for name in [
-                "connection",
-                "keep-alive",
-                "proxy-connection",
-                "transfer-encoding",
-                "upgrade",
-            ] {
-                request.headers_mut().remove(name);
-            }
         }
     }
     request

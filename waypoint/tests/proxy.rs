@@ -721,6 +721,25 @@ async fn routes_filters_policies_and_failures_as_a_client_sees_them() {
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.backend(), "v1");
 
+    // Hop-by-hop headers stay on the client's connection: the backend sees none of them, so a
+    // client's `Connection: close` does not close the pooled upstream connection.
+    let answer = w
+        .get_path(
+            "/split",
+            &[
+                ("connection", "close, x-hop"),
+                ("x-hop", "1"),
+                ("te", "trailers"),
+            ],
+        )
+        .await;
+    let seen = &answer.body["headers"];
+    assert!(
+        seen.get("connection").is_none() && seen.get("x-hop").is_none(),
+        "{seen}"
+    );
+    assert_eq!(seen["te"], "trailers");
+
     // The Host header never chooses the Service.
     let answer = w
         .get(

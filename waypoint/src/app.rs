@@ -14,6 +14,7 @@ use ambit_core::endpoints::{metrics_handler, readiness_handler};
 use ambit_core::logging::LogHandle;
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
+use ambit_core::runtime::{ControlRuntime, bind};
 use ambit_hbone::{Pool, PoolConfig, TlsDialer};
 use ambit_identity::Identity;
 use ambit_identity::store::{CertStore, StoreConfig};
@@ -23,7 +24,6 @@ use ambit_proto::workload as pb;
 use ambit_state::Addresses;
 use ambit_xds::{CaClient, Rejection, XdsClient, XdsConfig};
 use anyhow::Context;
-use tokio::net::TcpListener;
 
 use crate::admin::{AdminState, admin_handler};
 use crate::config::Config;
@@ -31,41 +31,6 @@ use crate::hbone::HboneDial;
 use crate::proxy::{L7Config, Proxy, ProxySettings};
 use crate::routes::RouteTable;
 use crate::telemetry::Telemetry;
-
-/// The control runtime: one thread running a current-thread runtime until dropped.
-struct ControlRuntime {
-    handle: tokio::runtime::Handle,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl ControlRuntime {
-    fn start() -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building the control runtime")?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("waypoint-control".into())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
-            })
-            .context("starting the control thread")?;
-        Ok(ControlRuntime {
-            handle,
-            _stop: stop,
-        })
-    }
-}
-
-async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} endpoint on {addr}"))
-}
 
 /// The routes and policies received so far, by resource name; every change recompiles the
 /// proxy's [`L7Config`] from them.
@@ -172,7 +137,7 @@ pub async fn run(
     let telemetry = Telemetry::new(metrics.clone());
     let readiness = Readiness::new();
     let (trigger, drain) = drain::new();
-    let control = ControlRuntime::start()?;
+    let control = ControlRuntime::start("waypoint-control")?;
     let identity = Identity::new(
         &config.trust_domain,
         &config.pod_namespace,
@@ -188,7 +153,7 @@ pub async fn run(
         Arc::new(CaClient::new(config.ca.clone(), false)),
         StoreConfig {
             ttl: config.secret_ttl,
-            runtime: Some(control.handle.clone()),
+            runtime: Some(control.handle().clone()),
             ..StoreConfig::default()
         },
     );
@@ -219,7 +184,7 @@ pub async fn run(
     let (stats, ready_listener, admin_listener) = {
         let (stats, ready, admin) = (config.stats_addr, config.readiness_addr, config.admin_addr);
         control
-            .handle
+            .handle()
             .spawn(async move {
                 anyhow::Ok((
                     bind(stats, "metrics").await?,
@@ -237,7 +202,7 @@ pub async fn run(
     {
         let certs = certs.clone();
         let identity = identity.clone();
-        control.handle.spawn(async move {
+        control.handle().spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
                 match certs.get(&identity).await {
@@ -304,7 +269,7 @@ pub async fn run(
         .ready(Some(config_ready))
         .build()
     };
-    control.handle.spawn(client.run(drain.clone()));
+    control.handle().spawn(client.run(drain.clone()));
 
     let admin = AdminState {
         proxy: proxy.clone(),
@@ -320,17 +285,17 @@ pub async fn run(
         // Refreshes the ejected-endpoints gauge.
         scrape_proxy.traffic().ejected();
     });
-    control.handle.spawn(ambit_core::http::serve(
+    control.handle().spawn(ambit_core::http::serve(
         stats,
         metrics_handler(metrics.clone(), before_scrape),
         drain.clone(),
     ));
-    control.handle.spawn(ambit_core::http::serve(
+    control.handle().spawn(ambit_core::http::serve(
         ready_listener,
         readiness_handler(readiness.clone()),
         drain.clone(),
     ));
-    control.handle.spawn(ambit_core::http::serve(
+    control.handle().spawn(ambit_core::http::serve(
         admin_listener,
         admin_handler(admin),
         drain.clone(),
@@ -393,19 +358,4 @@ fn node(config: &Config) -> Node {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; stop with SIGINT");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
+pub use ambit_core::runtime::shutdown_signal;

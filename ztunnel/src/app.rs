@@ -14,12 +14,12 @@ use ambit_core::drain::{self, DrainMode, DrainWatcher};
 use ambit_core::logging::LogHandle;
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
+use ambit_core::runtime::{ControlRuntime, bind};
 use ambit_identity::ca::CertificateAuthority;
 use ambit_identity::store::{CertStore, CertificateSource, StoreConfig};
 use ambit_proto::envoy_core::Node;
 use ambit_xds::{CaClient, XdsConfig};
 use anyhow::Context;
-use tokio::net::TcpListener;
 
 use crate::admin::{AdminState, admin_handler};
 use crate::config::{Config, ConfigSource};
@@ -46,42 +46,6 @@ fn certificate_source(config: &Config) -> anyhow::Result<Arc<dyn CertificateSour
     Ok(Arc::new(ca))
 }
 
-/// The control runtime: one thread (`ztunnel-control`) running a current-thread runtime until
-/// this is dropped, which stops it and cancels what is left on it.
-struct ControlRuntime {
-    handle: tokio::runtime::Handle,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl ControlRuntime {
-    fn start() -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building the control runtime")?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("ztunnel-control".into())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
-            })
-            .context("starting the control thread")?;
-        Ok(ControlRuntime {
-            handle,
-            _stop: stop,
-        })
-    }
-}
-
-async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} endpoint on {addr}"))
-}
-
 /// Runs ztunnel until SIGTERM/SIGINT (or `stop`), then drains.
 pub async fn run(
     config: Config,
@@ -94,12 +58,12 @@ pub async fn run(
     let readiness = Readiness::new();
     let (trigger, drain) = drain::new();
     let mesh = MeshState::new(&config.node_name);
-    let control = ControlRuntime::start()?;
+    let control = ControlRuntime::start("ztunnel-control")?;
     let certs = CertStore::new(
         certificate_source(&config)?,
         StoreConfig {
             ttl: config.secret_ttl,
-            runtime: Some(control.handle.clone()),
+            runtime: Some(control.handle().clone()),
             ..StoreConfig::default()
         },
     );
@@ -114,7 +78,7 @@ pub async fn run(
     let (stats, ready_listener, admin_listener) = {
         let (stats, ready, admin) = (config.stats_addr, config.readiness_addr, config.admin_addr);
         control
-            .handle
+            .handle()
             .spawn(async move {
                 anyhow::Ok((
                     bind(stats, "metrics").await?,
@@ -148,10 +112,10 @@ pub async fn run(
                 metrics.clone(),
                 Some(config_ready),
             );
-            control.handle.spawn(client.run(drain.clone()));
+            control.handle().spawn(client.run(drain.clone()));
         }
         ConfigSource::File(path) => {
-            control.handle.spawn(crate::localconfig::watch(
+            control.handle().spawn(crate::localconfig::watch(
                 path.clone(),
                 mesh.clone(),
                 config.cluster_id.clone(),
@@ -196,17 +160,17 @@ pub async fn run(
     let scrape_certs = certs.clone();
     let before_scrape =
         Arc::new(move |registry: &Registry| ambit_xds::certificate_gauges(registry, &scrape_certs));
-    control.handle.spawn(ambit_core::http::serve(
+    control.handle().spawn(ambit_core::http::serve(
         stats,
         metrics_handler(metrics.clone(), before_scrape),
         drain.clone(),
     ));
-    control.handle.spawn(ambit_core::http::serve(
+    control.handle().spawn(ambit_core::http::serve(
         ready_listener,
         readiness_handler(readiness.clone()),
         drain.clone(),
     ));
-    control.handle.spawn(ambit_core::http::serve(
+    control.handle().spawn(ambit_core::http::serve(
         admin_listener,
         admin_handler(admin),
         drain.clone(),
@@ -259,19 +223,4 @@ fn node_with_metadata(mut node: Node, config: &Config) -> Node {
     node
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; stop with SIGINT");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
+pub use ambit_core::runtime::shutdown_signal;

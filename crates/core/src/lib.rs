@@ -9,6 +9,8 @@
 //! - [`logging`]: structured logs with a filter that can change at runtime.
 //! - [`http`]: a small HTTP/1.1 server for admin, metrics and readiness endpoints.
 //! - [`endpoints`]: the metrics, readiness and `/logging` handlers every proxy serves.
+//! - [`runtime`]: the control runtime beside the data path's, endpoint binding, the shutdown
+//!   signal.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -18,3 +20,4 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod readiness;
+pub mod runtime;

@@ -4,12 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_core::config::{ConfigError, EnvReader, EnvSource};
 use ambit_core::logging::LogFormat;
-use ambit_xds::{ControlPlane, TokenSource};
+use ambit_xds::{ControlPlane, ControlPlaneEnv};
 
 /// Everything the waypoint needs to start.
 #[derive(Clone, Debug)]
@@ -66,7 +65,6 @@ pub struct Config {
     pub effective: Vec<(String, String)>,
 }
 
-const DEFAULT_TOKEN_FILE: &str = "./var/run/secrets/tokens/istio-token";
 const MAX_WORKER_THREADS: usize = 1024;
 
 /// Reads the configuration; `vars` are the process's variables (for `XDS_HEADER_*`/`CA_HEADER_*`).
@@ -90,51 +88,10 @@ pub fn from_env(
     let instance_ip = env.parse("INSTANCE_IP", IpAddr::V4(Ipv4Addr::LOCALHOST));
     let node_name = env.string("NODE_NAME", "");
     let trust_domain = env.string("TRUST_DOMAIN", "cluster.local");
-    let cluster_id = env
-        .optional_string("ISTIO_META_CLUSTER_ID")
-        .or_else(|| env.optional_string("CLUSTER_ID"))
-        .unwrap_or_else(|| "Kubernetes".to_string());
     let network = env.string("NETWORK", "");
-    let in_cluster = env.optional_string("KUBERNETES_SERVICE_HOST").is_some();
-    let default_xds = if in_cluster {
-        "https://istiod.istio-system.svc:15012"
-    } else {
-        "https://localhost:15012"
-    };
-    let token_setting = env.secret_string("AUTH_TOKEN");
-    let token = TokenSource::from_setting(token_setting.as_deref(), DEFAULT_TOKEN_FILE);
-    let connect_timeout = env.duration("CONNECT_TIMEOUT", Duration::from_secs(10));
-    let headers = |prefix: &str| -> Vec<(String, String)> {
-        vars.iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
-            .collect()
-    };
-    let xds_address = env.string("XDS_ADDRESS", default_xds);
-    let xds_root = env
-        .optional_string("XDS_ROOT_CA")
-        .map(PathBuf::from)
-        .or_else(|| default_root("./var/run/secrets/istio/root-cert.pem"));
-    let xds = ControlPlane {
-        address: xds_address.clone(),
-        root_ca: xds_root.clone(),
-        server_name: env.optional_string("ALT_XDS_HOSTNAME"),
-        token: token.clone(),
-        cluster_id: cluster_id.clone(),
-        headers: headers("XDS_HEADER_"),
-        connect_timeout,
-    };
-    let ca = ControlPlane {
-        address: env.optional_string("CA_ADDRESS").unwrap_or(xds_address),
-        root_ca: env
-            .optional_string("CA_ROOT_CA")
-            .map(PathBuf::from)
-            .or(xds_root),
-        server_name: env.optional_string("ALT_CA_HOSTNAME"),
-        token,
-        cluster_id: cluster_id.clone(),
-        headers: headers("CA_HEADER_"),
-        connect_timeout,
-    };
+    let control = ControlPlaneEnv::read(&mut env, vars);
+    let (cluster_id, connect_timeout) = (control.cluster_id, control.connect_timeout);
+    let (xds, ca) = (control.xds, control.ca);
     let literal = |s: &str| s.parse::<SocketAddr>().ok();
     let hbone_addr = env.socket_addr("HBONE_ADDR", literal("[::]:15008").unwrap_or(unspecified()));
     let stats_addr = env.socket_addr("STATS_ADDR", literal("[::]:15020").unwrap_or(unspecified()));
@@ -193,11 +150,6 @@ pub fn from_env(
 
 fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
-}
-
-fn default_root(path: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(path);
-    path.is_file().then_some(path)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ambit_core::config::{ConfigError, EnvReader, EnvSource};
 use ambit_core::logging::LogFormat;
-use ambit_xds::{ControlPlane, TokenSource};
+use ambit_xds::{ControlPlane, ControlPlaneEnv};
 
 use crate::proxy::ProxyConfig;
 
@@ -77,8 +77,6 @@ pub fn default_worker_threads() -> usize {
 /// More threads than this is a typo, not a setting.
 const MAX_WORKER_THREADS: usize = 1024;
 
-const DEFAULT_TOKEN_FILE: &str = "./var/run/secrets/tokens/istio-token";
-
 /// Reads the configuration. `headers` are the process's `XDS_HEADER_*`/`CA_HEADER_*` variables.
 pub fn from_env(
     source: &dyn EnvSource,
@@ -90,55 +88,15 @@ pub fn from_env(
     let pod_namespace = env.string("POD_NAMESPACE", "istio-system");
     let instance_ip = env.parse("INSTANCE_IP", IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1)));
     let trust_domain = env.string("TRUST_DOMAIN", "cluster.local");
-    let cluster_id = env
-        .optional_string("ISTIO_META_CLUSTER_ID")
-        .or_else(|| env.optional_string("CLUSTER_ID"))
-        .unwrap_or_else(|| "Kubernetes".to_string());
-    let in_cluster = env.optional_string("KUBERNETES_SERVICE_HOST").is_some();
-    let default_xds = if in_cluster {
-        "https://istiod.istio-system.svc:15012"
-    } else {
-        "https://localhost:15012"
-    };
-    let token_setting = env.secret_string("AUTH_TOKEN");
-    let token = TokenSource::from_setting(token_setting.as_deref(), DEFAULT_TOKEN_FILE);
-    let connect_timeout = env.duration("CONNECT_TIMEOUT", Duration::from_secs(10));
-    let headers = |prefix: &str| -> Vec<(String, String)> {
-        vars.iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
-            .collect()
-    };
-    let xds_address = env.string("XDS_ADDRESS", default_xds);
-    let xds_root = env
-        .optional_string("XDS_ROOT_CA")
-        .map(PathBuf::from)
-        .or_else(|| default_root("./var/run/secrets/istio/root-cert.pem"));
-    let xds = ControlPlane {
-        address: xds_address.clone(),
-        root_ca: xds_root.clone(),
-        server_name: env.optional_string("ALT_XDS_HOSTNAME"),
-        token: token.clone(),
-        cluster_id: cluster_id.clone(),
-        headers: headers("XDS_HEADER_"),
-        connect_timeout,
-    };
+    let control = ControlPlaneEnv::read(&mut env, vars);
+    let cluster_id = control.cluster_id.clone();
+    let connect_timeout = control.connect_timeout;
+    let xds = control.xds;
     let local_path = env.optional_string("LOCAL_XDS_PATH").map(PathBuf::from);
-    let ca_address = env.optional_string("CA_ADDRESS");
     let local_ca_dir = env.optional_string("LOCAL_CA_DIR").map(PathBuf::from);
-    let ca = match (&ca_address, &local_path, &local_ca_dir) {
-        (None, _, Some(_)) | (None, Some(_), None) => None,
-        _ => Some(ControlPlane {
-            address: ca_address.unwrap_or(xds_address),
-            root_ca: env
-                .optional_string("CA_ROOT_CA")
-                .map(PathBuf::from)
-                .or(xds_root),
-            server_name: env.optional_string("ALT_CA_HOSTNAME"),
-            token,
-            cluster_id: cluster_id.clone(),
-            headers: headers("CA_HEADER_"),
-            connect_timeout,
-        }),
+    let ca = match (control.ca_address_given, &local_path, &local_ca_dir) {
+        (false, _, Some(_)) | (false, Some(_), None) => None,
+        _ => Some(control.ca),
     };
     if ca.is_none() && local_ca_dir.is_none() {
         env.invalid(
@@ -200,11 +158,6 @@ pub fn from_env(
         worker_threads,
         effective,
     })
-}
-
-fn default_root(path: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(path);
-    path.is_file().then_some(path)
 }
 
 #[cfg(test)]

@@ -2,8 +2,11 @@
 //! verified against a configured root, no client certificate), and the per-call metadata
 //! (`authorization: Bearer <token>`, `clusterid`, operator-supplied extra headers).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use ambit_core::config::EnvReader;
 
 use thiserror::Error;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
@@ -273,5 +276,89 @@ mod tests {
             error.to_string(),
             "control plane header \"bad header\" is not valid gRPC metadata"
         );
+    }
+}
+
+/// Where the token is when `AUTH_TOKEN` does not say (the projected token's mount).
+const DEFAULT_TOKEN_FILE: &str = "./var/run/secrets/tokens/istio-token";
+/// Where the control plane's root is when `XDS_ROOT_CA` does not say.
+const DEFAULT_ROOT: &str = "./var/run/secrets/istio/root-cert.pem";
+
+/// The control-plane settings every proxy reads from its environment, with Istio's names:
+/// `ISTIO_META_CLUSTER_ID` (or `CLUSTER_ID`), `XDS_ADDRESS` (istiod's Service in a cluster, else
+/// localhost), `XDS_ROOT_CA`, `ALT_XDS_HOSTNAME`, `AUTH_TOKEN`, `CONNECT_TIMEOUT`, `XDS_HEADER_*`,
+/// and for the CA `CA_ADDRESS` (default: the xDS address), `CA_ROOT_CA` (default: the xDS root),
+/// `ALT_CA_HOSTNAME`, `CA_HEADER_*`.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneEnv {
+    /// The cluster id (`clusterid` header, metric label).
+    pub cluster_id: String,
+    /// Connect timeout to the control plane (and, for the proxies, upstreams).
+    pub connect_timeout: Duration,
+    /// The xDS server.
+    pub xds: ControlPlane,
+    /// The CA.
+    pub ca: ControlPlane,
+    /// `CA_ADDRESS` was given (otherwise `ca` is the xDS address).
+    pub ca_address_given: bool,
+}
+
+impl ControlPlaneEnv {
+    /// Reads the settings; bad values are recorded in `env` by name. `vars` are the process's
+    /// variables, for the `*_HEADER_*` prefixes.
+    pub fn read(env: &mut EnvReader<'_>, vars: &BTreeMap<String, String>) -> Self {
+        let cluster_id = env
+            .optional_string("ISTIO_META_CLUSTER_ID")
+            .or_else(|| env.optional_string("CLUSTER_ID"))
+            .unwrap_or_else(|| "Kubernetes".to_string());
+        let in_cluster = env.optional_string("KUBERNETES_SERVICE_HOST").is_some();
+        let default_xds = if in_cluster {
+            "https://istiod.istio-system.svc:15012"
+        } else {
+            "https://localhost:15012"
+        };
+        let token_setting = env.secret_string("AUTH_TOKEN");
+        let token = TokenSource::from_setting(token_setting.as_deref(), DEFAULT_TOKEN_FILE);
+        let connect_timeout = env.duration("CONNECT_TIMEOUT", Duration::from_secs(10));
+        let headers = |prefix: &str| -> Vec<(String, String)> {
+            vars.iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
+                .collect()
+        };
+        let xds_address = env.string("XDS_ADDRESS", default_xds);
+        let xds_root = env
+            .optional_string("XDS_ROOT_CA")
+            .map(PathBuf::from)
+            .or_else(|| Some(PathBuf::from(DEFAULT_ROOT)).filter(|p| p.is_file()));
+        let xds = ControlPlane {
+            address: xds_address.clone(),
+            root_ca: xds_root.clone(),
+            server_name: env.optional_string("ALT_XDS_HOSTNAME"),
+            token: token.clone(),
+            cluster_id: cluster_id.clone(),
+            headers: headers("XDS_HEADER_"),
+            connect_timeout,
+        };
+        let ca_address = env.optional_string("CA_ADDRESS");
+        let ca_address_given = ca_address.is_some();
+        let ca = ControlPlane {
+            address: ca_address.unwrap_or(xds_address),
+            root_ca: env
+                .optional_string("CA_ROOT_CA")
+                .map(PathBuf::from)
+                .or(xds_root),
+            server_name: env.optional_string("ALT_CA_HOSTNAME"),
+            token,
+            cluster_id: cluster_id.clone(),
+            headers: headers("CA_HEADER_"),
+            connect_timeout,
+        };
+        Self {
+            cluster_id,
+            connect_timeout,
+            xds,
+            ca,
+            ca_address_given,
+        }
     }
 }

@@ -48,7 +48,7 @@ pub mod control;
 
 pub use ca::{CaClient, certificate_gauges};
 pub use client::{Handler, XdsClient, XdsClientBuilder, XdsConfig, XdsError, describe_metrics};
-pub use control::{Backoff, ControlError, ControlPlane, TokenSource, error_chain};
+pub use control::{Backoff, ControlError, ControlPlane, ControlPlaneEnv, TokenSource, error_chain};
 
 /// A resource a handler refused, with the reason: sent back in the NACK as `"<name>: <reason>"`
 /// (and logged by configuration sources that have no NACK, such as ztunnel's local file).

@@ -625,6 +625,7 @@ impl Proxy {
         for mirror in &applied.mirrors {
             self.mirror(mirror, &parts);
         }
+        let mut original = Some(parts);
         let attempts = retry.as_ref().map_or(0, |r| r.attempts);
         let mut previous: Option<Arc<str>> = None;
         let mut tries = 0u32;
@@ -632,7 +633,18 @@ impl Proxy {
             tries += 1;
             // The backend: the route's weighted choice (again on every try, among the same
             // rule's backends), else the Service addressed.
-            let mut try_parts = clone_parts(&parts);
+            // Without retries there is one try, which takes the request head itself; with retries
+            // every try gets a copy.
+            let head = if retry.is_some() {
+                original.as_ref().map(clone_parts)
+            } else {
+                original.take()
+            };
+            let Some(mut try_parts) = head else {
+                return Err(RequestError::InvalidBackend(
+                    "the request was already sent".to_string(),
+                ));
+            };
             let mut try_applied = Applied::default();
             let (backend_service, backend_port, subset) = match &rule {
                 None => (service.clone(), port, None),

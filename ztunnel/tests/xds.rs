@@ -2,10 +2,11 @@
 //! authentication metadata, ACK/NACK, last-good state, removals, resume with held versions, and
 //! readiness only after both types arrived.
 
+#[path = "../../crates/xds/tests/support/fake_ads.rs"]
+mod fake_ads;
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,93 +14,22 @@ use ambit_core::drain;
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
 use ambit_identity::ca::CertificateAuthority;
-use ambit_proto::discovery::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use ambit_proto::discovery::Resource;
+use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use ambit_proto::envoy_core::Node;
 use ambit_proto::security as sec;
 use ambit_proto::workload as pb;
 use ambit_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, pack_any};
 use ambit_xds::{ControlPlane, TokenSource, XdsConfig};
-use futures::Stream;
 use support::tls_server::TlsFixture;
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::timeout;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 use ztunnel::mesh::MeshState;
 
+use fake_ads::{FakeAds, Session};
+
 const WAIT: Duration = Duration::from_secs(10);
-
-/// One stream as the fake control plane sees it.
-struct Session {
-    requests: Streaming<DeltaDiscoveryRequest>,
-    responses: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    metadata: tonic::metadata::MetadataMap,
-}
-
-impl Session {
-    async fn next_request(&mut self) -> DeltaDiscoveryRequest {
-        timeout(WAIT, self.requests.message())
-            .await
-            .expect("client sent nothing within 10s")
-            .expect("stream error")
-            .expect("client closed the stream")
-    }
-
-    async fn push(
-        &mut self,
-        type_url: &str,
-        nonce: &str,
-        resources: Vec<Resource>,
-        removed: &[&str],
-    ) -> DeltaDiscoveryRequest {
-        self.responses
-            .send(Ok(DeltaDiscoveryResponse {
-                type_url: type_url.to_string(),
-                nonce: nonce.to_string(),
-                resources,
-                removed_resources: removed.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            }))
-            .await
-            .expect("client gone");
-        let answer = self.next_request().await;
-        assert_eq!(answer.type_url, type_url);
-        assert_eq!(answer.response_nonce, nonce);
-        answer
-    }
-}
-
-struct FakeAds {
-    sessions: mpsc::Sender<Session>,
-}
-
-type ResponseStream =
-    Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for FakeAds {
-    type DeltaAggregatedResourcesStream = ResponseStream;
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
-        let metadata = request.metadata().clone();
-        let (tx, rx) = mpsc::channel(16);
-        self.sessions
-            .send(Session {
-                requests: request.into_inner(),
-                responses: tx,
-                metadata,
-            })
-            .await
-            .map_err(|_| Status::unavailable("test over"))?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
 
 struct ControlPlaneFixture {
     addr: SocketAddr,

@@ -4,17 +4,14 @@
 //! resent on reconnect, and readiness waits for every subscribed type.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ambit_core::drain;
 use ambit_core::metrics::Registry;
 use ambit_core::readiness::Readiness;
-use ambit_proto::discovery::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use ambit_proto::discovery::Resource;
+use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use ambit_proto::envoy_core::Node;
 use ambit_proto::waypoint as wp;
 use ambit_proto::workload as pb;
@@ -22,84 +19,18 @@ use ambit_proto::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, ROUTE_TYPE_URL, pack_any,
 };
 use ambit_xds::{ControlPlane, Handler, Rejection, TokenSource, XdsClient, XdsConfig};
-use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Status;
 use tonic::codec::CompressionEncoding;
-use tonic::{Request, Response, Status, Streaming};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// One stream as the fake control plane sees it.
-struct Session {
-    requests: Streaming<DeltaDiscoveryRequest>,
-    responses: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    metadata: tonic::metadata::MetadataMap,
-}
+#[path = "support/fake_ads.rs"]
+mod fake_ads;
 
-impl Session {
-    async fn next_request(&mut self) -> DeltaDiscoveryRequest {
-        timeout(WAIT, self.requests.message())
-            .await
-            .expect("client sent nothing within 10s")
-            .expect("stream error")
-            .expect("client closed the stream")
-    }
-
-    /// Sends a response and returns the client's answer to it.
-    async fn push(
-        &mut self,
-        type_url: &str,
-        nonce: &str,
-        resources: Vec<Resource>,
-        removed: &[&str],
-    ) -> DeltaDiscoveryRequest {
-        self.responses
-            .send(Ok(DeltaDiscoveryResponse {
-                type_url: type_url.to_string(),
-                nonce: nonce.to_string(),
-                resources,
-                removed_resources: removed.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            }))
-            .await
-            .expect("client gone");
-        let answer = self.next_request().await;
-        assert_eq!(answer.type_url, type_url);
-        assert_eq!(answer.response_nonce, nonce);
-        answer
-    }
-}
-
-struct FakeAds {
-    sessions: mpsc::Sender<Session>,
-}
-
-type ResponseStream =
-    Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for FakeAds {
-    type DeltaAggregatedResourcesStream = ResponseStream;
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
-        let metadata = request.metadata().clone();
-        let (tx, rx) = mpsc::channel(16);
-        self.sessions
-            .send(Session {
-                requests: request.into_inner(),
-                responses: tx,
-                metadata,
-            })
-            .await
-            .map_err(|_| Status::unavailable("test over"))?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
+use fake_ads::{FakeAds, Session};
 
 struct Server {
     addr: SocketAddr,

@@ -1,6 +1,12 @@
-//! `ambitctl`: the operator CLI. Today: `ambitctl lab ...`, the whole mesh on one Linux host.
+//! `ambitctl`: the operator CLI: `lab` (the whole mesh on one Linux host), `analyze`, `explain`
+//! and `ztunnel-config`.
 
+mod analyze;
+mod explain;
 mod lab;
+#[allow(dead_code)] // read by analyze and explain, which are being built this session
+mod source;
+mod ztunnel_config;
 
 use std::path::PathBuf;
 
@@ -21,6 +27,16 @@ enum Command {
         #[command(subcommand)]
         command: LabCommand,
     },
+    /// Find problems in mesh configuration: every problem as a line with a stable code, its
+    /// severity, the object and field at fault and a fix hint. Reads files (`-f`), the running
+    /// lab (the default when no file is given) or a cluster (`--cluster`).
+    Analyze(analyze::Args),
+    /// Explain one flow: identities, capture, waypoint, route and every authorization policy at
+    /// each hop, then the verdict, decided by the same code the proxies run.
+    Explain(explain::Args),
+    /// What a node's ztunnel holds, with istioctl's columns: workloads, services, policies,
+    /// certificates and live connections.
+    ZtunnelConfig(ztunnel_config::Args),
 }
 
 #[derive(Subcommand)]
@@ -78,6 +94,8 @@ enum LabCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Serve a live node-level dashboard (charts from the lab's Prometheus) on localhost.
+    Dashboard(lab::dashboard::Args),
     /// Remove everything the lab made (also after a crash or a half-finished `up`).
     Down,
 }
@@ -100,8 +118,12 @@ fn main() {
                 node,
                 name,
             } => lab::restart(&component, node.as_deref(), name.as_deref()),
+            LabCommand::Dashboard(args) => lab::dashboard::run(args),
             LabCommand::Down => lab::down(),
         },
+        Command::Analyze(args) => analyze::run(args),
+        Command::Explain(args) => explain::run(args),
+        Command::ZtunnelConfig(args) => ztunnel_config::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -7,6 +7,7 @@
 //! yours), so `down` can remove it
 //! all even after a crash.
 
+pub(crate) mod dashboard;
 mod demo;
 mod env;
 mod http;
@@ -238,7 +239,7 @@ fn read_objects(path: &Path) -> anyhow::Result<Vec<Object>> {
 }
 
 /// The objects currently in the lab's config directory.
-fn current_objects() -> anyhow::Result<Vec<Object>> {
+pub(crate) fn current_objects() -> anyhow::Result<Vec<Object>> {
     Ok(ambit_mesh::read_dir(&dir().join("config"))?.0)
 }
 

@@ -8,6 +8,16 @@ use std::process::Command;
 
 use ambit_e2e::{binary, long_connection};
 
+// The operator tools' checks, one file each, run against the demo lab below.
+#[path = "lab/analyze.rs"]
+mod analyze;
+#[path = "lab/dashboard.rs"]
+mod dashboard;
+#[path = "lab/explain.rs"]
+mod explain;
+#[path = "lab/ztunnel_config.rs"]
+mod ztunnel_config;
+
 fn ambitctl(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(binary("ambitctl"))
         .args(args)
@@ -469,6 +479,12 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
             .iter()
             .any(|p| p["pod"].as_str().unwrap().starts_with("demo/web-"))
     );
+
+    // The operator tools against the running demo (before STRICT below changes what is allowed).
+    analyze::check(&status);
+    explain::check(&status);
+    ztunnel_config::check(&status);
+    dashboard::check(&status);
 
     // PERMISSIVE admits the non-mesh client (demo/client has no policy of its own); STRICT
     // refuses it.

@@ -14,10 +14,13 @@
 //! - [`Addresses`]: the cheap-to-clone handle a proxy's tasks share: a read guard on the index,
 //!   [`Addresses::apply`] for xDS upserts and removals (per-resource rejection, last good version
 //!   kept), and a generation watchers subscribe to.
+//! - [`route::route`]: where an outbound connection goes (an endpoint, a waypoint, plain TCP or
+//!   passthrough), the decision ztunnel makes per connection and `ambitctl explain` reports.
 #![forbid(unsafe_code)]
 
 mod addresses;
 mod index;
+pub mod route;
 
 pub use addresses::{AddressError, Addresses, insert_address};
 pub use index::{

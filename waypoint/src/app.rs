@@ -134,6 +134,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = Registry::new();
     ambit_xds::describe_metrics(&metrics);
+    // Istio's waypoints are Envoy proxies and report `component="proxy"`.
+    ambit_core::process::register(&metrics, "proxy", env!("CARGO_PKG_VERSION"));
     let telemetry = Telemetry::new(metrics.clone());
     let readiness = Readiness::new();
     let (trigger, drain) = drain::new();

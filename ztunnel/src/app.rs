@@ -55,6 +55,7 @@ pub async fn run(
     let metrics = Registry::new();
     crate::proxy::metrics::describe(&metrics);
     ambit_xds::describe_metrics(&metrics);
+    ambit_core::process::register(&metrics, "ztunnel", env!("CARGO_PKG_VERSION"));
     let readiness = Readiness::new();
     let (trigger, drain) = drain::new();
     let mesh = MeshState::new(&config.node_name);
@@ -126,6 +127,20 @@ pub async fn run(
         }
     }
 
+    if config.zds_path.is_some() {
+        // Istio's ztunnel dashboard plots both from the start; a proxy is never left pending
+        // here (a pod whose listeners cannot start is refused over ZDS, not retried).
+        metrics
+            .gauge("workload_manager_active_proxy_count", &())
+            .set(0.0);
+        metrics.describe_gauge(
+            "workload_manager_pending_proxy_count",
+            "Pods announced over ZDS whose proxies are not started yet",
+        );
+        metrics
+            .gauge("workload_manager_pending_proxy_count", &())
+            .set(0.0);
+    }
     let inpod = config.zds_path.as_ref().map(|path| {
         InPodManager::new(
             path.clone(),

@@ -9,6 +9,7 @@
 //! - [`logging`]: structured logs with a filter that can change at runtime.
 //! - [`http`]: a small HTTP/1.1 server for admin, metrics and readiness endpoints.
 //! - [`endpoints`]: the metrics, readiness and `/logging` handlers every proxy serves.
+//! - [`process`]: `istio_build` and the process metrics (CPU, memory, file descriptors).
 //! - [`runtime`]: the control runtime beside the data path's, endpoint binding, the shutdown
 //!   signal.
 #![forbid(unsafe_code)]
@@ -19,5 +20,6 @@ pub mod endpoints;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod process;
 pub mod readiness;
 pub mod runtime;

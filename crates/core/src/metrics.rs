@@ -6,7 +6,7 @@
 //! their `_total` suffix, exactly as Istio dashboards expect them.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{
@@ -72,11 +72,15 @@ pub fn label_value(value: &str) -> String {
     }
 }
 
+/// Appends series computed at render time (process metrics, say) to the exposition text.
+type Collector = Arc<dyn Fn(&mut String) + Send + Sync>;
+
 /// A Prometheus registry. Cheap to clone; clones share the series.
 #[derive(Clone)]
 pub struct Registry {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    collectors: Arc<Mutex<Vec<Collector>>>,
 }
 
 impl fmt::Debug for Registry {
@@ -120,7 +124,18 @@ impl Registry {
         Registry {
             recorder: Arc::new(recorder),
             handle,
+            collectors: Arc::default(),
         }
+    }
+
+    /// Adds series written straight in the text format at each render, for values the
+    /// recorder's types cannot hold (a counter of fractional seconds, say). The collector
+    /// writes complete `# HELP`/`# TYPE`/sample lines.
+    pub fn add_collector(&self, collector: impl Fn(&mut String) + Send + Sync + 'static) {
+        self.collectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(collector));
     }
 
     /// Adds `# HELP` text for a counter.
@@ -175,7 +190,19 @@ impl Registry {
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
-        self.handle.render()
+        let mut text = self.handle.render();
+        let collectors = self
+            .collectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for collector in collectors {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            collector(&mut text);
+        }
+        text
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ambit_core::metrics::Registry;
-use metrics::Counter;
+use metrics::{Counter, Gauge};
 
 use crate::flags::{ResponseFlag, ResponseFlags};
 use crate::labels::TrafficLabels;
@@ -26,6 +26,8 @@ pub struct ConnectionGuard {
     upstream: Option<SocketAddr>,
     received: Counter,
     sent: Counter,
+    /// `istio_tcp_sockets_open{reporter}`: up while the connection's client socket is held.
+    sockets_open: Gauge,
     bytes_received: u64,
     bytes_sent: u64,
     start: Instant,
@@ -55,7 +57,13 @@ impl ConnectionGuard {
         registry
             .counter("istio_tcp_connections_opened_total", &ok)
             .increment(1);
+        let sockets_open = registry.gauge(
+            "istio_tcp_sockets_open",
+            &[("reporter", labels.reporter().as_str().to_string())],
+        );
+        sockets_open.increment(1.0);
         ConnectionGuard {
+            sockets_open,
             received: registry.counter("istio_tcp_received_bytes_total", &ok),
             sent: registry.counter("istio_tcp_sent_bytes_total", &ok),
             registry: registry.clone(),
@@ -119,6 +127,7 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        self.sockets_open.decrement(1.0);
         let flags = self
             .failure
             .as_ref()

@@ -51,6 +51,10 @@ pub fn describe_tcp(registry: &Registry) {
         "istio_tcp_sent_bytes_total",
         "Bytes sent to the client (response direction)",
     );
+    registry.describe_gauge(
+        "istio_tcp_sockets_open",
+        "Client sockets of proxied TCP connections open now, by reporter",
+    );
 }
 
 /// Registers the help texts of the request metrics.

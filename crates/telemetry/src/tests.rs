@@ -127,7 +127,15 @@ fn a_connection_dropped_without_a_result_is_counted_closed_with_its_bytes() {
         let opened = series(&registry, "istio_tcp_connections_opened_total");
         assert_eq!(opened.len(), 1, "{opened:?}");
         assert!(series(&registry, "istio_tcp_connections_closed_total").is_empty());
+        assert_eq!(
+            series(&registry, "istio_tcp_sockets_open"),
+            ["istio_tcp_sockets_open{reporter=\"source\"} 1"]
+        );
     }
+    assert_eq!(
+        series(&registry, "istio_tcp_sockets_open"),
+        ["istio_tcp_sockets_open{reporter=\"source\"} 0"]
+    );
     let opened = series(&registry, "istio_tcp_connections_opened_total");
     let closed = series(&registry, "istio_tcp_connections_closed_total");
     assert_eq!(closed.len(), 1);

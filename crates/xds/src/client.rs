@@ -242,6 +242,16 @@ pub fn describe_metrics(metrics: &Registry) {
         "istio_xds_connection_terminations_total",
         "xDS streams that ended, by reason (ConnectionError, Error, Reconnect, Complete)",
     );
+    // Every reason's series exists from the start (at 0), so dashboards' rate() over it shows a
+    // flat line rather than "no data" while the connection has never ended.
+    for reason in ["ConnectionError", "Error", "Reconnect", "Complete"] {
+        metrics
+            .counter(
+                "istio_xds_connection_terminations_total",
+                &[("reason", reason.to_string())],
+            )
+            .increment(0);
+    }
     metrics.describe_counter(
         "istio_xds_message_total",
         "xDS responses received, by type URL",

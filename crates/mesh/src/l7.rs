@@ -65,15 +65,7 @@ impl Context<'_> {
     /// The Service an Istio host names, relative to `namespace`: `name`, `name.ns`,
     /// `name.ns.svc` or `name.ns.svc.<domain suffix>`.
     pub(crate) fn host_service(&self, host: &str, namespace: &str) -> Option<&Service> {
-        let parts: Vec<&str> = host.split('.').collect();
-        let suffix = format!("svc.{}", self.settings.domain_suffix);
-        match parts.as_slice() {
-            [name] => self.service(namespace, name),
-            [name, ns] => self.service(ns, name),
-            [name, ns, "svc"] => self.service(ns, name),
-            [name, ns, rest @ ..] if rest.join(".") == suffix => self.service(ns, name),
-            _ => None,
-        }
+        host_service(self.cluster, self.settings, host, namespace)
     }
 
     pub(crate) fn address_name(&self, service: &Service) -> String {
@@ -82,6 +74,26 @@ impl Context<'_> {
             service.metadata.namespace,
             hostname(service, self.settings)
         )
+    }
+}
+
+/// The Service an Istio host (a VirtualService host or destination, a DestinationRule host) names,
+/// relative to `namespace`: `name`, `name.ns`, `name.ns.svc` or `name.ns.svc.<domain suffix>`.
+pub fn host_service<'a>(
+    cluster: &'a Cluster,
+    settings: &MeshSettings,
+    host: &str,
+    namespace: &str,
+) -> Option<&'a Service> {
+    let service = |ns: &str, name: &str| cluster.services.get(&(ns.to_string(), name.to_string()));
+    let parts: Vec<&str> = host.split('.').collect();
+    let suffix = format!("svc.{}", settings.domain_suffix);
+    match parts.as_slice() {
+        [name] => service(namespace, name),
+        [name, ns] => service(ns, name),
+        [name, ns, "svc"] => service(ns, name),
+        [name, ns, rest @ ..] if rest.join(".") == suffix => service(ns, name),
+        _ => None,
     }
 }
 

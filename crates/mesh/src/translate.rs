@@ -193,10 +193,9 @@ fn key(meta: &crate::objects::ObjectMeta) -> (String, String) {
     (meta.namespace.clone(), meta.name.clone())
 }
 
-pub(crate) fn selects(
-    selector: &BTreeMap<String, String>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
+/// True when every label of `selector` is in `labels` with the same value (an empty selector
+/// selects everything): how Service selectors and `matchLabels` choose pods.
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -219,7 +218,8 @@ fn label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a 
         .filter(|v| !v.is_empty())
 }
 
-pub(crate) fn hostname(service: &Service, settings: &MeshSettings) -> String {
+/// A Service's host name, `<name>.<namespace>.svc.<domain suffix>`.
+pub fn hostname(service: &Service, settings: &MeshSettings) -> String {
     format!(
         "{}.{}.svc.{}",
         service.metadata.name, service.metadata.namespace, settings.domain_suffix
@@ -474,8 +474,10 @@ fn slice_endpoints(
 }
 
 /// Pods whose effective PeerAuthentication mode is STRICT (workload > namespace > mesh), mapped
-/// to their namespace.
-fn strict_pods(
+/// to their namespace; `root` is the mesh's root namespace. A pod whose mode is DISABLE gets a
+/// warning (ambient treats it as PERMISSIVE). Public so that `ambitctl analyze` reads STRICT as
+/// the translation does.
+pub fn strict_pods(
     cluster: &Cluster,
     root: &str,
     warnings: &mut Vec<String>,

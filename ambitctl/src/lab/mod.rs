@@ -11,6 +11,7 @@ pub(crate) mod dashboard;
 mod demo;
 mod env;
 mod http;
+mod prometheus;
 mod waypoints;
 
 use std::collections::BTreeMap;
@@ -890,6 +891,7 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
         }
         return Err(e);
     }
+    processes.extend(prometheus::start(&topology, &state).map(|p| (prometheus::KEY.into(), p)));
     for (name, process) in processes {
         if let Some(pid) = process.detach() {
             state.pids.insert(name, pid);
@@ -1122,6 +1124,7 @@ fn print_status(state: &LabState, json_output: bool) {
             "services": state.services.iter().map(|s| json!({"service": format!("{}/{}", s.namespace, s.name), "vip": s.vip, "ports": s.ports})).collect::<Vec<_>>(),
             "waypoints": waypoint_rows(state, alive, |p| waypoint_ready(state, p)),
             "istiodLite": {"running": alive("istiod-lite"), "address": format!("{FABRIC_IP}:15012")},
+            "prometheus": prometheus::status(alive(prometheus::KEY), &format!("{}fabric", prefix())),
         });
         println!(
             "{}",
@@ -1136,6 +1139,10 @@ fn print_status(state: &LabState, json_output: bool) {
         } else {
             "NOT RUNNING"
         }
+    );
+    println!(
+        "{}",
+        prometheus::status_line(alive(prometheus::KEY), &format!("{}fabric", prefix()))
     );
     println!(
         "\nNODE     NETNS            IP           ZTUNNEL  METRICS                          ADMIN (in node netns)"
@@ -1317,6 +1324,7 @@ pub(crate) fn apply(path: &Path) -> anyhow::Result<i32> {
     }
     write_hosts(&state)?;
     save_state(&state)?;
+    prometheus::write_targets(&state)?;
     wait(
         "configuration to reach every ztunnel",
         Duration::from_secs(60),
@@ -1411,6 +1419,7 @@ pub(crate) fn delete(path: &Path) -> anyhow::Result<i32> {
     state.services = services_of(&current_objects()?);
     write_hosts(&state)?;
     save_state(&state)?;
+    prometheus::write_targets(&state)?;
     Ok(0)
 }
 

@@ -18,29 +18,12 @@ use futures::StreamExt;
 
 use crate::store::Store;
 
-/// `gateway.networking.k8s.io/v1` GRPCRoute (waypoint routes, like HTTPRoute).
-pub const GRPC_ROUTE: KindSpec = KindSpec {
-    api_version: "gateway.networking.k8s.io/v1",
-    kind: "GRPCRoute",
-    plural: "grpcroutes",
-    namespaced: true,
-};
+pub use ambit_kube::watch::{GRPC_ROUTE, VIRTUAL_SERVICE};
 
-/// `networking.istio.io/v1` VirtualService (waypoint routes in Istio's form).
-pub const VIRTUAL_SERVICE: KindSpec = KindSpec {
-    api_version: "networking.istio.io/v1",
-    kind: "VirtualService",
-    plural: "virtualservices",
-    namespaced: true,
-};
-
-/// Every kind the Kubernetes source watches: the shared control-plane kinds, GRPCRoute and
-/// VirtualService.
+/// Every kind the Kubernetes source watches: the shared control-plane kinds (GRPCRoute and
+/// VirtualService among them).
 pub fn watched_kinds() -> Vec<KindSpec> {
-    let mut kinds = CONTROL_PLANE_KINDS.to_vec();
-    kinds.push(GRPC_ROUTE);
-    kinds.push(VIRTUAL_SERVICE);
-    kinds
+    CONTROL_PLANE_KINDS.to_vec()
 }
 
 /// Counter of objects refused by validation, labelled by `kind`.

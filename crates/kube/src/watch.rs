@@ -128,7 +128,22 @@ pub const DESTINATION_RULE: KindSpec = KindSpec {
     namespaced: true,
 };
 
-/// Everything istiod-lite reads.
+/// `gateway.networking.k8s.io/v1` GRPCRoute (waypoint routes, like HTTPRoute).
+pub const GRPC_ROUTE: KindSpec = KindSpec {
+    api_version: "gateway.networking.k8s.io/v1",
+    kind: "GRPCRoute",
+    plural: "grpcroutes",
+    namespaced: true,
+};
+/// `networking.istio.io/v1` VirtualService (waypoint routes in Istio's form).
+pub const VIRTUAL_SERVICE: KindSpec = KindSpec {
+    api_version: "networking.istio.io/v1",
+    kind: "VirtualService",
+    plural: "virtualservices",
+    namespaced: true,
+};
+
+/// Everything istiod-lite reads (and `ambitctl analyze --cluster` lists).
 pub const CONTROL_PLANE_KINDS: &[KindSpec] = &[
     NAMESPACE,
     POD,
@@ -140,7 +155,9 @@ pub const CONTROL_PLANE_KINDS: &[KindSpec] = &[
     GATEWAY,
     GATEWAY_CLASS,
     HTTP_ROUTE,
+    GRPC_ROUTE,
     DESTINATION_RULE,
+    VIRTUAL_SERVICE,
 ];
 
 /// One kind to watch, optionally narrowed by selectors (as `kubectl get -l ... --field-selector`).

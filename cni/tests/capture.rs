@@ -327,6 +327,7 @@ fn start_ztunnel(zds: &Path) -> Ztunnel {
         mesh: mesh.clone(),
         certs: CertStore::new(Arc::new(ca), StoreConfig::default()),
         metrics: metrics.clone(),
+        connections: Default::default(),
     };
     let manager = InPodManager::new(
         zds.to_path_buf(),

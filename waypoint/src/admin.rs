@@ -1,6 +1,6 @@
 //! The admin endpoint on localhost:15000: `/config_dump` (what the waypoint serves: its Gateway,
-//! routes, policies, the services and workloads it knows, its certificate, its settings) and
-//! `/logging`.
+//! routes, policies, the services and workloads it knows, its certificate, its settings, with
+//! ztunnel's names for what both hold) and `/logging`.
 
 use std::sync::Arc;
 
@@ -57,42 +57,34 @@ pub fn admin_handler(state: AdminState) -> Handler {
     })
 }
 
-/// Everything the waypoint holds, as JSON (no private keys).
+/// Everything the waypoint holds, as JSON (no private keys). What ztunnel's dump also has uses
+/// its names and shapes (upstream ztunnel's): `workloads`, `services` (each with the waypoint's
+/// own `hasRoutes`), `policies`, `certificates`, `version`, `config`; the rest is the waypoint's
+/// (`gateway`, `gatewayClass`, `routes`, `ejectedEndpoints`).
 pub fn config_dump(state: &AdminState) -> Value {
     let l7 = state.proxy.l7();
     let settings = state.proxy.settings();
-    let (workloads, services) = {
+    let (workloads, mut services) = {
         let index = state.state.index();
-        let services: Vec<Value> = index
-            .services()
-            .map(|s| {
-                json!({
-                    "name": s.key.to_string(),
-                    "hostname": s.hostname.to_string(),
-                    "vips": s.vips.iter().map(|(n, ip)| format!("{n}/{ip}")).collect::<Vec<_>>(),
-                    "hasRoutes": l7.routes.has_routes(&s.key),
-                })
-            })
-            .collect();
-        (index.workloads().count(), services)
+        ambit_state::dump::workloads_and_services(&index)
     };
-    let policies: Vec<Value> = l7
-        .policies
-        .iter()
-        .map(|p| json!({"name": p.key(), "action": p.action.to_string(), "dryRun": p.dry_run}))
-        .collect();
-    let certificates: Vec<Value> = state
-        .certs
-        .snapshot()
-        .into_iter()
-        .map(|c| {
-            json!({
-                "identity": c.identity.to_string(),
-                "state": format!("{:?}", c.state),
-                "expiresInSeconds": c.not_after.and_then(|t| t.duration_since(std::time::SystemTime::now()).ok()).map(|d| d.as_secs()),
-            })
-        })
-        .collect();
+    for service in &mut services {
+        let key = format!(
+            "{}/{}",
+            service["namespace"].as_str().unwrap_or_default(),
+            service["hostname"].as_str().unwrap_or_default()
+        );
+        service["hasRoutes"] = Value::Bool(l7.routes.has_routes(&key));
+    }
+    let policies: Vec<Value> = {
+        let mut policies: Vec<_> = l7.policies.iter().collect();
+        policies.sort_by_key(|p| p.key());
+        policies
+            .into_iter()
+            .map(|p| ambit_authz::dump::policy(p))
+            .collect()
+    };
+    let certificates = ambit_identity::dump::certificates(&state.certs.snapshot());
     let config: serde_json::Map<String, Value> = state
         .config
         .iter()
@@ -109,13 +101,17 @@ pub fn config_dump(state: &AdminState) -> Value {
         .collect();
     json!({
         "gateway": settings.gateway,
-        "ejectedEndpoints": ejected,
         "gatewayClass": settings.gateway_class,
         "routes": l7.route_names,
-        "policies": policies,
+        "ejectedEndpoints": ejected,
+        "workloads": workloads,
         "services": services,
-        "workloadCount": workloads,
+        "policies": policies,
         "certificates": certificates,
+        "version": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "buildProfile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        },
         "config": config,
     })
 }

@@ -1,20 +1,26 @@
 //! The admin endpoint on localhost:15000 (`/config_dump`, `/logging`). The Prometheus (:15020)
 //! and readiness (:15021) handlers are the shared ones of `ambit_core::endpoints`.
+//!
+//! `/config_dump` has upstream ztunnel's shape, so `istioctl ztunnel-config` and Kiali read it:
+//! `workloads`, `services`, `policies`, `stagedServices`, `certificates`, `workloadState` (the
+//! pods this node serves, by uid, with their open connections), `staticConfig`, `version` and
+//! `config` (Ambit's settings by environment variable name). Inside, the field names and value
+//! shapes are upstream's; what only Ambit knows is under keys upstream does not use (`bytesSent`,
+//! `peerIdentity`, ... on a connection). Never a private key.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use ambit_authz::Policy;
 use ambit_core::http::{Handler, json, text};
 use ambit_core::logging::LogHandle;
 use ambit_identity::store::CertStore;
-use ambit_state::{GatewayAddress, GatewayDestination, Service, Workload};
+use ambit_telemetry::{LiveConnection, LiveConnections};
 use http::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
+use crate::inpod::InPodManager;
 use crate::mesh::MeshState;
-
-/// A source of extra `/config_dump` sections (the in-pod manager's pods).
-pub type DumpSection = Arc<dyn Fn() -> Value + Send + Sync>;
 
 /// What the admin endpoint shows and changes.
 #[derive(Clone)]
@@ -27,8 +33,10 @@ pub struct AdminState {
     pub log: Option<LogHandle>,
     /// The effective settings.
     pub config: Vec<(String, String)>,
-    /// Extra sections by name.
-    pub sections: Vec<(&'static str, DumpSection)>,
+    /// Every open connection.
+    pub connections: LiveConnections,
+    /// The pods handed over by the node agent (in-pod mode).
+    pub inpod: Option<InPodManager>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -60,115 +68,135 @@ pub fn admin_handler(state: AdminState) -> Handler {
     })
 }
 
+/// The build, in upstream's `version` shape.
+pub fn version() -> Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "gitRevision": option_env!("AMBIT_GIT_REVISION").unwrap_or("unknown"),
+        "rustVersion": option_env!("AMBIT_RUST_VERSION").unwrap_or("unknown"),
+        "buildProfile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "buildStatus": "Clean",
+        "gitTag": env!("CARGO_PKG_VERSION"),
+        "istioVersion": "unknown",
+    })
+}
+
 /// The whole configuration as JSON (no private keys).
 pub fn config_dump(state: &AdminState) -> Value {
     let (workloads, services) = {
         let index = state.mesh.index();
-        (
-            index
-                .workloads()
-                .map(|w| workload_json(w))
-                .collect::<Vec<_>>(),
-            index
-                .services()
-                .map(|s| service_json(s))
-                .collect::<Vec<_>>(),
-        )
+        ambit_state::dump::workloads_and_services(&index)
     };
-    let policies: Vec<Value> = state
-        .mesh
-        .policies()
+    let policies: Vec<Value> = {
+        let store = state.mesh.policies();
+        let mut policies: Vec<_> = store.iter().collect();
+        policies.sort_by_key(|p| p.key());
+        policies
+            .into_iter()
+            .map(|p| ambit_authz::dump::policy(p))
+            .collect()
+    };
+    let certificates = ambit_identity::dump::certificates(&state.certs.snapshot());
+    let config: Map<String, Value> = state
+        .config
         .iter()
-        .map(|p| policy_json(p))
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
-    let certificates: Vec<Value> = state
-        .certs
-        .snapshot()
-        .into_iter()
-        .map(|c| {
-            json!({
-                "identity": c.identity.to_string(),
-                "state": format!("{:?}", c.state),
-                "notBefore": c.not_before.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                "notAfter": c.not_after.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                "certChain": c.chain_pem,
-                "rootCerts": c.roots_pem,
-            })
-        })
-        .collect();
-    let mut dump = json!({
+    let pods = state
+        .inpod
+        .as_ref()
+        .map(InPodManager::pod_states)
+        .unwrap_or_default();
+    json!({
         "workloads": workloads,
         "services": services,
         "policies": policies,
+        "stagedServices": {},
         "certificates": certificates,
-        "config": state.config.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
-    });
-    for (name, section) in &state.sections {
-        dump[*name] = section();
-    }
-    dump
-}
-
-fn waypoint_json(w: &Option<Box<GatewayAddress>>) -> Value {
-    match w.as_deref() {
-        None => Value::Null,
-        Some(g) => match &g.destination {
-            GatewayDestination::Hostname {
-                namespace,
-                hostname,
-            } => json!({"service": format!("{namespace}/{hostname}"), "port": g.hbone_port}),
-            GatewayDestination::Address { network, ip } => {
-                json!({"address": format!("{network}/{ip}"), "port": g.hbone_port})
-            }
-        },
-    }
-}
-
-fn workload_json(w: &Workload) -> Value {
-    json!({
-        "uid": &*w.uid,
-        "name": &*w.name,
-        "namespace": &*w.namespace,
-        "serviceAccount": &*w.service_account,
-        "trustDomain": &*w.trust_domain,
-        "node": &*w.node,
-        "network": &*w.network,
-        "clusterId": &*w.cluster_id,
-        "addresses": w.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        "protocol": format!("{:?}", w.protocol).to_uppercase(),
-        "waypoint": waypoint_json(&w.waypoint),
-        "canonicalName": &*w.canonical_name,
-        "canonicalRevision": &*w.canonical_revision,
-        "workloadName": &*w.workload_name,
-        "services": w.services.iter().map(|(k, ports)| {
-            (k.to_string(), ports.iter().map(|(s, t)| (s.to_string(), Value::from(*t))).collect::<serde_json::Map<_, _>>().into())
-        }).collect::<serde_json::Map<String, Value>>(),
-        "authorizationPolicies": w.authorization_policies.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-        "healthy": w.healthy,
+        "workloadState": workload_state(state, &pods, state.connections.snapshot()),
+        "staticConfig": {"workloads": [], "services": [], "policies": []},
+        "version": version(),
+        "config": config,
     })
 }
 
-fn service_json(s: &Service) -> Value {
-    json!({
-        "name": &*s.name,
-        "namespace": &*s.namespace,
-        "hostname": &*s.hostname,
-        "vips": s.vips.iter().map(|(n, ip)| format!("{n}/{ip}")).collect::<Vec<_>>(),
-        "ports": s.ports.iter().map(|p| (p.service_port.to_string(), Value::from(p.target_port))).collect::<serde_json::Map<_, _>>(),
-        "waypoint": waypoint_json(&s.waypoint),
-        "loadBalancing": s.load_balancing.as_ref().map(|lb| json!({
-            "mode": format!("{:?}", lb.mode),
-            "routingPreference": lb.preferences.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>(),
-        })),
-    })
+/// `workloadState`: each pod served, by uid, with its `state`, `info` and open `connections`
+/// (`inbound` and `outbound`, each `src`, `originalDst`, `actualDst`, `protocol` as upstream, and
+/// Ambit's `peerIdentity`, `bytesSent`, `bytesReceived`, `durationSeconds`). Connections of a pod
+/// not handed over by the node agent (host mode) are listed under their pod's uid too.
+fn workload_state(
+    state: &AdminState,
+    pods: &BTreeMap<String, crate::inpod::PodState>,
+    connections: Vec<LiveConnection>,
+) -> Value {
+    let mut out: BTreeMap<String, Value> = pods
+        .iter()
+        .map(|(uid, pod)| {
+            (
+                uid.clone(),
+                json!({
+                    "state": pod.state,
+                    "connections": {"inbound": [], "outbound": []},
+                    "info": {
+                        "name": pod.name,
+                        "namespace": pod.namespace,
+                        "trustDomain": pod.identity.trust_domain(),
+                        "serviceAccount": pod.identity.service_account(),
+                    },
+                }),
+            )
+        })
+        .collect();
+    let now = SystemTime::now();
+    for c in connections {
+        let entry = out.entry(c.owner.clone()).or_insert_with(|| {
+            let index = state.mesh.index();
+            let w = index.workload(&c.owner);
+            json!({
+                "state": "Up",
+                "connections": {"inbound": [], "outbound": []},
+                "info": {
+                    "name": w.map(|w| w.name.to_string()).unwrap_or_default(),
+                    "namespace": w.map(|w| w.namespace.to_string()).unwrap_or_default(),
+                    "trustDomain": w.map(|w| w.trust_domain.to_string()).unwrap_or_default(),
+                    "serviceAccount": w.map(|w| w.service_account.to_string()).unwrap_or_default(),
+                },
+            })
+        });
+        let direction = if c.direction() == "outbound" {
+            "outbound"
+        } else {
+            "inbound"
+        };
+        if let Some(list) = entry["connections"][direction].as_array_mut() {
+            list.push(connection(&c, now));
+        }
+    }
+    Value::Object(out.into_iter().collect())
 }
 
-fn policy_json(p: &Policy) -> Value {
+/// One open connection in upstream's shape plus Ambit's keys. Inbound, `originalDst` is the
+/// service the client addressed (or empty) and `actualDst` the application address the bytes go
+/// to;
+/// outbound, `originalDst` is what the app dialled and `actualDst` the next hop (the HBONE
+/// endpoint or the direct upstream).
+fn connection(c: &LiveConnection, now: SystemTime) -> Value {
+    let (original, actual) = if c.direction() == "outbound" {
+        (
+            c.dst.to_string(),
+            c.upstream.map(|u| u.to_string()).unwrap_or_default(),
+        )
+    } else {
+        (c.service.clone(), c.upstream.unwrap_or(c.dst).to_string())
+    };
     json!({
-        "name": p.key(),
-        "scope": format!("{:?}", p.scope),
-        "action": format!("{:?}", p.action),
-        "dryRun": p.dry_run,
-        "rules": format!("{:?}", p.rules),
+        "src": c.src.to_string(),
+        "originalDst": original,
+        "actualDst": actual,
+        "protocol": if c.mtls { "HBONE" } else { "TCP" },
+        "peerIdentity": c.peer_identity(),
+        "bytesSent": c.bytes_sent,
+        "bytesReceived": c.bytes_received,
+        "durationSeconds": now.duration_since(c.opened).map(|d| d.as_secs()).unwrap_or(0),
     })
 }

@@ -73,6 +73,7 @@ pub async fn run(
         mesh: mesh.clone(),
         certs: certs.clone(),
         metrics: metrics.clone(),
+        connections: ambit_telemetry::LiveConnections::new(),
     };
 
     // Bound on the control runtime, whose reactor then serves them.
@@ -150,9 +151,7 @@ pub async fn run(
             metrics.clone(),
         )
     });
-    let mut sections = Vec::new();
     if let Some(manager) = &inpod {
-        sections.push(("pods", manager.dump_section()));
         let manager = manager.clone();
         let pending = readiness.register("zds-snapshot");
         let readiness = readiness.clone();
@@ -170,7 +169,8 @@ pub async fn run(
         certs: certs.clone(),
         log,
         config: config.effective.clone(),
-        sections,
+        connections: inputs.connections.clone(),
+        inpod: inpod.clone(),
     };
     let scrape_certs = certs.clone();
     let before_scrape =

@@ -13,9 +13,7 @@ use ambit_core::metrics::Registry;
 use ambit_core::readiness::{BlockReady, Readiness};
 use ambit_identity::Identity;
 use ambit_zds::client::{ZdsClient, ZdsEvent};
-use serde_json::{Value, json};
 
-use crate::admin::DumpSection;
 use crate::proxy::{ListenAddrs, PodSpec, ProxyInputs, RunningPod};
 use crate::socket::{NetnsSockets, SocketFactory};
 
@@ -38,7 +36,20 @@ struct Inner {
     sockets_for: SocketsFor,
     pods: tokio::sync::Mutex<HashMap<String, PodEntry>>,
     /// uid → what `/config_dump` shows.
-    status: Mutex<BTreeMap<String, Value>>,
+    status: Mutex<BTreeMap<String, PodState>>,
+}
+
+/// A pod the node agent handed over, as `/config_dump`'s `workloadState` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodState {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// The identity its proxies present.
+    pub identity: Identity,
+    /// `Up` (its proxies run) or `Draining` (removed; open connections finish).
+    pub state: &'static str,
 }
 
 /// Receives pods over ZDS and runs their proxies. Cheap to clone.
@@ -119,13 +130,13 @@ impl InPodManager {
         }
     }
 
-    /// The `pods` section of `/config_dump`.
-    pub fn dump_section(&self) -> DumpSection {
-        let inner = self.inner.clone();
-        Arc::new(move || {
-            let status = inner.status.lock().unwrap_or_else(|e| e.into_inner());
-            Value::Array(status.values().cloned().collect())
-        })
+    /// Every pod handed over and not yet gone, by uid, for `/config_dump`.
+    pub fn pod_states(&self) -> BTreeMap<String, PodState> {
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Uids of the pods being served.
@@ -282,13 +293,12 @@ impl InPodManager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(
                 uid.clone(),
-                json!({
-                    "uid": uid,
-                    "name": info.name,
-                    "namespace": info.namespace,
-                    "identity": identity.to_string(),
-                    "state": "Up",
-                }),
+                PodState {
+                    name: info.name.clone(),
+                    namespace: info.namespace.clone(),
+                    identity,
+                    state: "Up",
+                },
             );
         Ok(())
     }
@@ -330,7 +340,7 @@ impl InPodManager {
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(&uid)
         {
-            status["state"] = json!("Draining");
+            status.state = "Draining";
         }
         tokio::spawn(async move {
             let identity = entry.running.context.spec.identity.clone();

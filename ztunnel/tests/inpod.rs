@@ -83,6 +83,7 @@ async fn pods_get_listeners_in_their_own_namespace_and_lose_them_when_they_leave
         mesh: MeshState::new("node-1"),
         certs: CertStore::new(Arc::new(ca), StoreConfig::default()),
         metrics: metrics.clone(),
+        connections: Default::default(),
     };
     let manager = InPodManager::new(
         path.clone(),

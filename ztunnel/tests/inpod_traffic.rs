@@ -202,6 +202,7 @@ async fn captured_pods_talk_over_hbone_with_policy_and_plaintext_rules() {
         mesh: mesh.clone(),
         certs: CertStore::new(Arc::new(ca), StoreConfig::default()),
         metrics: metrics.clone(),
+        connections: Default::default(),
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ztunnel.sock");

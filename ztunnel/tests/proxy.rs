@@ -76,6 +76,7 @@ impl Mesh {
             mesh: state.clone(),
             certs,
             metrics: metrics.clone(),
+            connections: Default::default(),
         };
         Self {
             subnet,

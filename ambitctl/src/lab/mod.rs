@@ -1251,6 +1251,22 @@ pub(crate) fn status(json_output: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Every lab node's name and network namespace (its ztunnel's admin port is on that
+/// namespace's loopback), for `ambitctl ztunnel-config`.
+pub(crate) fn nodes() -> anyhow::Result<Vec<(String, String)>> {
+    let state = load_state()?;
+    Ok(state
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.netns.clone()))
+        .collect())
+}
+
+/// GETs `path` from `addr` with a socket made in network namespace `netns`: (status, body).
+pub(crate) fn get_in_netns(netns: &str, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http::get(netns, addr, path)
+}
+
 /// `ambitctl lab exec ns/pod -- cmd...`.
 pub(crate) fn exec(pod: &str, command: &[String]) -> anyhow::Result<i32> {
     let state = load_state()?;

@@ -44,6 +44,7 @@
 #![forbid(unsafe_code)]
 
 mod context;
+pub mod dump;
 mod policy;
 mod store;
 

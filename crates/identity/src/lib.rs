@@ -10,6 +10,7 @@
 pub mod ca;
 mod certificate;
 pub mod csr;
+pub mod dump;
 mod identity;
 pub mod store;
 pub mod tls;

@@ -16,9 +16,11 @@
 //!   kept), and a generation watchers subscribe to.
 //! - [`route::route`]: where an outbound connection goes (an endpoint, a waypoint, plain TCP or
 //!   passthrough), the decision ztunnel makes per connection and `ambitctl explain` reports.
+//! - [`dump`]: workloads and services as JSON in upstream ztunnel's `/config_dump` shape.
 #![forbid(unsafe_code)]
 
 mod addresses;
+pub mod dump;
 mod index;
 pub mod route;
 

@@ -11,6 +11,7 @@ use metrics::{Counter, Gauge};
 
 use crate::flags::{ResponseFlag, ResponseFlags};
 use crate::labels::TrafficLabels;
+use crate::live::{ByteSource, LiveConnections, LiveEntry};
 
 /// One connection's accounting. Create it once the connection's ends are known (that counts
 /// `istio_tcp_connections_opened_total`); report bytes with [`record_bytes`](Self::record_bytes)
@@ -32,6 +33,8 @@ pub struct ConnectionGuard {
     bytes_sent: u64,
     start: Instant,
     failure: Option<(ResponseFlags, String)>,
+    /// The connection's row in the live-connections table, when tracked.
+    live: Option<(LiveConnections, Arc<LiveEntry>)>,
 }
 
 impl fmt::Debug for ConnectionGuard {
@@ -75,12 +78,38 @@ impl ConnectionGuard {
             bytes_sent: 0,
             start: Instant::now(),
             failure: None,
+            live: None,
+        }
+    }
+
+    /// Lists the connection in `table` (on behalf of `owner`: the pod uid for ztunnel) until
+    /// the guard is dropped. Tracking twice keeps the first table.
+    pub fn track(&mut self, table: &LiveConnections, owner: Arc<str>) {
+        if self.live.is_some() {
+            return;
+        }
+        let entry = table.register(owner, self.labels.clone(), self.src, self.dst);
+        if let Some(upstream) = self.upstream {
+            entry.set_upstream(upstream);
+        }
+        entry.record_bytes(self.bytes_received, self.bytes_sent);
+        self.live = Some((table.clone(), entry));
+    }
+
+    /// Hands the live-connections table a reader of the copy loop's own counters (received
+    /// from the client, sent to it), so the table shows bytes between the guard's reports.
+    pub fn watch_bytes(&self, source: ByteSource) {
+        if let Some((_, entry)) = &self.live {
+            entry.watch_bytes(source);
         }
     }
 
     /// Where the bytes actually go (the HBONE next hop or the direct upstream), for the log.
     pub fn set_upstream(&mut self, upstream: SocketAddr) {
         self.upstream = Some(upstream);
+        if let Some((_, entry)) = &self.live {
+            entry.set_upstream(upstream);
+        }
     }
 
     /// Reports the bytes moved so far: `received` from the client (request direction), `sent`
@@ -93,6 +122,9 @@ impl ConnectionGuard {
         if sent > self.bytes_sent {
             self.sent.increment(sent - self.bytes_sent);
             self.bytes_sent = sent;
+        }
+        if let Some((_, entry)) = &self.live {
+            entry.record_bytes(self.bytes_received, self.bytes_sent);
         }
     }
 
@@ -127,6 +159,9 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        if let Some((table, entry)) = self.live.take() {
+            table.remove(&entry);
+        }
         self.sockets_open.decrement(1.0);
         let flags = self
             .failure

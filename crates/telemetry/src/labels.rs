@@ -29,7 +29,7 @@ impl Reporter {
     }
 
     /// The access log's `direction`.
-    fn direction(self) -> &'static str {
+    pub(crate) fn direction(self) -> &'static str {
         match self {
             Reporter::Source => "outbound",
             Reporter::Destination => "inbound",

@@ -7,6 +7,8 @@
 //! - [`ConnectionGuard`]: counts a TCP connection opened when created, its bytes live, and closed
 //!   (and failed) with one access-log event when dropped, so a cancelled connection is counted
 //!   too. There is no `finish` to remember: a failure is set on the guard.
+//! - [`LiveConnections`]: the connections open right now (ends, identities, bytes so far), which
+//!   a guard joins with [`ConnectionGuard::track`] and leaves when dropped, for config dumps.
 //! - [`RequestGuard`]: the same for one HTTP request at a waypoint (`istio_requests_total`, the
 //!   duration and size histograms with Envoy's buckets, one access-log event per request).
 //! - [`ResponseFlags`] and the [`ResponseFlag`] trait: each data path's `thiserror` error says
@@ -20,11 +22,13 @@
 mod connection;
 mod flags;
 mod labels;
+mod live;
 mod request;
 
 pub use connection::ConnectionGuard;
 pub use flags::{ResponseFlag, ResponseFlags};
 pub use labels::{Reporter, ServiceLabels, TrafficLabels, WorkloadLabels};
+pub use live::{ByteSource, LiveConnection, LiveConnections};
 pub use request::{RequestGuard, RequestProtocol, trace_id};
 
 use ambit_core::metrics::Registry;

@@ -262,6 +262,7 @@ async fn handle_connect(
         request.remote_addr,
         request.local_addr,
     );
+    conn.track(&inputs.connections, pod.owner());
     if let Err(e) = serve_connect(inputs, pod, &request, responder, checked, &mut conn, drain).await
     {
         conn.fail(&e);
@@ -418,6 +419,7 @@ pub async fn proxy_plaintext(
     };
     let checked = check_plaintext(inputs, pod, peer, dst, &mut info);
     let mut conn = info.open(&inputs.metrics, Reporter::Destination, peer, dst);
+    conn.track(&inputs.connections, pod.owner());
     let result = match checked {
         Ok(()) => copy_plaintext(inputs, pod, downstream, peer, dst, &mut conn, drain).await,
         Err(e) => Err(e),

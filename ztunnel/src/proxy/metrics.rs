@@ -115,7 +115,7 @@ where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let counters = ByteCounters::new();
+    let counters = Arc::new(ByteCounters::new());
     let copy = ambit_hbone::copy::copy_bidirectional(downstream, upstream, &counters);
     counted(copy, &counters, Direction::SocketIsDownstream, conn, forced).await
 }
@@ -131,7 +131,7 @@ pub async fn copy_counted_to_tunnel<D>(
 where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let counters = ByteCounters::new();
+    let counters = Arc::new(ByteCounters::new());
     let copy = ambit_hbone::copy::copy_with_tunnel(downstream, tunnel, &counters);
     counted(copy, &counters, Direction::SocketIsDownstream, conn, forced).await
 }
@@ -147,7 +147,7 @@ pub async fn copy_counted_from_tunnel<U>(
 where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let counters = ByteCounters::new();
+    let counters = Arc::new(ByteCounters::new());
     let copy = ambit_hbone::copy::copy_with_tunnel(upstream, tunnel, &counters);
     counted(copy, &counters, Direction::SocketIsUpstream, conn, forced).await
 }
@@ -165,11 +165,17 @@ enum Direction {
 /// when the drain deadline (`forced`) passes.
 async fn counted(
     copy: impl std::future::Future<Output = std::io::Result<()>>,
-    counters: &ByteCounters,
+    counters: &Arc<ByteCounters>,
     direction: Direction,
     conn: &mut ConnectionGuard,
     forced: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    // The live-connections table reads the copy's own counters (two relaxed loads per dump).
+    let live = counters.clone();
+    conn.watch_bytes(Box::new(move || match direction {
+        Direction::SocketIsDownstream => (live.a_to_b(), live.b_to_a()),
+        Direction::SocketIsUpstream => (live.b_to_a(), live.a_to_b()),
+    }));
     let flush = |conn: &mut ConnectionGuard| match direction {
         Direction::SocketIsDownstream => conn.record_bytes(counters.a_to_b(), counters.b_to_a()),
         Direction::SocketIsUpstream => conn.record_bytes(counters.b_to_a(), counters.a_to_b()),

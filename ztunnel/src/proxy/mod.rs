@@ -17,6 +17,7 @@ use ambit_hbone::{Pool, PoolConfig, TlsDialer};
 use ambit_identity::store::CertStore;
 use ambit_identity::{Identity, WorkloadCertificate};
 use ambit_state::Workload;
+use ambit_telemetry::LiveConnections;
 use tokio::task::JoinSet;
 
 use crate::mesh::MeshState;
@@ -79,6 +80,8 @@ pub struct ProxyInputs {
     pub certs: CertStore,
     /// Metrics registry.
     pub metrics: Registry,
+    /// Every connection open right now, for `/config_dump`.
+    pub connections: LiveConnections,
 }
 
 /// The pod a set of proxies serves, as the node agent described it.
@@ -113,6 +116,8 @@ pub struct PodContext {
     pub sockets: Arc<dyn SocketFactory>,
     /// HBONE connections opened on its behalf (presenting its certificate).
     pub pool: Pool,
+    /// The pod uid its connections are listed under in the live-connections table.
+    owner: Arc<str>,
     /// The inbound TLS config, rebuilt when the certificate rotates.
     server_tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
 }
@@ -126,6 +131,11 @@ impl std::fmt::Debug for PodContext {
 }
 
 impl PodContext {
+    /// The pod uid, shared by its connections' rows in the live-connections table.
+    pub fn owner(&self) -> Arc<str> {
+        self.owner.clone()
+    }
+
     /// The pod's workload as xDS describes it (metrics labels, inbound checks).
     pub fn workload(&self, mesh: &MeshState) -> Option<Arc<Workload>> {
         mesh.index()
@@ -216,6 +226,7 @@ impl RunningPod {
             async move { crate::socket::connect(&*sockets, dst, None, connect_timeout).await }
         });
         let context = Arc::new(PodContext {
+            owner: Arc::from(spec.uid.as_str()),
             spec,
             sockets,
             pool: Pool::new(inputs.config.pool.clone(), Arc::new(dialer)),

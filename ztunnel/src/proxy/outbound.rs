@@ -183,6 +183,7 @@ pub async fn proxy(
         Err(_) => {}
     }
     let mut conn = info.open(&inputs.metrics, Reporter::Source, peer, dst);
+    conn.track(&inputs.connections, pod.owner());
     let result = match decision {
         Ok(route) => {
             let source = source.as_deref();

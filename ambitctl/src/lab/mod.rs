@@ -187,6 +187,70 @@ fn progress(message: &str) {
     eprintln!("• {message}");
 }
 
+/// Progress through many items of one step, on stderr: each item while there are few, otherwise
+/// a count every two seconds and at the end, so a 200-pod lab shows it is moving.
+struct Steps {
+    what: &'static str,
+    total: usize,
+    done: usize,
+    start: Instant,
+    last: Instant,
+}
+
+impl Steps {
+    const EACH_UP_TO: usize = 20;
+
+    fn new(what: &'static str, total: usize) -> Self {
+        if total > Self::EACH_UP_TO {
+            progress(&format!("{what}: 0/{total}"));
+        }
+        Steps {
+            what,
+            total,
+            done: 0,
+            start: Instant::now(),
+            last: Instant::now(),
+        }
+    }
+
+    /// One item done (`detail` is shown when there are few items).
+    fn item(&mut self, detail: impl FnOnce() -> String) {
+        self.done += 1;
+        if self.total <= Self::EACH_UP_TO {
+            progress(&detail());
+        } else if self.done == self.total || self.last.elapsed() >= Duration::from_secs(2) {
+            self.last = Instant::now();
+            progress(&format!(
+                "{}: {}/{} ({:.1} s)",
+                self.what,
+                self.done,
+                self.total,
+                self.start.elapsed().as_secs_f64()
+            ));
+        }
+    }
+}
+
+/// Waits until `count()` reaches `total`, showing the count every two seconds while it takes.
+fn wait_count(
+    what: &str,
+    limit: Duration,
+    total: usize,
+    mut count: impl FnMut() -> usize,
+) -> anyhow::Result<()> {
+    let mut last = Instant::now();
+    let mut seen = 0;
+    wait(what, limit, || {
+        seen = count();
+        if seen < total && last.elapsed() >= Duration::from_secs(2) {
+            last = Instant::now();
+            progress(&format!("{what}: {seen}/{total}"));
+        }
+        seen >= total
+    })
+    .with_context(|| format!("{seen} of {total} done"))
+}
+
 fn wait(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -259,8 +323,9 @@ fn write_object(object: &Object) -> anyhow::Result<()> {
 const OWNER: &str = "lab.ambit.io/owner";
 
 /// Pods for each `apps/v1` Deployment (`spec.replicas` copies of `spec.template`, named
-/// `<deployment>-<index>`), as the controllers would create them.
-fn expand_deployments(objects: &mut Vec<Object>) {
+/// `<deployment>-<index>`), as the controllers would create them. `spec.replicas` is honoured as
+/// given; whether the pods fit is checked once they are scheduled ([`check_capacity`]).
+fn expand_deployments(objects: &mut Vec<Object>) -> anyhow::Result<()> {
     let mut pods = Vec::new();
     for object in objects.iter() {
         let Object::Other { key, value, .. } = object else {
@@ -269,7 +334,15 @@ fn expand_deployments(objects: &mut Vec<Object>) {
         if key.kind != "Deployment" {
             continue;
         }
-        let replicas = value["spec"]["replicas"].as_u64().unwrap_or(1).min(20);
+        let replicas = match &value["spec"]["replicas"] {
+            serde_json::Value::Null => 1,
+            v => v.as_u64().with_context(|| {
+                format!(
+                    "Deployment {}/{}: spec.replicas must be a whole number of pods, not {v}",
+                    key.namespace, key.name
+                )
+            })?,
+        };
         let template = &value["spec"]["template"];
         for i in 0..replicas {
             let mut pod = serde_json::json!({
@@ -279,20 +352,94 @@ fn expand_deployments(objects: &mut Vec<Object>) {
             pod["metadata"]["name"] = json!(format!("{}-{i}", key.name));
             pod["metadata"]["namespace"] = json!(key.namespace);
             pod["metadata"]["annotations"][OWNER] = json!(format!("Deployment/{}", key.name));
-            if let Ok(mut pod) = serde_json::from_value::<Pod>(pod) {
-                env::put(&mut pod, &env::of_spec(&template["spec"]));
-                pods.push(Object::Pod(pod));
-            }
+            let pod = serde_json::from_value::<Pod>(pod).with_context(|| {
+                format!(
+                    "Deployment {}/{}: spec.template is not a valid pod template",
+                    key.namespace, key.name
+                )
+            })?;
+            let mut pod = pod;
+            env::put(&mut pod, &env::of_spec(&template["spec"]));
+            pods.push(Object::Pod(pod));
         }
     }
     objects.extend(pods);
+    Ok(())
+}
+
+/// How many pods fit on one lab node: host-local hands out .2 to .254 of the node's /24.
+const PODS_PER_NODE: usize = 253;
+
+/// Refuses a set of new pods that would not fit on their nodes, naming what asked for them
+/// (the Deployment's `spec.replicas`, or the pod) and the limit, before anything is created.
+fn check_capacity(objects: &[Object], state: &LabState, nodes: usize) -> anyhow::Result<()> {
+    let mut per_node = vec![0usize; nodes];
+    for pod in &state.pods {
+        if let Some(count) = per_node.get_mut(pod.node) {
+            *count += 1;
+        }
+    }
+    let existing = state.pods.len();
+    let mut new = 0usize;
+    let mut asked_by: BTreeMap<String, usize> = BTreeMap::new();
+    for object in objects {
+        let Object::Pod(p) = object else { continue };
+        if state
+            .pods
+            .iter()
+            .any(|s| s.namespace == p.metadata.namespace && s.name == p.metadata.name)
+        {
+            continue;
+        }
+        new += 1;
+        let owner = match p.metadata.annotations.get(OWNER) {
+            Some(owner) => format!(
+                "{} {}/{}: spec.replicas",
+                owner.split('/').next().unwrap_or("Deployment"),
+                p.metadata.namespace,
+                owner.split('/').nth(1).unwrap_or_default()
+            ),
+            None => format!("Pod {}/{}", p.metadata.namespace, p.metadata.name),
+        };
+        *asked_by.entry(owner).or_default() += 1;
+        if let Some(n) = p
+            .spec
+            .node_name
+            .strip_prefix("node-")
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| n.checked_sub(1))
+            && let Some(count) = per_node.get_mut(n)
+        {
+            *count += 1;
+        }
+    }
+    if let Some((node, count)) = per_node
+        .iter()
+        .enumerate()
+        .find(|(_, count)| **count > PODS_PER_NODE)
+    {
+        let largest = asked_by
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(who, n)| format!("{who} asks for {n} pods; "))
+            .unwrap_or_default();
+        bail!(
+            "{largest}{new} new pods and {existing} running would put {count} pods on node-{}, \
+             but a lab node holds at most {PODS_PER_NODE} ({} on {nodes} nodes); nothing was \
+             created. Use fewer replicas, or more nodes (`ambitctl lab up --nodes N`, up to 8)",
+            node + 1,
+            PODS_PER_NODE * nodes
+        );
+    }
+    Ok(())
 }
 
 /// Also plays the waypoint controller (see [`waypoints`]); a Service applied again keeps its VIP.
 fn complete(objects: &mut Vec<Object>, state: &LabState, nodes: usize) -> anyhow::Result<()> {
-    expand_deployments(objects);
+    expand_deployments(objects)?;
     waypoints::expand(objects, nodes, OWNER)?;
-    let mut used: Vec<String> = state.services.iter().map(|s| s.vip.clone()).collect();
+    let mut used: std::collections::BTreeSet<String> =
+        state.services.iter().map(|s| s.vip.clone()).collect();
     let mut next_node = state.pods.len();
     for object in objects.iter_mut() {
         match object {
@@ -305,11 +452,17 @@ fn complete(objects: &mut Vec<Object>, state: &LabState, nodes: usize) -> anyhow
                     s.spec.cluster_ip = known.vip.clone();
                     continue;
                 }
-                let vip = (10..250)
-                    .map(|i| format!("10.96.0.{i}"))
-                    .find(|v| !used.contains(v))
-                    .unwrap_or_else(|| "10.96.1.1".into());
-                used.push(vip.clone());
+                let Some(vip) = (10..=0xfffe_u32)
+                    .map(|i| format!("10.96.{}.{}", i >> 8, i & 0xff))
+                    .find(|v| !used.contains(v) && !v.ends_with(".0") && !v.ends_with(".255"))
+                else {
+                    bail!(
+                        "Service {}/{}: no free address left in the lab's service range 10.96.0.0/16",
+                        s.metadata.namespace,
+                        s.metadata.name
+                    );
+                };
+                used.insert(vip.clone());
                 s.spec.cluster_ip = vip;
             }
             Object::Pod(p) => {
@@ -324,7 +477,7 @@ fn complete(objects: &mut Vec<Object>, state: &LabState, nodes: usize) -> anyhow
             _ => {}
         }
     }
-    Ok(())
+    check_capacity(objects, state, nodes)
 }
 
 fn start_istiod(topology: &Topology, state: &LabState) -> anyhow::Result<Process> {
@@ -852,13 +1005,15 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
     // Pods' processes are detached as they start; a failed `up` stops them (the namespaces and
     // the other components go when `topology` and `processes` are dropped).
     let started = (|| -> anyhow::Result<()> {
+        let mut steps = Steps::new("creating pods", pods.len());
         for object in pods {
             if let Object::Pod(pod) = object {
-                progress(&format!(
+                let detail = format!(
                     "creating pod {}/{} on {}",
                     pod.metadata.namespace, pod.metadata.name, pod.spec.node_name
-                ));
+                );
                 create_pod(&mut topology, &mut state, pod, &namespaces)?;
+                steps.item(|| detail);
             }
         }
         write_hosts(&state)?;
@@ -866,16 +1021,12 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
         wait("ztunnels to be ready", Duration::from_secs(60), || {
             (0..state.nodes.len()).all(|i| ztunnel_ready(&state, i))
         })?;
-        wait(
-            "ambient pods to be captured",
-            Duration::from_secs(60),
-            || {
-                state
-                    .pods
-                    .iter()
-                    .filter(|p| p.ambient)
-                    .all(|p| captured(&state, p))
-            },
+        let ambient: Vec<&PodState> = state.pods.iter().filter(|p| p.ambient).collect();
+        wait_count(
+            "ambient pods captured",
+            Duration::from_secs(60 + ambient.len() as u64 / 4),
+            ambient.len(),
+            || ambient.iter().filter(|p| captured(&state, p)).count(),
         )?;
         wait(
             "configuration to reach every ztunnel",
@@ -886,9 +1037,7 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
         Ok(())
     })();
     if let Err(e) = started {
-        for pid in state.pids.values() {
-            kill(*pid);
-        }
+        stop(&state.pids.values().copied().collect::<Vec<_>>());
         return Err(e);
     }
     processes.extend(prometheus::start(&topology, &state).map(|p| (prometheus::KEY.into(), p)));
@@ -933,21 +1082,15 @@ fn token() -> String {
 fn cleanup_leftovers() -> (usize, usize) {
     let mut killed = 0;
     if let Ok(state) = load_state() {
-        for pid in state.pids.values() {
-            if kill(*pid) {
-                killed += 1;
-            }
-        }
+        killed += stop(&state.pids.values().copied().collect::<Vec<_>>());
     }
+    let mut stragglers = Vec::new();
     for ns in ambit_netlab::namespaces_with_prefix(&prefix()) {
         if let Ok(out) = ambit_netlab::ip(&["netns", "pids", &ns]) {
-            for pid in out.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
-                if kill(pid) {
-                    killed += 1;
-                }
-            }
+            stragglers.extend(out.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
         }
     }
+    killed += stop(&stragglers);
     let removed = ambit_netlab::delete_namespaces(&prefix());
     if let Ok(entries) = std::fs::read_dir("/etc/netns") {
         for entry in entries.flatten() {
@@ -961,20 +1104,44 @@ fn cleanup_leftovers() -> (usize, usize) {
 }
 
 fn kill(pid: u32) -> bool {
+    stop(&[pid]) == 1
+}
+
+/// Whether a process is gone: no such pid, or a zombie (exited, waiting to be reaped: the lab's
+/// processes are detached, and the reaper may be slow or absent in a container).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses, which may itself contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state == "Z" || state == "X"),
+        Err(_) => true,
+    }
+}
+
+/// Stops processes as a kubelet would: SIGTERM to all at once, up to a second for them to exit,
+/// then SIGKILL for the rest. Returns how many were running.
+fn stop(pids: &[u32]) -> usize {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    let pid = Pid::from_raw(pid as i32);
-    if kill(pid, Signal::SIGTERM).is_err() {
-        return false;
-    }
+    let signalled: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|pid| !gone(*pid) && kill(Pid::from_raw(*pid as i32), Signal::SIGTERM).is_ok())
+        .collect();
     for _ in 0..50 {
-        if kill(pid, None).is_err() {
-            return true;
+        if signalled.iter().all(|pid| gone(*pid)) {
+            return signalled.len();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = kill(pid, Signal::SIGKILL);
-    true
+    for pid in &signalled {
+        if !gone(*pid) {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+    signalled.len()
 }
 
 fn node_token(node: &str) -> anyhow::Result<String> {
@@ -1310,6 +1477,17 @@ pub(crate) fn apply(path: &Path) -> anyhow::Result<i32> {
     state.services = services_of(&all);
     let namespaces = namespaces_of(&all);
     let mut topology = topology(&state);
+    let new_pods = objects
+        .iter()
+        .filter(|o| match o {
+            Object::Pod(p) => !state
+                .pods
+                .iter()
+                .any(|s| s.namespace == p.metadata.namespace && s.name == p.metadata.name),
+            _ => false,
+        })
+        .count();
+    let mut steps = Steps::new("creating pods", new_pods);
     for object in objects {
         if let Object::Pod(pod) = object {
             let exists = state
@@ -1323,6 +1501,9 @@ pub(crate) fn apply(path: &Path) -> anyhow::Result<i32> {
             }
             create_pod(&mut topology, &mut state, pod, &namespaces)?;
             println!("{key} created");
+            if new_pods > Steps::EACH_UP_TO {
+                steps.item(String::new);
+            }
         }
     }
     for pod in state.pods.iter_mut() {
@@ -1514,6 +1695,79 @@ mod tests {
         let vips: std::collections::BTreeSet<String> =
             services_of(&objects).into_iter().map(|s| s.vip).collect();
         assert_eq!(vips.len(), 4, "echo, echo-v1, echo-v2, waypoint: {vips:?}");
+    }
+
+    fn deployment(replicas: &str) -> Object {
+        let text = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: demo}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{serviceAccountName: web}}\n"
+        );
+        let (mut objects, errors) = ambit_mesh::parse_documents(&text, "web.yaml");
+        assert!(errors.is_empty(), "{errors:?}");
+        objects.remove(0)
+    }
+
+    /// `spec.replicas` is honoured as given (the lab once cut it to 20 without a word), spread
+    /// over the nodes.
+    #[test]
+    fn a_deployment_gets_every_replica_it_asks_for() {
+        let mut objects = vec![deployment("230")];
+        complete(&mut objects, &lab_state(vec![]), 4).unwrap();
+        let pods: Vec<&Pod> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Pod(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pods.len(), 230);
+        assert_eq!(pods[229].metadata.name, "web-229");
+        let on_node_4 = pods.iter().filter(|p| p.spec.node_name == "node-4").count();
+        assert!((57..=58).contains(&on_node_4), "{on_node_4}");
+    }
+
+    /// More pods than the nodes hold, or a replicas value that is not a count, is refused
+    /// before anything is made, naming the object, the field and the limit.
+    #[test]
+    fn replicas_beyond_the_labs_capacity_or_not_a_count_are_refused_by_name() {
+        let mut objects = vec![deployment("600")];
+        let e = complete(&mut objects, &lab_state(vec![]), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Deployment demo/web: spec.replicas asks for 600 pods")
+                && e.contains("at most 253")
+                && e.contains("506 on 2 nodes"),
+            "{e}"
+        );
+        let mut objects = vec![deployment("three")];
+        let e = complete(&mut objects, &lab_state(vec![]), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Deployment demo/web: spec.replicas must be a whole number"),
+            "{e}"
+        );
+    }
+
+    /// Every Service gets its own VIP, well past the first /24 of the service range.
+    #[test]
+    fn hundreds_of_services_get_distinct_vips() {
+        let mut objects: Vec<Object> = (0..600)
+            .map(|i| {
+                let text = format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: demo}}\nspec: {{ports: [{{port: 80}}]}}\n"
+                );
+                ambit_mesh::parse_documents(&text, "s.yaml").0.remove(0)
+            })
+            .collect();
+        complete(&mut objects, &lab_state(vec![]), 2).unwrap();
+        let vips: std::collections::BTreeSet<String> =
+            services_of(&objects).into_iter().map(|s| s.vip).collect();
+        assert_eq!(vips.len(), 600);
+        assert!(
+            vips.iter()
+                .all(|v| v.starts_with("10.96.") && !v.ends_with(".0") && !v.ends_with(".255"))
+        );
     }
 
     #[test]

@@ -26,6 +26,26 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `ambitctl` against a test lab of its own (namespace prefix and directory), so a
+/// developer's running lab is never touched. Returns the exit code, stdout and stderr.
+pub fn ambitctl_lab(prefix: &str, dir: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary("ambitctl"))
+        .args(args)
+        .env(
+            "AMBIT_BIN_DIR",
+            binary("ztunnel").parent().expect("bin dir"),
+        )
+        .env("AMBIT_LAB_PREFIX", prefix)
+        .env("AMBIT_LAB_DIR", dir)
+        .output()
+        .expect("ambitctl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 /// Polls `check` every 50 ms until it holds or `limit` passes.
 pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();

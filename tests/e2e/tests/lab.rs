@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use ambit_e2e::{binary, long_connection};
+use ambit_e2e::{ambitctl_lab, binary, long_connection};
 
 // The operator tools' checks, one file each, run against the demo lab below.
 #[path = "lab/analyze.rs"]
@@ -19,19 +19,8 @@ mod explain;
 mod ztunnel_config;
 
 fn ambitctl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary("ambitctl"))
-        .args(args)
-        .env("AMBIT_BIN_DIR", binary("ztunnel").parent().unwrap())
-        // Its own lab, so a developer's running lab is never touched.
-        .env("AMBIT_LAB_PREFIX", "ambit-lt-")
-        .env("AMBIT_LAB_DIR", "/run/ambit-lab-test")
-        .output()
-        .expect("ambitctl runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    // Its own lab, so a developer's running lab is never touched.
+    ambitctl_lab("ambit-lt-", "/run/ambit-lab-test", args)
 }
 
 fn curl(pod: &str, url: &str) -> String {

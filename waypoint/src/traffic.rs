@@ -257,7 +257,7 @@ impl Destinations {
     }
 
     /// The workload uids of `subset`, or why it does not exist.
-    fn subset(&self, service: &str, subset: &str) -> Result<&HashSet<String>, ChooseError> {
+    pub fn subset(&self, service: &str, subset: &str) -> Result<&HashSet<String>, ChooseError> {
         self.by_service
             .get(service)
             .and_then(|c| c.subsets.get(subset))

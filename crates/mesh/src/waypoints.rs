@@ -1,6 +1,8 @@
 //! Waypoint bindings: `istio.io/use-waypoint` on a pod, service or namespace resolves to a Gateway
 //! of class `istio-waypoint` that has `status.addresses`; `istio.io/waypoint-for` on the Gateway
-//! (else its GatewayClass, default `service`) says which traffic it takes.
+//! (else its GatewayClass, default `service`) says which traffic it takes. Public so that
+//! `ambitctl explain` can say which label put a waypoint in a flow's path, with the translation's
+//! own reading of it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -11,37 +13,40 @@ use crate::gateway_api::{Gateway, WAYPOINT_CLASS, WAYPOINT_FOR};
 use crate::translate::{Cluster, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
 
 /// A usable waypoint.
-pub(crate) struct Waypoint {
+#[derive(Debug)]
+pub struct Waypoint {
     /// Where ztunnel sends traffic for it.
-    pub(crate) address: pb::GatewayAddress,
+    pub address: pb::GatewayAddress,
     /// `istio.io/waypoint-for` is `service` or `all`.
-    pub(crate) for_services: bool,
+    pub for_services: bool,
     /// `istio.io/waypoint-for` is `workload` or `all`.
-    pub(crate) for_workloads: bool,
+    pub for_workloads: bool,
     /// The effective `istio.io/waypoint-for` value.
-    pub(crate) waypoint_for: String,
+    pub waypoint_for: String,
 }
 
 /// A binding found on an object or its namespace.
-pub(crate) struct Binding<'a> {
+#[derive(Debug)]
+pub struct Binding<'a> {
     /// Namespace of the Gateway.
-    pub(crate) namespace: &'a str,
+    pub namespace: &'a str,
     /// Name of the Gateway.
-    pub(crate) name: &'a str,
+    pub name: &'a str,
     /// True when the label came from the namespace.
-    pub(crate) from_namespace: bool,
+    pub from_namespace: bool,
 }
 
 /// Every Gateway that can act as a waypoint, by namespace then name, and why the others cannot.
 /// Nested maps so that per-pod lookups borrow instead of building keys.
-pub(crate) struct Waypoints {
+#[derive(Debug)]
+pub struct Waypoints {
     usable: HashMap<String, HashMap<String, Waypoint>>,
     unusable: HashMap<String, HashMap<String, String>>,
 }
 
 impl Waypoints {
     /// Indexes the Gateways of `cluster` once.
-    pub(crate) fn index(cluster: &Cluster) -> Self {
+    pub fn index(cluster: &Cluster) -> Self {
         let mut usable: HashMap<String, HashMap<String, Waypoint>> = HashMap::new();
         let mut unusable: HashMap<String, HashMap<String, String>> = HashMap::new();
         for ((ns, name), gateway) in &cluster.gateways {
@@ -64,7 +69,7 @@ impl Waypoints {
     }
 
     /// The waypoint a binding names, or why there is none.
-    pub(crate) fn resolve(&self, binding: &Binding<'_>) -> Result<&Waypoint, String> {
+    pub fn resolve(&self, binding: &Binding<'_>) -> Result<&Waypoint, String> {
         if let Some(w) = self
             .usable
             .get(binding.namespace)
@@ -88,7 +93,7 @@ impl Waypoints {
     }
 
     /// `<namespace>/<name>` of every usable waypoint.
-    pub(crate) fn usable_keys(&self) -> impl Iterator<Item = String> + '_ {
+    pub fn usable_keys(&self) -> impl Iterator<Item = String> + '_ {
         self.usable
             .iter()
             .flat_map(|(ns, names)| names.keys().map(move |name| format!("{ns}/{name}")))
@@ -147,7 +152,7 @@ fn waypoint(gateway: &Gateway, cluster: &Cluster) -> Result<Waypoint, String> {
 
 /// The binding of an object with `labels` in `namespace`: its own `istio.io/use-waypoint`, else its
 /// namespace's. `none` (or an empty value) means no waypoint.
-pub(crate) fn binding<'a>(
+pub fn binding<'a>(
     labels: &'a BTreeMap<String, String>,
     namespace: &'a str,
     cluster: &'a Cluster,

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::report::{Endpoint, Explanation, Hop, HopKind, Outcome};
+use crate::report::{Endpoint, Explanation, Hop, Outcome};
 
 impl Explanation {
     /// A readable hop-by-hop report.
@@ -26,7 +26,15 @@ impl Explanation {
             if s.node.is_empty() { "?" } else { &s.node },
             s.ip.as_deref().unwrap_or("no IP")
         );
-        let _ = writeln!(out, "             identity {}", s.identity);
+        if s.captured {
+            let _ = writeln!(out, "             identity {}", s.identity);
+        } else {
+            let _ = writeln!(
+                out,
+                "             identity none on the wire (not captured; its service account would be {})",
+                s.identity
+            );
+        }
         let _ = writeln!(
             out,
             "             captured: {} ({})",
@@ -126,7 +134,10 @@ impl Explanation {
 
         if !self.hops.is_empty() {
             let _ = writeln!(out, "\n5. Policy");
-            for hop in &self.hops {
+            for (i, hop) in self.hops.iter().enumerate() {
+                if i > 0 {
+                    let _ = writeln!(out);
+                }
                 hop_text(&mut out, hop);
             }
         }
@@ -215,14 +226,9 @@ fn hop_text(out: &mut String, hop: &Hop) {
         );
     }
     let mark = if hop.allowed { "allowed" } else { "DENIED" };
-    let _ = writeln!(
-        out,
-        "      => {mark}: {}",
-        hop.reason
-            .trim_start_matches("allowed: ")
-            .trim_start_matches("allowed ")
-    );
-    if hop.kind == HopKind::Waypoint {
-        let _ = writeln!(out);
-    }
+    let reason = ["allowed: ", "allowed ", "denied: ", "denied "]
+        .iter()
+        .find_map(|p| hop.reason.strip_prefix(p))
+        .unwrap_or(&hop.reason);
+    let _ = writeln!(out, "      => {mark}: {reason}");
 }

@@ -17,6 +17,7 @@ use crate::gateway_api::{
     PathModifierType, WAYPOINT_CLASS, parse_gateway_duration, route_regex,
 };
 use crate::objects::{AuthorizationPolicy, ObjectMeta, Service};
+use crate::status::Fact;
 use crate::translate::{Cluster, MeshSettings, Resources, hostname, selects, string_matches};
 use crate::waypoints::{self, Waypoints};
 
@@ -157,11 +158,24 @@ pub(crate) fn translate(
         }
     }
     for policy in cluster.policies.values() {
+        let before = out.warnings.len();
         let Some(resource) = waypoint_policy(policy, &context, waypoints, &mut out.warnings) else {
+            if !policy.spec.target_refs.is_empty() {
+                let why = out.warnings[before..].join("; ");
+                out.policy_status
+                    .entry(format!(
+                        "{}/{}",
+                        policy.metadata.namespace, policy.metadata.name
+                    ))
+                    .or_default()
+                    .waypoint = Some(Fact::no(WAYPOINT_INVALID, why));
+            }
             continue;
         };
         let name = resource.resource_name();
         let mut served = false;
+        let mut bound_targets: Vec<String> = Vec::new();
+        let mut unbound_targets: Vec<(String, &'static str)> = Vec::new();
         for target in &resource.targets {
             use wp::policy_target::Kind;
             let waypoints: Vec<String> = match &target.kind {
@@ -176,12 +190,46 @@ pub(crate) fn translate(
                 }
                 _ => Vec::new(),
             };
+            let mut bound_here = Vec::new();
             for waypoint in waypoints {
                 if let Some(scope) = scopes.get_mut(&waypoint) {
                     scope.policies.insert(name.clone());
                     served = true;
+                    bound_here.push(waypoint);
                 }
             }
+            let (label, missing) = target_label(&target.kind, cluster);
+            if bound_here.is_empty() {
+                let reason = if missing {
+                    WAYPOINT_TARGET_NOT_FOUND
+                } else if matches!(target.kind, Some(Kind::Service(_))) {
+                    WAYPOINT_ANCESTOR_NOT_BOUND
+                } else {
+                    WAYPOINT_INVALID
+                };
+                unbound_targets.push((label, reason));
+            } else {
+                bound_targets.push(format!("{label} (waypoint {})", bound_here.join(", ")));
+            }
+        }
+        // targetRefs the translation could not use at all (warned about above).
+        let ignored = policy
+            .spec
+            .target_refs
+            .len()
+            .saturating_sub(resource.targets.len());
+        for _ in 0..ignored {
+            unbound_targets.push(("an unsupported targetRef".into(), WAYPOINT_INVALID));
+        }
+        if !policy.spec.target_refs.is_empty() {
+            let fact = waypoint_fact(&bound_targets, &unbound_targets);
+            out.policy_status
+                .entry(format!(
+                    "{}/{}",
+                    policy.metadata.namespace, policy.metadata.name
+                ))
+                .or_default()
+                .waypoint = Some(fact);
         }
         let other_gateway = policy.spec.target_refs.iter().any(|t| {
             t.kind == "Gateway"
@@ -201,6 +249,72 @@ pub(crate) fn translate(
         out.l7_policies.insert(name, resource);
     }
     out.waypoint_scopes = scopes;
+}
+
+/// `WaypointAccepted` reasons (Istio's).
+const WAYPOINT_ACCEPTED: &str = "Accepted";
+const WAYPOINT_PARTIALLY_INVALID: &str = "PartiallyInvalid";
+const WAYPOINT_INVALID: &str = "Invalid";
+const WAYPOINT_ANCESTOR_NOT_BOUND: &str = "AncestorNotBound";
+const WAYPOINT_TARGET_NOT_FOUND: &str = "TargetNotFound";
+
+/// A policy target as a person names it, and whether the object it names is missing.
+fn target_label(kind: &Option<wp::policy_target::Kind>, cluster: &Cluster) -> (String, bool) {
+    use wp::policy_target::Kind;
+    match kind {
+        Some(Kind::Gateway(key)) => {
+            let (ns, name) = key.split_once('/').unwrap_or(("", key));
+            let missing = !cluster
+                .gateways
+                .contains_key(&(ns.to_string(), name.to_string()));
+            (format!("Gateway {key}"), missing)
+        }
+        Some(Kind::Service(address)) => {
+            // `namespace/name.namespace.svc.<suffix>`
+            let (ns, host) = address.split_once('/').unwrap_or(("", address));
+            let name = host.split('.').next().unwrap_or(host);
+            let missing = !cluster
+                .services
+                .contains_key(&(ns.to_string(), name.to_string()));
+            (format!("Service {ns}/{name}"), missing)
+        }
+        Some(Kind::GatewayClass(class)) => (format!("GatewayClass {class}"), false),
+        None => ("a target".into(), false),
+    }
+}
+
+/// `WaypointAccepted` from the targets that reached a waypoint and those that did not (with the
+/// reason of each): bound when any did, as Istio folds several targets into one condition.
+fn waypoint_fact(bound: &[String], unbound: &[(String, &'static str)]) -> Fact {
+    let invalid = unbound
+        .iter()
+        .map(|(label, _)| label.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (bound.is_empty(), unbound) {
+        (false, []) => Fact::yes(WAYPOINT_ACCEPTED, format!("bound to {}", bound.join(", "))),
+        (false, _) => Fact::yes(
+            WAYPOINT_PARTIALLY_INVALID,
+            format!(
+                "bound to {}; invalid targetRefs (no usable waypoint): {invalid}",
+                bound.join(", ")
+            ),
+        ),
+        (true, [(label, reason)]) => Fact::no(
+            reason,
+            match *reason {
+                WAYPOINT_TARGET_NOT_FOUND => format!("{label} does not exist"),
+                WAYPOINT_ANCESTOR_NOT_BOUND => format!(
+                    "{label} is not bound to a usable waypoint (label it istio.io/use-waypoint)"
+                ),
+                _ => format!("{label} has no usable waypoint"),
+            },
+        ),
+        (true, _) => Fact::no(
+            WAYPOINT_INVALID,
+            format!("invalid targetRefs (no usable waypoint): {invalid}"),
+        ),
+    }
 }
 
 pub(crate) fn warn(warnings: &mut Vec<String>, named: &str, field: &str, reason: &str) {

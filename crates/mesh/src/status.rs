@@ -24,7 +24,7 @@ pub struct Fact {
 }
 
 impl Fact {
-    fn yes(reason: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn yes(reason: &str, message: impl Into<String>) -> Self {
         Fact {
             status: true,
             reason: reason.to_string(),
@@ -32,13 +32,27 @@ impl Fact {
         }
     }
 
-    fn no(reason: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn no(reason: &str, message: impl Into<String>) -> Self {
         Fact {
             status: false,
             reason: reason.to_string(),
             message: message.into(),
         }
     }
+}
+
+/// What an AuthorizationPolicy's status says about who enforces it: `ZtunnelAccepted` for a
+/// policy ztunnel enforces (no `targetRefs`), `WaypointAccepted` for one bound to waypoints by
+/// `targetRefs`. Filled in by [`crate::translate::translate`] as it decides, so the status says
+/// exactly what the proxies were given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyFacts {
+    /// `ZtunnelAccepted`: `Accepted`, or `UnsupportedValue` when only part of the policy (its L4
+    /// part) is enforced, or the policy not at all.
+    pub ztunnel: Option<Fact>,
+    /// `WaypointAccepted`: `Accepted`, `PartiallyInvalid` (some targets have no usable
+    /// waypoint), `AncestorNotBound`, `TargetNotFound` or `Invalid`.
+    pub waypoint: Option<Fact>,
 }
 
 /// The status of a route towards one of its Service parents.
@@ -400,6 +414,121 @@ spec: {ports: [{name: mesh, port: 15008}]}
         );
         assert_eq!(get("plain"), None, "not bound: no condition");
         assert_eq!(get("wp"), None, "a waypoint's own Service");
+    }
+
+    /// Each AuthorizationPolicy says who enforces it: ztunnel (fully, partly with what was left
+    /// out, or not at all) or waypoints (bound, partly, or why not), as Istio's conditions do.
+    #[test]
+    fn policies_say_who_enforces_them_and_what_was_left_out() {
+        let policies = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l4, namespace: demo}
+spec: {rules: [{from: [{source: {namespaces: [demo]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7-allow, namespace: demo}
+spec: {rules: [{to: [{operation: {methods: [GET], paths: ["/x"]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7-deny, namespace: demo}
+spec: {action: DENY, rules: [{to: [{operation: {methods: [POST]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: custom, namespace: demo}
+spec: {action: CUSTOM, provider: {name: ext}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: on-echo, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: half, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}, {kind: Service, group: "", name: plain}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: unbound, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: plain}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: missing, namespace: demo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: nope}]
+"#;
+        let cluster = cluster(&format!("{WORLD}{policies}"));
+        let resources = translate(&cluster, &MeshSettings::default());
+        let facts = |name: &str| {
+            resources
+                .policy_status
+                .get(&format!("demo/{name}"))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let l4 = facts("l4");
+        assert_eq!(
+            l4.ztunnel,
+            Some(Fact::yes("Accepted", "attached to ztunnel"))
+        );
+        assert_eq!(l4.waypoint, None);
+        let allow = facts("l7-allow").ztunnel.unwrap();
+        assert!(allow.status);
+        assert_eq!(allow.reason, "UnsupportedValue");
+        assert!(
+            allow.message.contains("found: methods, paths")
+                && allow.message.contains("allows less"),
+            "{}",
+            allow.message
+        );
+        let deny = facts("l7-deny").ztunnel.unwrap();
+        assert!(deny.message.contains("denies more"), "{}", deny.message);
+        let custom = facts("custom").ztunnel.unwrap();
+        assert!(!custom.status, "{custom:?}");
+        assert!(custom.message.contains("CUSTOM"), "{}", custom.message);
+
+        let on_echo = facts("on-echo");
+        assert_eq!(
+            on_echo.ztunnel, None,
+            "targetRefs policies are not ztunnel's"
+        );
+        let on_echo = on_echo.waypoint.unwrap();
+        assert_eq!(
+            (on_echo.status, on_echo.reason.as_str()),
+            (true, "Accepted")
+        );
+        assert!(on_echo.message.contains("demo/wp"), "{}", on_echo.message);
+        let half = facts("half").waypoint.unwrap();
+        assert_eq!(
+            (half.status, half.reason.as_str()),
+            (true, "PartiallyInvalid")
+        );
+        assert!(
+            half.message.contains("Service demo/plain"),
+            "{}",
+            half.message
+        );
+        let unbound = facts("unbound").waypoint.unwrap();
+        assert_eq!(
+            (unbound.status, unbound.reason.as_str()),
+            (false, "AncestorNotBound")
+        );
+        let missing = facts("missing").waypoint.unwrap();
+        assert_eq!(
+            (missing.status, missing.reason.as_str()),
+            (false, "TargetNotFound")
+        );
+        assert!(missing.message.contains("demo/nope"), "{}", missing.message);
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct Resources {
     pub destination_policies: BTreeMap<String, wp::DestinationPolicy>,
     /// What each usable waypoint (`<namespace>/<name>` of its Gateway) is served.
     pub waypoint_scopes: BTreeMap<String, WaypointScope>,
+    /// What each AuthorizationPolicy's status conditions say (`namespace/name`).
+    pub policy_status: BTreeMap<String, crate::status::PolicyFacts>,
     /// Objects honoured only partly, or not at all, and why.
     pub warnings: Vec<String>,
 }
@@ -281,7 +283,19 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
         );
     }
     for policy in cluster.policies.values() {
-        match authorization(policy, settings, &mut out.warnings) {
+        let before = out.warnings.len();
+        let translated = authorization(policy, settings, &mut out.warnings);
+        if policy.spec.target_refs.is_empty() {
+            let fact = ztunnel_fact(policy, &translated, &out.warnings[before..]);
+            out.policy_status
+                .entry(format!(
+                    "{}/{}",
+                    policy.metadata.namespace, policy.metadata.name
+                ))
+                .or_default()
+                .ztunnel = Some(fact);
+        }
+        match translated {
             Translated::Resource(resource) => {
                 out.authorizations
                     .insert(resource.resource_name(), resource);
@@ -908,6 +922,44 @@ fn when_match(condition: &crate::objects::WhenCondition) -> Option<sec::Match> {
         _ => return None,
     }
     Some(m)
+}
+
+/// The `ZtunnelAccepted` condition of a policy ztunnel enforces: what [`authorization`] kept of
+/// it (`notes`: the warnings it gave for this policy), said the way Istio says it.
+fn ztunnel_fact(
+    policy: &AuthorizationPolicy,
+    translated: &Translated,
+    notes: &[String],
+) -> crate::status::Fact {
+    use crate::status::Fact;
+    let action = policy.spec.action.as_str();
+    if let Translated::Skipped = translated {
+        return Fact::no(
+            "UnsupportedValue",
+            format!("ztunnel does not enforce action {action}; the policy is not enforced"),
+        );
+    }
+    // The rules using L7 fields, and the fields, as the translation reported them.
+    let fields: BTreeSet<&str> = notes
+        .iter()
+        .filter_map(|n| n.split_once("uses L7 fields (")?.1.split_once(')'))
+        .flat_map(|(fields, _)| fields.split(", "))
+        .collect();
+    if fields.is_empty() {
+        return Fact::yes("Accepted", "attached to ztunnel");
+    }
+    let fields = fields.into_iter().collect::<Vec<_>>().join(", ");
+    let effect = if action == "DENY" {
+        "In this DENY policy those rules are enforced on their L4 parts only, which denies more than requested."
+    } else {
+        "In this ALLOW policy the rules using them are left out, which allows less than requested."
+    };
+    Fact::yes(
+        "UnsupportedValue",
+        format!(
+            "ztunnel does not enforce HTTP attributes (found: {fields}); in ambient mode they need a waypoint (bind the policy to one with targetRefs). {effect}"
+        ),
+    )
 }
 
 fn authorization(

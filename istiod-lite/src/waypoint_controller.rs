@@ -20,9 +20,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ambit_kube::cache::Cache;
-use ambit_kube::watch::{GATEWAY, GATEWAY_CLASS, HTTP_ROUTE, KindSpec, NAMESPACE, SERVICE, Watch};
+use ambit_kube::watch::{
+    AUTHORIZATION_POLICY, GATEWAY, GATEWAY_CLASS, HTTP_ROUTE, KindSpec, NAMESPACE, SERVICE, Watch,
+};
 use ambit_mesh::gateway_api::{GATEWAY_GROUP, GATEWAY_NAME_LABEL, WAYPOINT_CLASS};
-use ambit_mesh::status::{Fact, ParentFacts};
+use ambit_mesh::status::{Fact, ParentFacts, PolicyFacts};
 use ambit_mesh::translate::{Cluster, MeshSettings, translate};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -41,6 +43,10 @@ pub const MANAGED_LABEL: (&str, &str) = ("gateway.istio.io/managed", "istio.io-m
 pub const GATEWAY_CLASS_LABEL: &str = "gateway.networking.k8s.io/gateway-class-name";
 /// The Service condition saying whether its waypoint binding holds.
 pub const WAYPOINT_BOUND: &str = "istio.io/WaypointBound";
+/// The AuthorizationPolicy condition saying whether (and how much of it) ztunnel enforces it.
+pub const ZTUNNEL_ACCEPTED: &str = "ZtunnelAccepted";
+/// The AuthorizationPolicy condition saying whether its `targetRefs` reach a waypoint.
+pub const WAYPOINT_ACCEPTED: &str = "WaypointAccepted";
 /// The annotation on generated objects holding a hash of what was applied.
 pub const APPLIED_HASH: &str = "ambit.dev/applied-hash";
 /// The ConfigMap holding the mesh root in every namespace (mounted for XDS_ROOT_CA).
@@ -96,6 +102,7 @@ pub fn watches() -> Vec<Watch> {
         GATEWAY_CLASS,
         HTTP_ROUTE,
         GRPC_ROUTE,
+        AUTHORIZATION_POLICY,
     ]
     .into_iter()
     .map(Watch::all)
@@ -212,6 +219,7 @@ impl World {
             GATEWAY_CLASS,
             HTTP_ROUTE,
             GRPC_ROUTE,
+            AUTHORIZATION_POLICY,
         ];
         Cluster::from_objects(kinds.iter().flat_map(|k| {
             self.of(k.kind)
@@ -267,6 +275,21 @@ pub fn plan(world: &World, settings: &WaypointSettings, now: &str) -> Vec<Write>
             .get(&key)
             .map(|fact| condition(WAYPOINT_BOUND, fact, None));
         if let Some(write) = service_status(service, wanted, now) {
+            writes.push(write);
+        }
+    }
+    for policy in world.of("AuthorizationPolicy") {
+        let key = format!(
+            "{}/{}",
+            str_at(policy, &["metadata", "namespace"]),
+            str_at(policy, &["metadata", "name"])
+        );
+        let facts = resources
+            .policy_status
+            .get(&key)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(write) = policy_status(policy, &facts, now) {
             writes.push(write);
         }
     }
@@ -729,6 +752,34 @@ fn service_status(service: &Value, wanted: Option<Value>, now: &str) -> Option<W
     Some(status_patch(
         SERVICE,
         service,
+        json!({"conditions": conditions}),
+    ))
+}
+
+/// An AuthorizationPolicy's `ZtunnelAccepted` and `WaypointAccepted` (each only when it
+/// applies; a stale one is removed), with the generation they describe.
+fn policy_status(policy: &Value, facts: &PolicyFacts, now: &str) -> Option<Write> {
+    let existing = conditions_of(&policy["status"]["conditions"]);
+    let generation = generation(policy);
+    let wanted: Vec<Value> = [
+        (ZTUNNEL_ACCEPTED, &facts.ztunnel),
+        (WAYPOINT_ACCEPTED, &facts.waypoint),
+    ]
+    .into_iter()
+    .filter_map(|(kind, fact)| fact.as_ref().map(|f| condition(kind, f, generation)))
+    .collect();
+    let conditions = merge_conditions(
+        existing,
+        &[ZTUNNEL_ACCEPTED, WAYPOINT_ACCEPTED],
+        &wanted,
+        now,
+    );
+    if conditions == existing {
+        return None;
+    }
+    Some(status_patch(
+        AUTHORIZATION_POLICY,
+        policy,
         json!({"conditions": conditions}),
     ))
 }

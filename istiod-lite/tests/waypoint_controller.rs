@@ -400,19 +400,21 @@ async fn routes_and_bound_services_get_their_conditions() {
         1
     );
 
+    // False until the waypoint has its address, then True.
     eventually("WaypointBound on the bound Service", || {
         server
             .get("v1", "Service", "demo", "echo")
             .is_some_and(|s| {
-                s["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|c| !c.is_empty())
+                s["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "istio.io/WaypointBound" && c["status"] == "True")
+                })
             })
     })
     .await;
     let echo = server.get("v1", "Service", "demo", "echo").unwrap();
     let bound = condition(&echo["status"]["conditions"], "istio.io/WaypointBound");
-    assert_eq!(bound["status"], "True");
+    assert_eq!(bound["status"], "True", "{bound}");
     let time = bound["lastTransitionTime"].as_str().unwrap();
     assert!(time.len() == 20 && time.ends_with('Z'), "{time}");
     assert!(
@@ -497,4 +499,114 @@ async fn the_binary_in_kubernetes_mode_deploys_waypoints_with_the_image_given() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(image, "registry.test/waypoint:cli");
+}
+
+fn policy(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": spec,
+    })
+}
+
+fn policy_condition(server: &FakeApiServer, name: &str, kind: &str) -> Option<Value> {
+    let policy = server.get("security.istio.io/v1", "AuthorizationPolicy", "demo", name)?;
+    policy["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .cloned()
+}
+
+/// AuthorizationPolicies say who enforces them, as Istio's do: ZtunnelAccepted for policies
+/// ztunnel enforces (with the HTTP attributes it leaves out), WaypointAccepted for targetRefs
+/// (bound to which waypoint, or why not), each for the generation it describes; fixing a policy
+/// updates its condition.
+#[tokio::test]
+async fn authorization_policies_say_who_enforces_them() {
+    let server = FakeApiServer::start().await;
+    server.apply(namespace("demo"));
+    server.apply(waypoint(json!({})));
+    server.apply(service("echo", json!({"istio.io/use-waypoint": "wp"})));
+    server.apply(service("plain", json!({})));
+    server.apply(policy(
+        "l4",
+        json!({"rules": [{"from": [{"source": {"namespaces": ["demo"]}}]}]}),
+    ));
+    server.apply(policy(
+        "l7-on-ztunnel",
+        json!({"selector": {"matchLabels": {"app": "echo"}}, "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+    ));
+    server.apply(policy(
+        "on-echo",
+        json!({"targetRefs": [{"kind": "Service", "group": "", "name": "echo"}], "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}], "action": "DENY"}),
+    ));
+    server.apply(policy(
+        "on-plain",
+        json!({"targetRefs": [{"kind": "Service", "group": "", "name": "plain"}]}),
+    ));
+    let (controller, _feed) = controller(&server).await;
+    let run = tokio::spawn(controller.clone().run(Duration::from_millis(20)));
+    server.apply(namespace("other"));
+
+    eventually("every policy's condition", || {
+        policy_condition(&server, "l4", "ZtunnelAccepted").is_some()
+            && policy_condition(&server, "l7-on-ztunnel", "ZtunnelAccepted").is_some()
+            && policy_condition(&server, "on-plain", "WaypointAccepted").is_some()
+            // Bound once the waypoint has its address.
+            && policy_condition(&server, "on-echo", "WaypointAccepted")
+                .is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let l4 = policy_condition(&server, "l4", "ZtunnelAccepted").unwrap();
+    let generation = server
+        .get("security.istio.io/v1", "AuthorizationPolicy", "demo", "l4")
+        .unwrap()["metadata"]["generation"]
+        .clone();
+    assert!(generation.is_i64(), "the API server sets a generation");
+    assert_eq!(
+        (
+            &l4["status"],
+            &l4["reason"],
+            &l4["message"],
+            &l4["observedGeneration"]
+        ),
+        (
+            &json!("True"),
+            &json!("Accepted"),
+            &json!("attached to ztunnel"),
+            &generation
+        )
+    );
+    let l7 = policy_condition(&server, "l7-on-ztunnel", "ZtunnelAccepted").unwrap();
+    assert_eq!(
+        (&l7["status"], &l7["reason"]),
+        (&json!("True"), &json!("UnsupportedValue"))
+    );
+    let message = l7["message"].as_str().unwrap();
+    assert!(
+        message.contains("found: methods") && message.contains("waypoint"),
+        "{message}"
+    );
+    let on_echo = policy_condition(&server, "on-echo", "WaypointAccepted").unwrap();
+    assert_eq!(on_echo["reason"], "Accepted");
+    assert!(
+        on_echo["message"].as_str().unwrap().contains("demo/wp"),
+        "{on_echo}"
+    );
+    assert!(policy_condition(&server, "on-echo", "ZtunnelAccepted").is_none());
+    let on_plain = policy_condition(&server, "on-plain", "WaypointAccepted").unwrap();
+    assert_eq!(
+        (&on_plain["status"], &on_plain["reason"]),
+        (&json!("False"), &json!("AncestorNotBound"))
+    );
+
+    // Fixed: bind plain to the waypoint, and the policy's condition follows.
+    server.apply(service("plain", json!({"istio.io/use-waypoint": "wp"})));
+    eventually("the policy on plain accepted", || {
+        policy_condition(&server, "on-plain", "WaypointAccepted")
+            .is_some_and(|c| c["status"] == "True" && c["reason"] == "Accepted")
+    })
+    .await;
+    run.abort();
 }

@@ -4,7 +4,6 @@
 mod analyze;
 mod explain;
 mod lab;
-#[allow(dead_code)] // read by analyze and explain, which are being built this session
 mod source;
 mod ztunnel_config;
 

@@ -60,7 +60,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<i32> {
     } else {
         Origin::Lab
     };
-    let loaded = source::load(&origin)?;
+    let loaded = match source::load(&origin) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(2);
+        }
+    };
     for error in &loaded.errors {
         eprintln!("warning: skipped an object that does not parse: {error}");
     }

@@ -410,3 +410,32 @@ fn a_service_port_that_does_not_exist_and_bad_arguments_are_named() {
         ("x-canary".to_string(), "true".to_string())
     );
 }
+
+#[test]
+fn a_redirect_filter_answers_instead_of_forwarding() {
+    let redirect = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: old, namespace: demo}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: echo, port: 80}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /old}}]\n    filters:\n    - type: RequestRedirect\n      requestRedirect: {statusCode: 301, path: {type: ReplaceFullPath, replaceFullPath: /new}}\n";
+    let mut f = flow("demo/client", "echo:80");
+    f.path = Some("/old/page".into());
+    let e = run(&cluster(redirect), &f);
+    let j = json(&e);
+    assert_eq!(j["route"]["route"], "HTTPRoute/demo/old");
+    assert_eq!(
+        j["route"]["filters"],
+        serde_json::json!(["requestRedirect"])
+    );
+    assert_eq!(j["verdict"]["outcome"], "redirected");
+    assert_eq!(j["verdict"]["status"], 301);
+    let location = j["route"]["redirect"].as_str().unwrap();
+    assert!(
+        location.starts_with("301 ") && location.ends_with("/new"),
+        "{location}"
+    );
+    assert!(
+        e.to_text().contains("Verdict      REDIRECTED [301]"),
+        "{}",
+        e.to_text()
+    );
+    // Other paths still take the demo's route.
+    let j = json(&run(&cluster(redirect), &flow("demo/client", "echo:80")));
+    assert_eq!(j["route"]["route"], "HTTPRoute/demo/echo");
+}

@@ -990,7 +990,7 @@ impl Walk<'_, '_> {
             redirect: None,
             backends: Vec::new(),
         };
-        // (service key, port, subset, weight, invalid) of each backend.
+        // The backends the rule (or, without one, the Service) names; resolved to endpoints below.
         let mut wanted: Vec<Backend> = Vec::new();
         match &target {
             WaypointTarget::Workload(w) => {

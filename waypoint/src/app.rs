@@ -177,6 +177,7 @@ pub async fn run(
             gateway_class: config.gateway_class.clone(),
             network: config.network.clone(),
             sniff_timeout: config.sniff_timeout,
+            instance_ip: Some(config.instance_ip),
         },
         state.clone(),
         dial,

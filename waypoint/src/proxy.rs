@@ -38,7 +38,9 @@ use crate::filters::{self, Applied};
 use crate::routes::{Decision, RequestView, RouteTable};
 use crate::sniff::{self, Detected, Prefixed};
 use crate::telemetry::Telemetry;
-use crate::upstream::{BoxError, Dial, Endpoint, Protocol, RequestBody, UpstreamError, Upstreams};
+use crate::upstream::{
+    BoxError, ConnLimits, Dial, Endpoint, Protocol, RequestBody, UpstreamError, Upstreams,
+};
 use ambit_telemetry::{ConnectionGuard, RequestGuard, ResponseFlag, ResponseFlags};
 use std::sync::atomic::AtomicU64;
 
@@ -56,6 +58,9 @@ pub struct ProxySettings {
     pub network: String,
     /// How long an undeclared port waits for the client's first bytes.
     pub sniff_timeout: Duration,
+    /// The waypoint pod's IP: its own workload (found by it) gives the locality DestinationRule
+    /// locality load balancing prefers.
+    pub instance_ip: Option<IpAddr>,
 }
 
 /// The routes and policies the control plane sent, replaced as a whole on every change.
@@ -286,6 +291,15 @@ impl Proxy {
         &self.settings
     }
 
+    /// The waypoint's own workload, when the control plane sent it.
+    fn own_workload(&self) -> Option<Arc<Workload>> {
+        let ip = self.settings.instance_ip?;
+        self.state
+            .index()
+            .workload_by_ip(&self.settings.network, ip)
+            .cloned()
+    }
+
     fn resolve(&self, authority: SocketAddr) -> Option<Dest> {
         let index = self.state.index();
         match index.find_address(&self.settings.network, authority.ip())? {
@@ -481,7 +495,7 @@ impl Proxy {
                     downstream_protocol(&parts)
                 };
                 return self
-                    .send(parts, body, endpoint, protocol, None, Vec::new())
+                    .send(parts, body, endpoint, protocol, None, Vec::new(), None)
                     .await;
             }
             Dest::Service { service, port, .. } => (service.clone(), *port),
@@ -626,6 +640,7 @@ impl Proxy {
             self.mirror(mirror, &parts);
         }
         let mut original = Some(parts);
+        let local = self.own_workload();
         let attempts = retry.as_ref().map_or(0, |r| r.attempts);
         let mut previous: Option<Arc<str>> = None;
         let mut tries = 0u32;
@@ -703,6 +718,7 @@ impl Proxy {
                 &policy,
                 hash,
                 previous.as_deref(),
+                local.as_deref(),
             );
             let chosen = match chosen {
                 Ok(chosen) => chosen,
@@ -763,6 +779,7 @@ impl Proxy {
                     protocol,
                     per_try,
                     all_applied,
+                    Some(&policy.pool.connections),
                 )
                 .await;
             let outcome = match &result {
@@ -812,6 +829,7 @@ impl Proxy {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
         parts: http::request::Parts,
@@ -820,13 +838,17 @@ impl Proxy {
         protocol: Protocol,
         timeout: Option<Duration>,
         response_modifiers: Vec<ambit_proto::waypoint::HeaderModifier>,
+        limits: Option<&ConnLimits>,
     ) -> Result<Response<ResponseBody>, RequestError> {
         let upgrade = protocol == Protocol::Http1 && parts.headers.contains_key(UPGRADE);
         let request = Request::from_parts(parts, body);
         if upgrade {
             return self.upgrade(request, endpoint).await;
         }
-        let sending = self.upstreams.send(&endpoint, protocol, request);
+        let limits = limits.copied().unwrap_or_default();
+        let sending = self
+            .upstreams
+            .send_with(&endpoint, protocol, request, &limits);
         let result = match timeout {
             Some(limit) => tokio::time::timeout(limit, sending)
                 .await
@@ -944,6 +966,7 @@ impl Proxy {
                     workload_endpoint(workload, *port, &[]),
                     workload.clone(),
                     None,
+                    None,
                 )),
                 Dest::Service { service, port, .. } => {
                     self.tcp_endpoint(&l7, &conn, service, *port)
@@ -951,7 +974,7 @@ impl Proxy {
             }
         };
         let (destination, service) = match &resolved {
-            Ok((_, w, s)) => (Some(w.clone()), s.clone()),
+            Ok((_, w, s, _)) => (Some(w.clone()), s.clone()),
             Err(_) => (None, None),
         };
         let service = service.or_else(|| match &conn.target {
@@ -966,8 +989,8 @@ impl Proxy {
         );
         let mut guard =
             ConnectionGuard::open(self.telemetry.registry(), labels, conn.src, conn.dst);
-        let endpoint = match resolved {
-            Ok((endpoint, _, _)) => endpoint,
+        let (endpoint, connect_timeout) = match resolved {
+            Ok((endpoint, _, _, connect_timeout)) => (endpoint, connect_timeout),
             Err(error) => {
                 let flags = match error {
                     RequestError::Denied { .. } => ResponseFlags::DENY,
@@ -978,7 +1001,21 @@ impl Proxy {
             }
         };
         guard.set_upstream(endpoint.addr);
-        let mut upstream = match self.dial.dial(&endpoint).await {
+        let dialing = self.dial.dial(&endpoint);
+        let dialed = match connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, dialing)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(UpstreamError::Connect {
+                        endpoint: endpoint.addr,
+                        reason: format!(
+                            "connect timeout ({limit:?}, connectionPool.tcp.connectTimeout)"
+                        ),
+                    })
+                }),
+            None => dialing.await,
+        };
+        let mut upstream = match dialed {
             Ok(io) => io,
             Err(error) => {
                 guard.fail_with(ResponseFlags::CONNECT, &error);
@@ -1038,6 +1075,7 @@ impl Proxy {
                 &policy,
                 None,
                 None,
+                self.own_workload().as_deref(),
             )
             .map_err(|e| match e {
                 crate::traffic::ChooseError::UnknownSubset { service, subset } => {
@@ -1054,6 +1092,7 @@ impl Proxy {
             workload_endpoint(&chosen.workload, chosen.port, &target.subject_alt_names),
             chosen.workload.clone(),
             Some(target),
+            policy.pool.connections.connect_timeout,
         ))
     }
 }
@@ -1071,8 +1110,14 @@ fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
     copy
 }
 
-/// A TCP tunnel's endpoint, the pod behind it and the Service addressed.
-type Resolved = (Endpoint, Arc<Workload>, Option<Arc<Service>>);
+/// A TCP tunnel's endpoint, the pod behind it, the Service addressed and the destination's
+/// connect timeout.
+type Resolved = (
+    Endpoint,
+    Arc<Workload>,
+    Option<Arc<Service>>,
+    Option<Duration>,
+);
 
 /// Where a request went, for its metrics and log.
 #[derive(Debug, Default)]

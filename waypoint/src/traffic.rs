@@ -15,7 +15,8 @@
 //!   bounded by `http2MaxRequests` for HTTP/2 backends and by `maxConnections +
 //!   http1MaxPendingRequests` for HTTP/1.1 ones (each request holds a connection there); beyond
 //!   that the request is answered 503 with flag `UO` at once instead of queueing without bound.
-//!   `maxRetries` bounds the retries in flight.
+//!   `maxRetries` bounds the retries in flight. `connectTimeout`, `maxRequestsPerConnection` and
+//!   `idleTimeout` shape the destination's connections ([`crate::upstream::ConnLimits`]).
 //! - **Outlier detection** (Envoy's semantics, simplified): a response of 500 or more, a reset or
 //!   a failed connect counts towards `consecutive5xxErrors`; 502, 503, 504 and local failures
 //!   count towards `consecutiveGatewayErrors`; any other response resets the counts. Reaching a
@@ -83,6 +84,9 @@ pub struct Pool {
     pub max_retries: u32,
     /// `http.h2UpgradePolicy: UPGRADE`.
     pub h2_upgrade: bool,
+    /// `tcp.connectTimeout`, `http.maxRequestsPerConnection` and `http.idleTimeout`: how the
+    /// destination's connections are opened, reused and closed.
+    pub connections: crate::upstream::ConnLimits,
 }
 
 /// Outlier detection settings.
@@ -102,11 +106,55 @@ pub struct Outlier {
     pub min_health_percent: u32,
 }
 
+/// DestinationRule `localityLbSetting` as the waypoint applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalityLb {
+    /// `enabled` (unset reads as true, Istio's mesh-wide default).
+    pub enabled: bool,
+    /// `failover`: (from region, to region), in the order written.
+    pub failover: Vec<(String, String)>,
+    /// `distribute`: the waypoint's locality pattern, then (endpoint locality pattern, percent).
+    pub distribute: Vec<(String, Vec<(String, u32)>)>,
+    /// `failoverPriority`: the topology labels endpoints are ranked by, up to the first label
+    /// that is not one of region, zone, subzone, node (`kubernetes.io/hostname`), cluster or
+    /// network.
+    pub failover_priority: Vec<ambit_state::PreferenceScope>,
+}
+
+impl Default for LocalityLb {
+    /// Istio's default: enabled, no failover or distribute rules (locality priorities apply
+    /// when outlier detection is configured).
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failover: Vec::new(),
+            distribute: Vec::new(),
+            failover_priority: Vec::new(),
+        }
+    }
+}
+
+/// The scope a `failoverPriority` label compares, if the waypoint knows it.
+fn priority_scope(label: &str) -> Option<ambit_state::PreferenceScope> {
+    use ambit_state::PreferenceScope as S;
+    Some(match label {
+        "topology.kubernetes.io/region" => S::Region,
+        "topology.kubernetes.io/zone" => S::Zone,
+        "topology.istio.io/subzone" => S::Subzone,
+        "kubernetes.io/hostname" => S::Node,
+        "topology.istio.io/cluster" => S::Cluster,
+        "topology.istio.io/network" => S::Network,
+        _ => return None,
+    })
+}
+
 /// The policy in force for one destination (Service port and subset).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Policy {
     /// Load balancing.
     pub balance: Balance,
+    /// `loadBalancer.localityLbSetting`, when the DestinationRule sets one.
+    pub locality: Option<LocalityLb>,
     /// Pool limits.
     pub pool: Pool,
     /// Outlier detection, when configured.
@@ -117,6 +165,12 @@ fn duration(d: Option<&prost_types::Duration>, default: Duration) -> Duration {
     d.and_then(|d| Duration::try_from(*d).ok())
         .filter(|d| !d.is_zero())
         .unwrap_or(default)
+}
+
+/// A duration that is set and above zero.
+fn positive(d: Option<&prost_types::Duration>) -> Option<Duration> {
+    d.and_then(|d| Duration::try_from(*d).ok())
+        .filter(|d| !d.is_zero())
 }
 
 /// Overrides `base` with whatever `layer` sets.
@@ -140,6 +194,36 @@ fn overlay(base: &mut Policy, layer: &pb::TrafficPolicy) {
             (None, pb::load_balancer::Simple::Random) => Balance::Random,
             (None, _) => Balance::LeastRequest,
         };
+        // A layer's loadBalancer replaces the one below it whole, locality settings included.
+        base.locality = lb.locality.as_ref().map(|l| {
+            let mut distribute: Vec<(String, Vec<(String, u32)>)> = l
+                .distribute
+                .iter()
+                .map(|d| {
+                    let mut to: Vec<(String, u32)> =
+                        d.to.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                    // Most specific pattern first, so an endpoint locality takes the weight of
+                    // the pattern that names it most closely (the map has no order).
+                    to.sort_by(|a, b| specificity(&b.0).cmp(&specificity(&a.0)).then(a.cmp(b)));
+                    (d.from.clone(), to)
+                })
+                .collect();
+            distribute.retain(|(_, to)| !to.is_empty());
+            LocalityLb {
+                enabled: l.enabled,
+                failover: l
+                    .failover
+                    .iter()
+                    .map(|f| (f.from.clone(), f.to.clone()))
+                    .collect(),
+                distribute,
+                failover_priority: l
+                    .failover_priority
+                    .iter()
+                    .map_while(|label| priority_scope(label))
+                    .collect(),
+            }
+        });
     }
     if let Some(pool) = &layer.connection_pool {
         base.pool = Pool {
@@ -148,6 +232,11 @@ fn overlay(base: &mut Policy, layer: &pb::TrafficPolicy) {
             http2_max_requests: pool.http2_max_requests,
             max_retries: pool.max_retries,
             h2_upgrade: pool.h2_upgrade,
+            connections: crate::upstream::ConnLimits {
+                connect_timeout: positive(pool.connect_timeout.as_ref()),
+                max_requests_per_connection: pool.max_requests_per_connection,
+                idle_timeout: positive(pool.idle_timeout.as_ref()),
+            },
         };
     }
     if let Some(o) = &layer.outlier_detection
@@ -414,7 +503,11 @@ impl TrafficState {
         Some(slot)
     }
 
-    /// Chooses an endpoint of `service` port `port` for a request.
+    /// Chooses an endpoint of `service` port `port` for a request: among the Service's eligible
+    /// endpoints (`ambit-state`: health, the Service's routing preferences relative to
+    /// `source`), in the subset, not ejected (unless all are), in the locality `local` (the
+    /// waypoint's own workload) prefers ([`prefer_locality`]), other than `avoid` (the previous
+    /// try's) when there is another, by the policy's balancer.
     #[allow(clippy::too_many_arguments)]
     pub fn choose(
         &self,
@@ -427,6 +520,7 @@ impl TrafficState {
         policy: &Policy,
         hash: Option<u64>,
         avoid: Option<&str>,
+        local: Option<&Workload>,
     ) -> Result<Chosen, ChooseError> {
         let members = subset
             .map(|s| destinations.subset(&service.key, s))
@@ -448,6 +542,10 @@ impl TrafficState {
         if candidates.is_empty() && !ejected.is_empty() {
             // Everything left is ejected: Envoy's panic mode uses them all rather than none.
             candidates = index.candidates(service, port, source, &in_subset);
+        }
+        if let Some(local) = local {
+            let mut roll = |total: u64| rand::rng().random_range(0..total.max(1));
+            candidates = prefer_locality(candidates, policy, local, &mut roll);
         }
         if candidates.len() > 1
             && let Some(avoid) = avoid
@@ -618,6 +716,158 @@ impl TrafficState {
     }
 }
 
+/// How many segments of a locality pattern (`region/zone/subzone`, `*` for any) are named.
+fn specificity(pattern: &str) -> usize {
+    pattern
+        .split('/')
+        .take_while(|s| *s != "*" && !s.is_empty())
+        .count()
+}
+
+/// Whether `workload`'s locality matches `pattern` (`region`, `region/zone`,
+/// `region/zone/subzone`, each part possibly `*`, which matches the rest). A workload without a
+/// locality is in the empty region, zone and subzone.
+pub fn locality_matches(pattern: &str, workload: &Workload) -> bool {
+    let locality = workload.locality.as_deref();
+    let parts = [
+        locality.map_or("", |l| &*l.region),
+        locality.map_or("", |l| &*l.zone),
+        locality.map_or("", |l| &*l.subzone),
+    ];
+    for (i, segment) in pattern.split('/').enumerate() {
+        if segment == "*" {
+            return true;
+        }
+        match parts.get(i) {
+            Some(part) if *part == segment => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Region, zone and subzone.
+type LocalityKey = (Arc<str>, Arc<str>, Arc<str>);
+
+fn locality_key(w: &Workload) -> LocalityKey {
+    match w.locality.as_deref() {
+        Some(l) => (l.region.clone(), l.zone.clone(), l.subzone.clone()),
+        None => (Arc::from(""), Arc::from(""), Arc::from("")),
+    }
+}
+
+/// Narrows `candidates` (eligible endpoints, ejected ones already left out) to those the
+/// DestinationRule's locality load balancing sends to, from the waypoint's own workload `local`
+/// (its locality is its node's `topology.kubernetes.io/region`/`zone` and
+/// `topology.istio.io/subzone`, as the workload API carries them):
+///
+/// - **distribute** (applies with or without outlier detection): the first entry whose `from`
+///   matches `local` gives each endpoint locality the weight of the most specific `to` pattern
+///   matching it, shared equally by the localities that pattern matches; one locality is drawn
+///   by weight (`roll(total)` draws in `0..total`). Localities no pattern matches get nothing;
+///   when no candidate matches any pattern, every candidate stays (rather than none).
+/// - **failover priorities** (only with outlier detection, as in Istio, since it is what takes
+///   failed endpoints out): priority 0 is the same region, zone and subzone as `local`, 1 the
+///   same zone, 2 the same region, then other regions: with `failover` entries whose `from` is
+///   the local region, their `to` regions in the order written, then the rest; without, all other
+///   regions together. Only the best priority that has a candidate is kept, so traffic fails
+///   over when (and only when) the local priority has no healthy endpoint left.
+/// - **failoverPriority** (instead of the priorities above, with outlier detection): endpoints
+///   sharing more of the listed topology labels (in order) with the waypoint come first.
+///
+/// `enabled: false` turns both off. The ranking is `ambit_state::shared_scopes`, the same one a
+/// Service's routing preferences use.
+pub fn prefer_locality(
+    mut candidates: Vec<(Arc<Workload>, u16)>,
+    policy: &Policy,
+    local: &Workload,
+    roll: &mut dyn FnMut(u64) -> u64,
+) -> Vec<(Arc<Workload>, u16)> {
+    let default = LocalityLb::default();
+    let setting = policy.locality.as_ref().unwrap_or(&default);
+    if !setting.enabled || candidates.len() < 2 {
+        return candidates;
+    }
+    if let Some((_, to)) = setting
+        .distribute
+        .iter()
+        .find(|(from, _)| locality_matches(from, local))
+    {
+        // Localities present, each with the pattern that claims it.
+        let mut groups: Vec<(LocalityKey, usize)> = Vec::new();
+        for (w, _) in &candidates {
+            let key = locality_key(w);
+            if groups.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            if let Some(i) = to.iter().position(|(p, _)| locality_matches(p, w)) {
+                groups.push((key, i));
+            }
+        }
+        // Weights in millionths of a percent: pattern weight shared by its localities.
+        let weights: Vec<u64> = groups
+            .iter()
+            .map(|(_, i)| {
+                let sharing = groups.iter().filter(|(_, j)| j == i).count().max(1) as u64;
+                u64::from(to[*i].1) * 1_000_000 / sharing
+            })
+            .collect();
+        let total: u64 = weights.iter().sum();
+        if total == 0 {
+            return candidates;
+        }
+        let mut point = roll(total);
+        let mut chosen = None;
+        for (group, weight) in groups.iter().zip(&weights) {
+            if point < *weight {
+                chosen = Some(group.0.clone());
+                break;
+            }
+            point -= weight;
+        }
+        if let Some(key) = chosen {
+            candidates.retain(|(w, _)| locality_key(w) == key);
+        }
+        return candidates;
+    }
+    if policy.outlier.is_none() {
+        return candidates;
+    }
+    if !setting.failover_priority.is_empty() {
+        // Ranked by how many of the labels, in order, the endpoint shares with the waypoint.
+        let scopes = &setting.failover_priority;
+        let shared = |w: &Workload| ambit_state::shared_scopes(scopes, local, w);
+        if let Some(best) = candidates.iter().map(|(w, _)| shared(w)).max() {
+            candidates.retain(|(w, _)| shared(w) == best);
+        }
+        return candidates;
+    }
+    use ambit_state::PreferenceScope as S;
+    let region = local.locality.as_deref().map_or("", |l| &*l.region);
+    let targets: Vec<&str> = setting
+        .failover
+        .iter()
+        .filter(|(from, _)| from == region)
+        .map(|(_, to)| to.as_str())
+        .collect();
+    let priority = |w: &Workload| -> usize {
+        match ambit_state::shared_scopes(&[S::Region, S::Zone, S::Subzone], local, w) {
+            shared @ 1..=3 => 3 - shared,
+            _ => {
+                let theirs = w.locality.as_deref().map_or("", |l| &*l.region);
+                3 + targets
+                    .iter()
+                    .position(|t| *t == theirs)
+                    .unwrap_or(targets.len())
+            }
+        }
+    };
+    if let Some(best) = candidates.iter().map(|(w, _)| priority(w)).min() {
+        candidates.retain(|(w, _)| priority(w) == best);
+    }
+    candidates
+}
+
 /// The candidate with the highest hash of (key, uid): stable as endpoints come and go.
 fn rendezvous(candidates: &[(Arc<Workload>, u16)], key: u64) -> usize {
     candidates
@@ -659,4 +909,314 @@ pub fn hash_of(
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
     Some(h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ambit_proto::workload as wl;
+    use ambit_state::Addresses;
+    use std::collections::BTreeMap;
+
+    const SVC: &str = "demo/shop.demo.svc.cluster.local";
+
+    fn workload(name: &str, ip: [u8; 4], locality: (&str, &str, &str)) -> (String, wl::Address) {
+        let uid = format!("Kubernetes//Pod/demo/{name}");
+        let services = if name == "waypoint" {
+            Default::default()
+        } else {
+            [(
+                SVC.to_string(),
+                wl::PortList {
+                    ports: vec![wl::Port {
+                        service_port: 80,
+                        target_port: 8080,
+                        app_protocol: 0,
+                    }],
+                },
+            )]
+            .into_iter()
+            .collect()
+        };
+        let w = wl::Workload {
+            uid: uid.clone(),
+            name: name.into(),
+            namespace: "demo".into(),
+            addresses: vec![ip.to_vec()],
+            tunnel_protocol: wl::TunnelProtocol::Hbone as i32,
+            services,
+            locality: Some(wl::Locality {
+                region: locality.0.into(),
+                zone: locality.1.into(),
+                subzone: locality.2.into(),
+            }),
+            ..Default::default()
+        };
+        (
+            uid,
+            wl::Address {
+                r#type: Some(wl::address::Type::Workload(w)),
+            },
+        )
+    }
+
+    /// A Service with endpoints in four localities, and the waypoint in us-east/a.
+    fn state() -> Addresses {
+        let svc = wl::Service {
+            name: "shop".into(),
+            namespace: "demo".into(),
+            hostname: "shop.demo.svc.cluster.local".into(),
+            addresses: vec![wl::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 1],
+                length: None,
+            }],
+            ports: vec![wl::Port {
+                service_port: 80,
+                target_port: 8080,
+                app_protocol: 0,
+            }],
+            ..Default::default()
+        };
+        let state = Addresses::new("node-1");
+        let rejected = state.apply(
+            &[
+                (
+                    svc.resource_name(),
+                    wl::Address {
+                        r#type: Some(wl::address::Type::Service(svc)),
+                    },
+                ),
+                workload("waypoint", [10, 0, 0, 1], ("us-east", "a", "")),
+                workload("same-zone", [10, 0, 1, 1], ("us-east", "a", "")),
+                workload("same-region", [10, 0, 1, 2], ("us-east", "b", "")),
+                workload("us-west", [10, 0, 1, 3], ("us-west", "a", "")),
+                workload("eu", [10, 0, 1, 4], ("eu", "a", "")),
+            ],
+            &[],
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        state
+    }
+
+    fn policy(locality: Option<pb::LocalityLb>, outlier: bool) -> Vec<pb::DestinationPolicy> {
+        vec![pb::DestinationPolicy {
+            namespace: "demo".into(),
+            name: "shop".into(),
+            service: SVC.into(),
+            traffic_policy: Some(pb::TrafficPolicy {
+                load_balancer: Some(pb::LoadBalancer {
+                    locality,
+                    ..Default::default()
+                }),
+                outlier_detection: outlier.then(|| pb::OutlierDetection {
+                    consecutive_5xx_errors: 1,
+                    max_ejection_percent: 100,
+                    enabled: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]
+    }
+
+    /// Who answers `n` requests, by pod name.
+    fn draw(
+        state: &Addresses,
+        traffic: &TrafficState,
+        rules: &Destinations,
+        n: usize,
+    ) -> BTreeMap<String, usize> {
+        let index = state.index();
+        let service = index.service(SVC).expect("service").clone();
+        let local = index
+            .workload_by_ip("", [10, 0, 0, 1].into())
+            .expect("the waypoint's workload")
+            .clone();
+        let policy = rules.policy(SVC, 80, None);
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            let chosen = traffic
+                .choose(
+                    &index,
+                    rules,
+                    &service,
+                    80,
+                    None,
+                    None,
+                    &policy,
+                    None,
+                    None,
+                    Some(&local),
+                )
+                .expect("an endpoint");
+            *seen.entry(chosen.workload.name.to_string()).or_default() += 1;
+        }
+        seen
+    }
+
+    fn eject(state: &Addresses, traffic: &TrafficState, rules: &Destinations, name: &str) {
+        let index = state.index();
+        let service = index.service(SVC).expect("service").clone();
+        let uid = format!("Kubernetes//Pod/demo/{name}");
+        let workload = index.workload(&uid).expect("workload").clone();
+        let policy = rules.policy(SVC, 80, None);
+        traffic.report(
+            &index,
+            &service,
+            80,
+            &workload,
+            &policy,
+            TryOutcome::Status(503),
+        );
+    }
+
+    fn only(seen: &BTreeMap<String, usize>, name: &str) {
+        assert_eq!(seen.keys().collect::<Vec<_>>(), vec![name], "{seen:?}");
+    }
+
+    #[test]
+    fn with_outlier_detection_the_local_zone_is_preferred_then_failover_regions_in_order() {
+        let state = state();
+        let traffic = TrafficState::new(Registry::new());
+        let rules = Destinations::build(&policy(
+            Some(pb::LocalityLb {
+                failover: vec![pb::locality_lb::Failover {
+                    from: "us-east".into(),
+                    to: "eu".into(),
+                }],
+                enabled: true,
+                ..Default::default()
+            }),
+            true,
+        ));
+        only(&draw(&state, &traffic, &rules, 40), "same-zone");
+        eject(&state, &traffic, &rules, "same-zone");
+        only(&draw(&state, &traffic, &rules, 40), "same-region");
+        eject(&state, &traffic, &rules, "same-region");
+        // The failover target region before any other region.
+        only(&draw(&state, &traffic, &rules, 40), "eu");
+        eject(&state, &traffic, &rules, "eu");
+        only(&draw(&state, &traffic, &rules, 40), "us-west");
+    }
+
+    #[test]
+    fn istio_default_prefers_locality_only_with_outlier_detection() {
+        let state = state();
+        let traffic = TrafficState::new(Registry::new());
+        // No localityLbSetting, outlier detection set: the local zone.
+        let rules = Destinations::build(&policy(None, true));
+        only(&draw(&state, &traffic, &rules, 40), "same-zone");
+        // Without failover rules every other region is one priority: with the zone and the
+        // region gone, both remote regions take traffic.
+        eject(&state, &traffic, &rules, "same-zone");
+        eject(&state, &traffic, &rules, "same-region");
+        let seen = draw(&state, &traffic, &rules, 200);
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            vec!["eu", "us-west"],
+            "{seen:?}"
+        );
+
+        // No outlier detection: no locality preference at all.
+        let traffic = TrafficState::new(Registry::new());
+        let rules = Destinations::build(&policy(None, false));
+        assert_eq!(draw(&state, &traffic, &rules, 400).len(), 4);
+        // enabled: false turns it off even with outlier detection.
+        let rules = Destinations::build(&policy(
+            Some(pb::LocalityLb {
+                enabled: false,
+                ..Default::default()
+            }),
+            true,
+        ));
+        assert_eq!(draw(&state, &traffic, &rules, 400).len(), 4);
+    }
+
+    #[test]
+    fn distribute_weights_localities_from_the_waypoints_own() {
+        let state = state();
+        let traffic = TrafficState::new(Registry::new());
+        let rules = Destinations::build(&policy(
+            Some(pb::LocalityLb {
+                distribute: vec![
+                    pb::locality_lb::Distribute {
+                        from: "eu/*".into(),
+                        to: [("eu/*".to_string(), 100)].into_iter().collect(),
+                    },
+                    pb::locality_lb::Distribute {
+                        from: "us-east/a/*".into(),
+                        to: [
+                            ("us-east/a/*".to_string(), 80),
+                            ("us-west/*".to_string(), 20),
+                        ]
+                        .into_iter()
+                        .collect(),
+                    },
+                ],
+                enabled: true,
+                ..Default::default()
+            }),
+            false,
+        ));
+        let seen = draw(&state, &traffic, &rules, 1000);
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            vec!["same-zone", "us-west"],
+            "{seen:?}"
+        );
+        // Binomial(1000, 0.8): outside [720, 880] with probability below 1e-9.
+        let local = seen["same-zone"];
+        assert!((720..=880).contains(&local), "{seen:?}");
+    }
+
+    #[test]
+    fn failover_priority_ranks_by_the_listed_labels() {
+        let state = state();
+        let traffic = TrafficState::new(Registry::new());
+        let rules = Destinations::build(&policy(
+            Some(pb::LocalityLb {
+                failover_priority: vec![
+                    "topology.kubernetes.io/region".into(),
+                    "topology.kubernetes.io/zone".into(),
+                ],
+                enabled: true,
+                ..Default::default()
+            }),
+            true,
+        ));
+        only(&draw(&state, &traffic, &rules, 40), "same-zone");
+        eject(&state, &traffic, &rules, "same-zone");
+        only(&draw(&state, &traffic, &rules, 40), "same-region");
+        eject(&state, &traffic, &rules, "same-region");
+        let seen = draw(&state, &traffic, &rules, 200);
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            vec!["eu", "us-west"],
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn locality_patterns() {
+        let state = state();
+        let index = state.index();
+        let w = index
+            .workload_by_ip("", [10, 0, 1, 2].into())
+            .expect("workload")
+            .clone();
+        for (pattern, expected) in [
+            ("us-east", true),
+            ("us-east/*", true),
+            ("us-east/b", true),
+            ("us-east/b/*", true),
+            ("us-east/a", false),
+            ("*", true),
+            ("us-west/*", false),
+            ("us-east/b/rack-1", false),
+        ] {
+            assert_eq!(locality_matches(pattern, &w), expected, "{pattern}");
+        }
+    }
 }

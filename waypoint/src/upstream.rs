@@ -6,14 +6,22 @@
 //!   response body has been read to the end, and is dropped (closed) when the body is abandoned.
 //! - Dialling is serialized per endpoint, so a burst of requests to a cold endpoint opens one
 //!   connection for HTTP/2 instead of a storm.
+//! - A destination's DestinationRule shapes its connections ([`ConnLimits`]): `connectTimeout`
+//!   bounds opening one (tunnel and HTTP handshake: a failure is a connect failure, `UF`),
+//!   `maxRequestsPerConnection` retires a connection once it carried that many requests (HTTP/1.1:
+//!   not returned to the pool; HTTP/2: no new stream on it, the ones in flight finish), and
+//!   `idleTimeout` closes a pooled connection that carried nothing for that long. The limits of
+//!   the request that uses a connection apply to it (connections are pooled per endpoint, and
+//!   two subsets with different policies may share one).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
@@ -105,12 +113,99 @@ impl UpstreamError {
     }
 }
 
+/// How a destination's connections are opened, reused and closed (DestinationRule
+/// `connectionPool`); the default leaves everything to the pool's own defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// `tcp.connectTimeout`: opening a connection (tunnel and HTTP handshake) takes at most this.
+    pub connect_timeout: Option<Duration>,
+    /// `http.maxRequestsPerConnection` (0: unlimited).
+    pub max_requests_per_connection: u32,
+    /// `http.idleTimeout`: a pooled connection that carried no request for this long is closed.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ConnLimits {
+    /// True when a connection that already carried `uses` requests may take no more.
+    fn spent(&self, uses: u32) -> bool {
+        self.max_requests_per_connection != 0 && uses >= self.max_requests_per_connection
+    }
+}
+
 type Key = (SocketAddr, Protocol);
+
+/// An idle HTTP/1.1 connection: `uses` requests carried so far (and its generation: a reaper
+/// closes it only if it was not used again since it went idle).
+struct IdleH1 {
+    sender: http1::SendRequest<RequestBody>,
+    id: u64,
+    uses: u32,
+}
+
+/// The HTTP/2 connection of an endpoint.
+struct H2Conn {
+    sender: http2::SendRequest<RequestBody>,
+    id: u64,
+    uses: u32,
+    activity: Arc<Activity>,
+    /// An idle reaper watches it.
+    reaped: bool,
+}
+
+/// Streams in flight on an HTTP/2 connection and when the last one ended.
+struct Activity {
+    active: AtomicUsize,
+    /// Milliseconds since `epoch` when the connection last carried a stream.
+    last_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            active: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn stamp(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long the connection has carried nothing (zero while a stream is in flight).
+    fn idle_for(&self) -> Duration {
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// Counts one stream on an HTTP/2 connection until dropped (with the response body).
+struct StreamGuard(Arc<Activity>);
+
+impl StreamGuard {
+    fn enter(activity: &Arc<Activity>) -> Self {
+        activity.active.fetch_add(1, Ordering::Relaxed);
+        activity.stamp();
+        Self(activity.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.stamp();
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 #[derive(Default)]
 struct PerKey {
-    h2: Option<http2::SendRequest<RequestBody>>,
-    idle_h1: Vec<http1::SendRequest<RequestBody>>,
+    h2: Option<H2Conn>,
+    idle_h1: Vec<IdleH1>,
 }
 
 /// Backend connections. Cheap to clone.
@@ -124,6 +219,7 @@ struct Inner {
     keys: Mutex<HashMap<Key, PerKey>>,
     dial_locks: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     max_idle_per_endpoint: usize,
+    next_id: AtomicU64,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -148,6 +244,7 @@ impl Upstreams {
                 keys: Mutex::new(HashMap::new()),
                 dial_locks: Mutex::new(HashMap::new()),
                 max_idle_per_endpoint: 64,
+                next_id: AtomicU64::new(1),
             }),
         }
     }
@@ -161,11 +258,24 @@ impl Upstreams {
         protocol: Protocol,
         request: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        self.send_with(endpoint, protocol, request, &ConnLimits::default())
+            .await
+    }
+
+    /// [`send`](Self::send) under a destination's connection limits.
+    pub async fn send_with(
+        &self,
+        endpoint: &Endpoint,
+        protocol: Protocol,
+        request: Request<RequestBody>,
+        limits: &ConnLimits,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let request = shape(request, protocol);
         let key = (endpoint.addr, protocol);
         match protocol {
             Protocol::Http2 => {
-                let mut sender = self.h2_sender(endpoint, key).await?;
+                let (mut sender, activity) = self.h2_sender(endpoint, key, limits).await?;
+                let stream = StreamGuard::enter(&activity);
                 let response =
                     sender
                         .send_request(request)
@@ -174,10 +284,10 @@ impl Upstreams {
                             endpoint: endpoint.addr,
                             source,
                         })?;
-                Ok(response.map(|body| UpstreamBody::new(body, None)))
+                Ok(response.map(|body| UpstreamBody::new(body, None, Some(stream))))
             }
             Protocol::Http1 => {
-                let mut sender = self.h1_sender(endpoint, key).await?;
+                let (mut sender, id, uses) = self.h1_sender(endpoint, key, limits).await?;
                 let response =
                     sender
                         .send_request(request)
@@ -186,7 +296,8 @@ impl Upstreams {
                             endpoint: endpoint.addr,
                             source,
                         })?;
-                Ok(self.return_on_end(key, sender, response))
+                let pooled = IdleH1 { sender, id, uses };
+                Ok(self.return_on_end(key, pooled, *limits, response))
             }
         }
     }
@@ -198,7 +309,7 @@ impl Upstreams {
         request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let request = shape(request, Protocol::Http1);
-        let mut sender = self.dial_h1(endpoint).await?;
+        let mut sender = self.dial_h1(endpoint, &ConnLimits::default()).await?;
         sender
             .send_request(request)
             .await
@@ -216,81 +327,177 @@ impl Upstreams {
         &self,
         endpoint: &Endpoint,
         key: Key,
-    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
-        if let Some(sender) = self.live_h2(key) {
-            return Ok(sender);
+        limits: &ConnLimits,
+    ) -> Result<(http2::SendRequest<RequestBody>, Arc<Activity>), UpstreamError> {
+        if let Some(live) = self.live_h2(key, limits) {
+            return Ok(live);
         }
         let dial_lock = self.dial_lock(key);
         let _dialing = dial_lock.lock().await;
-        if let Some(sender) = self.live_h2(key) {
-            return Ok(sender);
+        if let Some(live) = self.live_h2(key, limits) {
+            return Ok(live);
         }
-        let io = self.inner.dial.dial(endpoint).await?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(16 << 20)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| UpstreamError::Handshake {
-                endpoint: endpoint.addr,
-                source,
-            })?;
+        let opening = async {
+            let io = self.inner.dial.dial(endpoint).await?;
+            http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|source| UpstreamError::Handshake {
+                    endpoint: endpoint.addr,
+                    source,
+                })
+        };
+        let (sender, connection) = within(limits.connect_timeout, endpoint, opening).await?;
         let addr = endpoint.addr;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
             }
         });
-        lock(&self.inner.keys).entry(key).or_default().h2 = Some(sender.clone());
-        Ok(sender)
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Activity::new();
+        activity.stamp();
+        if limits.spent(1) {
+            // One request per connection: never pooled.
+            return Ok((sender, activity));
+        }
+        lock(&self.inner.keys).entry(key).or_default().h2 = Some(H2Conn {
+            sender: sender.clone(),
+            id,
+            uses: 1,
+            activity: activity.clone(),
+            reaped: limits.idle_timeout.is_some(),
+        });
+        if let Some(idle) = limits.idle_timeout {
+            self.reap_h2(key, id, activity.clone(), idle);
+        }
+        Ok((sender, activity))
     }
 
-    fn live_h2(&self, key: Key) -> Option<http2::SendRequest<RequestBody>> {
-        let mut keys = lock(&self.inner.keys);
-        let entry = keys.get_mut(&key)?;
-        match &entry.h2 {
-            Some(s) if !s.is_closed() => Some(s.clone()),
-            _ => {
-                entry.h2 = None;
-                None
+    /// The endpoint's HTTP/2 connection, if it is open and may take one more request (counted).
+    /// A connection given its `maxRequestsPerConnection`th request is retired: forgotten by the
+    /// pool, it closes once its streams in flight end.
+    fn live_h2(
+        &self,
+        key: Key,
+        limits: &ConnLimits,
+    ) -> Option<(http2::SendRequest<RequestBody>, Arc<Activity>)> {
+        let (live, reap) = {
+            let mut keys = lock(&self.inner.keys);
+            let entry = keys.get_mut(&key)?;
+            match &mut entry.h2 {
+                Some(conn) if !conn.sender.is_closed() && !limits.spent(conn.uses) => {
+                    conn.uses += 1;
+                    // A connection opened without an idle timeout gets one from the first
+                    // request that has it.
+                    let reap = match limits.idle_timeout {
+                        Some(idle) if !conn.reaped => {
+                            conn.reaped = true;
+                            Some((conn.id, idle))
+                        }
+                        _ => None,
+                    };
+                    let live = (conn.sender.clone(), conn.activity.clone());
+                    if limits.spent(conn.uses) {
+                        // That was its last request: retired now, it closes when it ends.
+                        entry.h2 = None;
+                    }
+                    (live, reap)
+                }
+                _ => {
+                    entry.h2 = None;
+                    return None;
+                }
             }
+        };
+        if let Some((id, idle)) = reap {
+            self.reap_h2(key, id, live.1.clone(), idle);
         }
+        Some(live)
+    }
+
+    /// Closes the HTTP/2 connection `id` of `key` once it has carried no stream for `idle`.
+    /// Ends when the connection is gone from the pool (closed, retired or reaped).
+    fn reap_h2(&self, key: Key, id: u64, activity: Arc<Activity>, idle: Duration) {
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut wait = idle;
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                let mut keys = lock(&inner.keys);
+                let Some(entry) = keys.get_mut(&key) else {
+                    return;
+                };
+                let current = entry
+                    .h2
+                    .as_ref()
+                    .is_some_and(|c| c.id == id && !c.sender.is_closed());
+                if !current {
+                    return;
+                }
+                let quiet = activity.idle_for();
+                if quiet >= idle {
+                    tracing::debug!(addr = %key.0, ?idle, "closing an idle upstream HTTP/2 connection");
+                    entry.h2 = None;
+                    return;
+                }
+                wait = idle - quiet;
+            }
+        });
     }
 
     async fn h1_sender(
         &self,
         endpoint: &Endpoint,
         key: Key,
-    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        limits: &ConnLimits,
+    ) -> Result<(http1::SendRequest<RequestBody>, u64, u32), UpstreamError> {
+        // Bounded by the idle connections held (each is popped once).
         loop {
             let candidate = lock(&self.inner.keys)
                 .get_mut(&key)
                 .and_then(|e| e.idle_h1.pop());
-            let Some(mut sender) = candidate else {
+            let Some(IdleH1 {
+                mut sender,
+                id,
+                uses,
+            }) = candidate
+            else {
                 break;
             };
-            if sender.is_closed() {
+            if sender.is_closed() || limits.spent(uses) {
                 continue;
             }
             if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                return Ok(sender);
+                return Ok((sender, id, uses + 1));
             }
         }
-        self.dial_h1(endpoint).await
+        let sender = self.dial_h1(endpoint, limits).await?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        Ok((sender, id, 1))
     }
 
     async fn dial_h1(
         &self,
         endpoint: &Endpoint,
+        limits: &ConnLimits,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-        let io = self.inner.dial.dial(endpoint).await?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| UpstreamError::Handshake {
-                endpoint: endpoint.addr,
-                source,
-            })?;
+        let opening = async {
+            let io = self.inner.dial.dial(endpoint).await?;
+            http1::Builder::new()
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|source| UpstreamError::Handshake {
+                    endpoint: endpoint.addr,
+                    source,
+                })
+        };
+        let (sender, connection) = within(limits.connect_timeout, endpoint, opening).await?;
         let addr = endpoint.addr;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
@@ -303,13 +510,14 @@ impl Upstreams {
     fn return_on_end(
         &self,
         key: Key,
-        sender: http1::SendRequest<RequestBody>,
+        pooled: IdleH1,
+        limits: ConnLimits,
         response: Response<Incoming>,
     ) -> Response<UpstreamBody> {
         let (parts, body) = response.into_parts();
         if body.is_end_stream() {
-            self.give_back(key, sender);
-            return Response::from_parts(parts, UpstreamBody::new(body, None));
+            self.give_back(key, pooled, &limits);
+            return Response::from_parts(parts, UpstreamBody::new(body, None, None));
         }
         let upstreams = self.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -317,20 +525,66 @@ impl Upstreams {
             // The body signals a clean end; a dropped signal means it was abandoned, and the
             // connection (with an unread response in it) is closed with the sender.
             if rx.await.is_ok() {
-                upstreams.give_back(key, sender);
+                upstreams.give_back(key, pooled, &limits);
             }
         });
-        Response::from_parts(parts, UpstreamBody::new(body, Some(tx)))
+        Response::from_parts(parts, UpstreamBody::new(body, Some(tx), None))
     }
 
-    fn give_back(&self, key: Key, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    /// Returns an HTTP/1.1 connection to the idle pool, unless it is closed or spent (then it
+    /// is dropped, which closes it); with an idle timeout, it is closed if still idle then.
+    fn give_back(&self, key: Key, pooled: IdleH1, limits: &ConnLimits) {
+        if pooled.sender.is_closed() || limits.spent(pooled.uses) {
             return;
         }
-        let mut keys = lock(&self.inner.keys);
-        let idle = &mut keys.entry(key).or_default().idle_h1;
-        if idle.len() < self.inner.max_idle_per_endpoint {
-            idle.push(sender);
+        let (id, uses) = (pooled.id, pooled.uses);
+        {
+            let mut keys = lock(&self.inner.keys);
+            let idle = &mut keys.entry(key).or_default().idle_h1;
+            if idle.len() >= self.inner.max_idle_per_endpoint {
+                return;
+            }
+            idle.push(pooled);
+        }
+        if let Some(after) = limits.idle_timeout {
+            let inner = Arc::downgrade(&self.inner);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                let mut keys = lock(&inner.keys);
+                if let Some(entry) = keys.get_mut(&key) {
+                    // Still idle since then: the same connection with the same count of uses.
+                    let before = entry.idle_h1.len();
+                    entry.idle_h1.retain(|c| !(c.id == id && c.uses == uses));
+                    if entry.idle_h1.len() < before {
+                        tracing::debug!(addr = %key.0, idle = ?after, "closed an idle upstream HTTP/1.1 connection");
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Runs `opening` (a tunnel and an HTTP handshake) within `limit`, if any; running out is a
+/// connect failure.
+async fn within<T>(
+    limit: Option<Duration>,
+    endpoint: &Endpoint,
+    opening: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    match limit {
+        None => opening.await,
+        Some(limit) => {
+            tokio::time::timeout(limit, opening)
+                .await
+                .map_err(|_| UpstreamError::Connect {
+                    endpoint: endpoint.addr,
+                    reason: format!(
+                        "connect timeout ({limit:?}, connectionPool.tcp.connectTimeout)"
+                    ),
+                })?
         }
     }
 }
@@ -431,6 +685,8 @@ fn shape(mut request: Request<RequestBody>, protocol: Protocol) -> Request<Reque
 pub struct UpstreamBody {
     inner: Incoming,
     done: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Keeps the HTTP/2 stream counted as in flight (idle timeout) until the body is dropped.
+    _stream: Option<StreamGuard>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -442,8 +698,16 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, done: Option<tokio::sync::oneshot::Sender<()>>) -> Self {
-        Self { inner, done }
+    fn new(
+        inner: Incoming,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+        stream: Option<StreamGuard>,
+    ) -> Self {
+        Self {
+            inner,
+            done,
+            _stream: stream,
+        }
     }
 }
 

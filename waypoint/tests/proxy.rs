@@ -47,6 +47,10 @@ const ECHO: &str = "demo/echo.demo.svc.cluster.local";
 const FLAKY: &str = "demo/flaky.demo.svc.cluster.local";
 const FLAKY_VIP: Ipv4Addr = Ipv4Addr::new(127, 255, 0, 5);
 const BAD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+/// A pod the waypoint's tunnel never reaches, behind Service `hang`.
+const HANG_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+const HANG_VIP: Ipv4Addr = Ipv4Addr::new(127, 255, 0, 6);
+const HANG: &str = "demo/hang.demo.svc.cluster.local";
 const ECHO_V1: &str = "demo/echo-v1.demo.svc.cluster.local";
 const ECHO_V2: &str = "demo/echo-v2.demo.svc.cluster.local";
 const WAIT: Duration = Duration::from_secs(30);
@@ -61,6 +65,10 @@ impl Dial for PlainDial {
     ) -> Pin<Box<dyn Future<Output = Result<BoxedIo, UpstreamError>> + Send>> {
         let addr = endpoint.addr;
         Box::pin(async move {
+            if addr.ip() == IpAddr::V4(HANG_IP) {
+                // A pod whose tunnel never opens (its node is unreachable).
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            }
             let stream = TcpStream::connect(addr)
                 .await
                 .map_err(|e| UpstreamError::Connect {
@@ -72,28 +80,46 @@ impl Dial for PlainDial {
     }
 }
 
+/// One connection a backend accepted: the requests it carried, and whether it is closed.
+#[derive(Debug, Default)]
+struct Accepted {
+    requests: AtomicUsize,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Every connection a backend accepted, in order.
+type Connections = Arc<std::sync::Mutex<Vec<Arc<Accepted>>>>;
+
 /// An HTTP backend (HTTP/1.1 and h2c) that answers JSON naming itself, with the request it saw;
-/// `/status/<code>` answers that code; it adds `x-backend` to every response.
+/// `/status/<code>` answers that code; it adds `x-backend` to every response. Returns its
+/// address, its request count and the connections it accepted.
 async fn http_backend(
     ip: Ipv4Addr,
     port: u16,
     name: &'static str,
-) -> (SocketAddr, Arc<AtomicUsize>) {
+) -> (SocketAddr, Arc<AtomicUsize>, Connections) {
     let listener = TcpListener::bind((ip, port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
+    let connections = Connections::default();
+    let accepted = connections.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             let counter = counter.clone();
+            let this = Arc::new(Accepted::default());
+            accepted.lock().unwrap().push(this.clone());
             tokio::spawn(async move {
+                let on_conn = this.clone();
                 let service = service_fn(move |mut request: Request<Incoming>| {
                     let counter = counter.clone();
+                    let on_conn = on_conn.clone();
                     async move {
                         counter.fetch_add(1, Ordering::SeqCst);
+                        on_conn.requests.fetch_add(1, Ordering::SeqCst);
                         if name == "bad" && request.headers().contains_key("x-bad-hangs") {
                             tokio::time::sleep(Duration::from_secs(30)).await;
                         }
@@ -160,10 +186,11 @@ async fn http_backend(
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await;
+                this.closed.store(true, Ordering::SeqCst);
             });
         }
     });
-    (addr, hits)
+    (addr, hits, connections)
 }
 
 /// A server-first TCP backend: greets before reading, then echoes one line.
@@ -269,14 +296,15 @@ struct World {
     registry: Registry,
     backend_port: u16,
     v2_hits: Arc<AtomicUsize>,
+    v1_connections: Connections,
     _drain: drain::DrainTrigger,
 }
 
 async fn world() -> World {
     // Two backends on the same port of two loopback addresses, like two pods.
-    let (first, _) = http_backend(V1_IP, 0, "v1").await;
+    let (first, _, v1_connections) = http_backend(V1_IP, 0, "v1").await;
     let backend_port = first.port();
-    let (_, v2_hits) = http_backend(V2_IP, backend_port, "v2").await;
+    let (_, v2_hits, _) = http_backend(V2_IP, backend_port, "v2").await;
     http_backend(BAD_IP, backend_port, "bad").await;
     server_first_backend(V1_IP, backend_port + 1).await;
     server_first_backend(V2_IP, backend_port + 1).await;
@@ -323,7 +351,13 @@ async fn world() -> World {
             ),
             workload("echo-v1", V1_IP, &[ECHO, ECHO_V1, FLAKY]),
             workload("echo-v2", V2_IP, &[ECHO, ECHO_V2, FLAKY]),
+            service(
+                "hang",
+                HANG_VIP,
+                vec![port(80, backend_port, pb::AppProtocol::Http11)],
+            ),
             workload("echo-bad", BAD_IP, &[FLAKY]),
+            workload("echo-hang", HANG_IP, &[HANG]),
             client_workload(),
         ],
         &[],
@@ -337,6 +371,7 @@ async fn world() -> World {
             gateway_class: "istio-waypoint".into(),
             network: String::new(),
             sniff_timeout: Duration::from_millis(200),
+            instance_ip: None,
         },
         state,
         Arc::new(PlainDial),
@@ -360,6 +395,7 @@ async fn world() -> World {
         registry,
         backend_port,
         v2_hits,
+        v1_connections,
         _drain: trigger,
     }
 }
@@ -1181,4 +1217,135 @@ async fn retries_outlier_detection_timeouts_faults_and_pools() {
     assert_eq!(slow.status, 200, "{}", slow.text);
     assert_eq!(quick.status, 503, "{}", quick.text);
     assert_eq!(quick.headers["x-ambit-response-flags"], "UO");
+}
+
+/// The requests each connection the v1 backend accepted since `from` carried, and whether it
+/// is closed.
+fn v1_connections(w: &World, from: usize) -> Vec<(usize, bool)> {
+    w.v1_connections.lock().unwrap()[from..]
+        .iter()
+        .map(|c| {
+            (
+                c.requests.load(Ordering::SeqCst),
+                c.closed.load(Ordering::SeqCst),
+            )
+        })
+        .collect()
+}
+
+fn pool_policy(service: &str, pool: wp::ConnectionPool) -> wp::DestinationPolicy {
+    wp::DestinationPolicy {
+        namespace: "demo".into(),
+        name: "pool".into(),
+        service: service.into(),
+        traffic_policy: Some(wp::TrafficPolicy {
+            connection_pool: Some(pool),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// DestinationRule connectionPool settings that shape upstream connections, seen from the
+/// backend: how many connections it accepted, how many requests each carried, which were closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_pool_connect_timeout_requests_per_connection_and_idle_timeout() {
+    let w = world().await;
+    let to_v1 = [route(vec![wp::Rule {
+        backends: vec![backend(ECHO_V1, 1)],
+        ..Default::default()
+    }])];
+
+    // maxRequestsPerConnection 3, HTTP/1.1 and (h2UpgradePolicy UPGRADE) HTTP/2: nine requests
+    // in a row open at least three connections, none carries more than three.
+    for h2 in [false, true] {
+        w.set_l7(
+            &to_v1,
+            &[],
+            &[pool_policy(
+                ECHO_V1,
+                wp::ConnectionPool {
+                    max_requests_per_connection: 3,
+                    h2_upgrade: h2,
+                    ..Default::default()
+                },
+            )],
+        );
+        let before = w.v1_connections.lock().unwrap().len();
+        for _ in 0..9 {
+            let answer = w.get_path("/", &[]).await;
+            assert_eq!(answer.status, 200, "{}", answer.text);
+            assert_eq!(answer.backend(), "v1");
+            let version = if h2 { "HTTP/2.0" } else { "HTTP/1.1" };
+            assert_eq!(answer.body["version"], version);
+        }
+        let seen = v1_connections(&w, before);
+        assert!(seen.len() >= 3, "h2 {h2}: {seen:?}");
+        assert!(seen.iter().all(|(n, _)| *n <= 3), "h2 {h2}: {seen:?}");
+        assert_eq!(
+            seen.iter().map(|(n, _)| n).sum::<usize>(),
+            9,
+            "h2 {h2}: {seen:?}"
+        );
+        // A connection is retired (closed) once it carried its third request.
+        let retired = ambit_wait(|| {
+            v1_connections(&w, before)
+                .iter()
+                .all(|(n, closed)| *n < 3 || *closed)
+        })
+        .await;
+        assert!(retired.is_ok(), "h2 {h2}: {:?}", v1_connections(&w, before));
+    }
+
+    // idleTimeout: the waypoint closes an upstream connection that carried nothing for that
+    // long (HTTP/1.1 idle in the pool, and an HTTP/2 connection with no stream in flight); the
+    // next request opens a new one.
+    for h2 in [false, true] {
+        w.set_l7(
+            &to_v1,
+            &[],
+            &[pool_policy(
+                ECHO_V1,
+                wp::ConnectionPool {
+                    idle_timeout: seconds(0, 300),
+                    h2_upgrade: h2,
+                    ..Default::default()
+                },
+            )],
+        );
+        assert_eq!(w.get_path("/", &[]).await.status, 200);
+        // Every connection the backend ever accepted ends up closed (the one just used too).
+        let closed = ambit_wait(|| v1_connections(&w, 0).iter().all(|(_, closed)| *closed)).await;
+        assert!(closed.is_ok(), "h2 {h2}: {:?}", v1_connections(&w, 0));
+        let before = w.v1_connections.lock().unwrap().len();
+        assert_eq!(w.get_path("/", &[]).await.status, 200);
+        assert_eq!(v1_connections(&w, before).len(), 1, "h2 {h2}");
+    }
+
+    // connectTimeout: a pod whose tunnel never opens answers 503 UF once the timeout passes
+    // (without it, the request would wait for the pod).
+    w.set_l7(
+        &[],
+        &[],
+        &[pool_policy(
+            HANG,
+            wp::ConnectionPool {
+                connect_timeout: seconds(0, 200),
+                ..Default::default()
+            },
+        )],
+    );
+    let answer = w
+        .get(
+            SocketAddr::new(HANG_VIP.into(), 80),
+            Request::builder()
+                .uri("/")
+                .header("host", "hang.demo.svc.cluster.local")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, 503, "{}", answer.text);
+    assert_eq!(answer.headers["x-ambit-response-flags"], "UF");
+    assert!(answer.text.contains("connect timeout"), "{}", answer.text);
 }

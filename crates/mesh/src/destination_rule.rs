@@ -401,6 +401,17 @@ fn count(n: Option<i64>) -> u32 {
     n.map_or(0, |n| u32::try_from(n.max(0)).unwrap_or(u32::MAX))
 }
 
+/// The `failoverPriority` labels a waypoint can compare endpoints by: the topology the workload
+/// API carries for every pod (region, zone, subzone, node, cluster, network).
+pub const FAILOVER_PRIORITY_LABELS: [&str; 6] = [
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+    "topology.istio.io/subzone",
+    "kubernetes.io/hostname",
+    "topology.istio.io/cluster",
+    "topology.istio.io/network",
+];
+
 fn load_balancer(at: &str, lb: &LoadBalancerSettings, notes: &mut Notes<'_>) -> wp::LoadBalancer {
     use wp::load_balancer::Simple;
     let simple = match lb.simple.as_deref() {
@@ -463,6 +474,20 @@ fn load_balancer(at: &str, lb: &LoadBalancerSettings, notes: &mut Notes<'_>) -> 
         failover_priority: l.failover_priority.clone(),
         enabled: l.enabled.unwrap_or(true),
     });
+    if let Some(l) = &lb.locality_lb_setting {
+        for (i, label) in l.failover_priority.iter().enumerate() {
+            if !FAILOVER_PRIORITY_LABELS.contains(&label.as_str()) {
+                notes.ignored(
+                    &format!("{at}.localityLbSetting.failoverPriority[{i}]"),
+                    &format!(
+                        "{label} is not a topology label the waypoint knows endpoints by ({}); this label and the ones after it",
+                        FAILOVER_PRIORITY_LABELS.join(", ")
+                    ),
+                );
+                break;
+            }
+        }
+    }
     if lb.warmup_duration_secs.is_some() {
         notes.ignored(
             &format!("{at}.warmupDurationSecs"),

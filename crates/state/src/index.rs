@@ -878,11 +878,7 @@ impl StateIndex {
             _ => None,
         };
         let rank = move |w: &Workload| match preferences {
-            Some((lb, src)) => lb
-                .preferences
-                .iter()
-                .take_while(|p| same_scope(**p, src, w))
-                .count(),
+            Some((lb, src)) => shared_scopes(&lb.preferences, src, w),
             None => 0,
         };
         let wanted = match preferences {
@@ -897,6 +893,13 @@ impl StateIndex {
         let best = move |w: &Workload| eligible(w).filter(|_| rank(w) == wanted);
         Some((&endpoints[..], best))
     }
+}
+
+/// How many of `scopes`, taken in order, `a` and `b` share: the rank a Service's routing
+/// preferences give an endpoint relative to its client, and (with region, zone, subzone) the
+/// locality priority a waypoint's DestinationRule `localityLbSetting` gives it.
+pub fn shared_scopes(scopes: &[PreferenceScope], a: &Workload, b: &Workload) -> usize {
+    scopes.iter().take_while(|p| same_scope(**p, a, b)).count()
 }
 
 fn same_scope(scope: PreferenceScope, a: &Workload, b: &Workload) -> bool {

@@ -28,5 +28,5 @@ pub use addresses::{AddressError, Addresses, insert_address};
 pub use index::{
     Address, AppProtocol, GatewayAddress, GatewayDestination, LoadBalancing, LoadBalancingMode,
     Locality, PortMap, PreferenceScope, Protocol, Service, ServicePort, StateError, StateIndex,
-    Workload,
+    Workload, shared_scopes,
 };

@@ -171,7 +171,17 @@ pub async fn run(
         config.instance_ip,
         15008,
     ));
-    let proxy = Proxy::new(
+    let (tracer, exporter) = crate::tracing::Tracer::new(&config.tracing, &metrics);
+    if let Some(exporter) = exporter {
+        tracing::info!(
+            endpoint = ?config.tracing.endpoint,
+            sampling = config.tracing.sampling,
+            service = %config.tracing.service_name,
+            "exporting trace spans over OTLP/HTTP"
+        );
+        control.handle().spawn(exporter.run());
+    }
+    let proxy = Proxy::with_tracer(
         ProxySettings {
             gateway: format!("{}/{}", config.gateway_namespace, config.gateway_name),
             gateway_class: config.gateway_class.clone(),
@@ -182,6 +192,7 @@ pub async fn run(
         state.clone(),
         dial,
         telemetry,
+        tracer,
     );
 
     let (stats, ready_listener, admin_listener) = {
@@ -346,10 +357,7 @@ fn node(config: &Config) -> Node {
         ("GATEWAY_NAMESPACE", string(&config.gateway_namespace)),
     ];
     Node {
-        id: format!(
-            "waypoint~{}~{}.{}~{}.svc.cluster.local",
-            config.instance_ip, config.pod_name, config.pod_namespace, config.pod_namespace
-        ),
+        id: crate::config::node_id(config.instance_ip, &config.pod_name, &config.pod_namespace),
         cluster: config.cluster_id.clone(),
         metadata: Some(prost_types::Struct {
             fields: fields

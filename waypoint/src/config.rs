@@ -61,8 +61,21 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Default log filter.
     pub log_level: String,
+    /// Trace export and sampling ([`crate::tracing`]): `OTEL_EXPORTER_OTLP_ENDPOINT` (base URL,
+    /// `/v1/traces` added) or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (full URL; unset: no
+    /// tracing), `TRACE_SAMPLING` (percent of new traces, default 1), `OTEL_SERVICE_NAME`
+    /// (default `<canonical service>.<namespace>`), with the span attributes Istio's proxies set.
+    pub tracing: crate::tracing::TracingSettings,
     /// The settings as read, for `/config_dump` (secrets masked).
     pub effective: Vec<(String, String)>,
+}
+
+/// Istio's default trace sampling (`meshConfig.defaultConfig.tracing.sampling`), percent.
+pub const DEFAULT_TRACE_SAMPLING: f64 = 1.0;
+
+/// The node id the waypoint introduces itself with (xDS), also its spans' `node_id`.
+pub fn node_id(instance_ip: IpAddr, pod_name: &str, pod_namespace: &str) -> String {
+    format!("waypoint~{instance_ip}~{pod_name}.{pod_namespace}~{pod_namespace}.svc.cluster.local")
 }
 
 const MAX_WORKER_THREADS: usize = 1024;
@@ -118,6 +131,51 @@ pub fn from_env(
     // Like Istio's waypoints (no access log by default), successful requests are not logged
     // unless asked for (`RUST_LOG=info`); failed ones are.
     let log_level = env.string("RUST_LOG", "info,access=warn");
+    let base = env.optional_string("OTEL_EXPORTER_OTLP_ENDPOINT");
+    let traces = env.optional_string("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    let endpoint = match crate::tracing::endpoint(base.as_deref(), traces.as_deref()) {
+        Ok(endpoint) => endpoint,
+        Err(crate::tracing::TracingError::Endpoint {
+            variable,
+            endpoint,
+            reason,
+        }) => {
+            env.invalid(&variable, &endpoint, reason);
+            None
+        }
+    };
+    let sampling = env.parse("TRACE_SAMPLING", DEFAULT_TRACE_SAMPLING);
+    if !(0.0..=100.0).contains(&sampling) {
+        env.invalid(
+            "TRACE_SAMPLING",
+            &sampling.to_string(),
+            "a percentage from 0 to 100",
+        );
+    }
+    let canonical_service = env.string("CANONICAL_SERVICE", &gateway_name);
+    let canonical_revision = env.string("CANONICAL_REVISION", "latest");
+    let mesh_id = env.string("MESH_ID", &trust_domain);
+    let service_name = env.string(
+        "OTEL_SERVICE_NAME",
+        &format!("{canonical_service}.{pod_namespace}"),
+    );
+    let tracing = crate::tracing::TracingSettings {
+        endpoint,
+        sampling,
+        service_name,
+        span_attributes: vec![
+            ("component".into(), "proxy".into()),
+            (
+                "node_id".into(),
+                node_id(instance_ip, &pod_name, &pod_namespace),
+            ),
+            ("istio.canonical_service".into(), canonical_service),
+            ("istio.canonical_revision".into(), canonical_revision),
+            ("istio.mesh_id".into(), mesh_id),
+            ("istio.namespace".into(), pod_namespace.clone()),
+            ("istio.cluster_id".into(), control_cluster_id(&cluster_id)),
+        ],
+    };
     let effective = env.finish()?;
     Ok(Config {
         gateway_name,
@@ -144,8 +202,17 @@ pub fn from_env(
         worker_threads,
         log_format,
         log_level,
+        tracing,
         effective,
     })
+}
+
+fn control_cluster_id(cluster_id: &str) -> String {
+    if cluster_id.is_empty() {
+        "Kubernetes".to_string()
+    } else {
+        cluster_id.to_string()
+    }
 }
 
 fn unspecified() -> SocketAddr {
@@ -177,15 +244,56 @@ mod tests {
     }
 
     #[test]
+    fn tracing_from_the_otel_variables() {
+        let config = read(&[
+            ("POD_NAME", "waypoint-abc"),
+            ("POD_NAMESPACE", "demo"),
+            ("GATEWAY_NAME", "waypoint"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.obs:4318"),
+            ("TRACE_SAMPLING", "25"),
+        ])
+        .unwrap();
+        let t = &config.tracing;
+        assert_eq!(
+            t.endpoint.as_ref().map(|u| u.to_string()).as_deref(),
+            Some("http://collector.obs:4318/v1/traces")
+        );
+        assert_eq!(t.sampling, 25.0);
+        assert_eq!(t.service_name, "waypoint.demo");
+        let attr = |k: &str| {
+            t.span_attributes
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(attr("istio.canonical_service").as_deref(), Some("waypoint"));
+        assert_eq!(attr("istio.namespace").as_deref(), Some("demo"));
+        assert_eq!(attr("istio.mesh_id").as_deref(), Some("cluster.local"));
+        assert_eq!(attr("component").as_deref(), Some("proxy"));
+        // Off unless an endpoint is named; sampling defaults to Istio's 1%.
+        let off = read(&[]).unwrap();
+        assert_eq!(off.tracing.endpoint, None);
+        assert_eq!(off.tracing.sampling, DEFAULT_TRACE_SAMPLING);
+    }
+
+    #[test]
     fn every_bad_value_is_named() {
         let error = read(&[
             ("INSTANCE_IP", "not-an-ip"),
             ("WAYPOINT_WORKER_THREADS", "0"),
             ("HBONE_ADDR", "nowhere"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
+            ("TRACE_SAMPLING", "150"),
         ])
         .unwrap_err()
         .to_string();
-        for name in ["INSTANCE_IP", "WAYPOINT_WORKER_THREADS", "HBONE_ADDR"] {
+        for name in [
+            "INSTANCE_IP",
+            "WAYPOINT_WORKER_THREADS",
+            "HBONE_ADDR",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "TRACE_SAMPLING",
+        ] {
             assert!(error.contains(name), "{name} missing from: {error}");
         }
     }

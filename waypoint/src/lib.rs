@@ -6,7 +6,7 @@
 //! forwarded to that pod under policy only. Undeclared ports are sniffed ([`sniff`]). Requests
 //! are authorized, routed, filtered ([`filters`]) and sent over HBONE to the chosen pod with the
 //! waypoint's own identity ([`upstream`]), all in [`proxy`]; [`telemetry`] counts them with
-//! Istio's metrics and access logs.
+//! Istio's metrics and access logs, and [`tracing`] exports a span per request over OTLP.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -19,5 +19,6 @@ pub mod retry;
 pub mod routes;
 pub mod sniff;
 pub mod telemetry;
+pub mod tracing;
 pub mod traffic;
 pub mod upstream;

@@ -85,6 +85,7 @@ pub struct Proxy {
     dial: Arc<dyn Dial>,
     telemetry: Telemetry,
     traffic: crate::traffic::TrafficState,
+    tracer: crate::tracing::Tracer,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -253,12 +254,29 @@ pub fn port_protocol(service: &Service, port: u16) -> Option<PortProtocol> {
 }
 
 impl Proxy {
-    /// The data path over `state`, dialing backends through `dial`.
+    /// The data path over `state`, dialing backends through `dial`, without tracing.
     pub fn new(
         settings: ProxySettings,
         state: Addresses,
         dial: Arc<dyn Dial>,
         telemetry: Telemetry,
+    ) -> Arc<Self> {
+        Self::with_tracer(
+            settings,
+            state,
+            dial,
+            telemetry,
+            crate::tracing::Tracer::disabled(),
+        )
+    }
+
+    /// The data path, making a trace span per request (and per upstream try) with `tracer`.
+    pub fn with_tracer(
+        settings: ProxySettings,
+        state: Addresses,
+        dial: Arc<dyn Dial>,
+        telemetry: Telemetry,
+        tracer: crate::tracing::Tracer,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
@@ -268,6 +286,7 @@ impl Proxy {
             dial,
             traffic: crate::traffic::TrafficState::new(telemetry.registry().clone()),
             telemetry,
+            tracer,
         })
     }
 
@@ -414,7 +433,8 @@ impl Proxy {
         conn: &Conn,
         mut request: Request<Incoming>,
     ) -> Response<ResponseBody> {
-        ensure_request_ids(request.headers_mut());
+        ensure_request_id(request.headers_mut());
+        let span = self.start_span(conn, &mut request);
         let principal = conn.peer.identity().to_string();
         let initial = self
             .telemetry
@@ -429,12 +449,17 @@ impl Proxy {
         );
         let request_bytes = Arc::new(AtomicU64::new(0));
         let request = request.map(|b| crate::telemetry::counted_request(b, request_bytes.clone()));
-        let mut routed = Routed::default();
+        let mut routed = Routed {
+            trace: span,
+            ..Routed::default()
+        };
+        let mut flags = ResponseFlags::NONE;
         let response = match self.forward(conn, request, &mut routed).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(%error, "request not forwarded");
                 guard.fail(&error);
+                flags |= error.response_flag();
                 error.response()
             }
         };
@@ -452,7 +477,58 @@ impl Proxy {
         if !routed.flags.is_empty() {
             guard.fail_with(routed.flags, "see response_flags");
         }
-        crate::telemetry::finish(guard, request_bytes, response)
+        flags |= routed.flags;
+        let span = routed.trace.take().map(|mut span| {
+            span.set("response_flags", flags.as_label().into_owned());
+            let cluster = routed.cluster.take().unwrap_or_else(|| "-".to_string());
+            span.set("upstream_cluster", cluster.clone());
+            span.set("upstream_cluster.name", cluster);
+            if let Some(upstream) = routed.upstream {
+                span.set("upstream_address", upstream.to_string());
+            }
+            (self.tracer.clone(), span)
+        });
+        crate::telemetry::finish(guard, request_bytes, response, span)
+    }
+
+    /// The request's server span, when it is traced (see [`crate::tracing`]); makes sure the
+    /// request carries a `traceparent` either way.
+    fn start_span(
+        &self,
+        conn: &Conn,
+        request: &mut Request<Incoming>,
+    ) -> Option<crate::tracing::ActiveSpan> {
+        let (target, port) = match &conn.target {
+            Dest::Service { service, port, .. } => (service.hostname.to_string(), *port),
+            Dest::Workload { port, .. } => (conn.dst.ip().to_string(), *port),
+        };
+        let mut span = self
+            .tracer
+            .start(request.headers_mut(), format!("{target}:{port}/*"))?;
+        let headers = request.headers();
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let host = headers
+            .get(HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| request.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| target.clone());
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        span.set("http.url", format!("http://{host}{path}"));
+        span.set("http.method", request.method().as_str());
+        span.set("http.protocol", format!("{:?}", request.version()));
+        span.set("guid:x-request-id", text("x-request-id"));
+        span.set("user_agent", text("user-agent"));
+        span.set("downstream_cluster", "-");
+        span.set("peer.address", conn.src.ip().to_string());
+        span.set("upstream_cluster", "-");
+        Some(span)
     }
 
     async fn forward(
@@ -489,6 +565,7 @@ impl Proxy {
                 let endpoint = workload_endpoint(workload, *port, &[]);
                 meta.destination = Some(workload.clone());
                 meta.upstream = Some(endpoint.addr);
+                meta.cluster = Some(format!("inbound-pod|{port}||{}", endpoint.addr.ip()));
                 let protocol = if is_grpc(&parts.headers) {
                     Protocol::Http2
                 } else {
@@ -769,6 +846,25 @@ impl Proxy {
                     "the request body cannot be sent again".to_string(),
                 ));
             };
+            let cluster = format!(
+                "inbound-vip|{backend_port}|http{}|{}",
+                subset
+                    .as_deref()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default(),
+                backend_service.hostname
+            );
+            // The try's client span; the backend sees it as the parent in `traceparent`.
+            let try_span = meta.trace.as_ref().map(|server| {
+                let mut span =
+                    server.child(format!("router {cluster} egress"), &mut try_parts.headers);
+                span.set("upstream_cluster", cluster.clone());
+                span.set("upstream_address", endpoint.addr.to_string());
+                span.set("http.method", try_parts.method.as_str());
+                span.set_int("retry.attempt", i64::from(tries - 1));
+                span
+            });
+            meta.cluster = Some(cluster);
             let mut all_applied = applied.response.clone();
             all_applied.extend(try_applied.response);
             let result = self
@@ -786,6 +882,20 @@ impl Proxy {
                 Ok(response) => crate::traffic::TryOutcome::Status(response.status().as_u16()),
                 Err(_) => crate::traffic::TryOutcome::LocalFailure,
             };
+            if let Some(mut span) = try_span {
+                let status = match &result {
+                    Ok(response) => response.status().as_u16(),
+                    Err(error) => {
+                        span.set(
+                            "response_flags",
+                            error.response_flag().as_label().into_owned(),
+                        );
+                        span.set("error.message", error.to_string());
+                        0
+                    }
+                };
+                self.tracer.end(span, status);
+            }
             self.traffic.report(
                 &self.state.index(),
                 &backend_service,
@@ -1132,6 +1242,10 @@ struct Routed {
     route: Option<String>,
     /// Flags of what happened on the way (retries exhausted, faults injected).
     flags: ResponseFlags,
+    /// The Envoy-style name of the destination (`inbound-vip|80|http/v1|host`), for traces.
+    cluster: Option<String>,
+    /// The request's server span, when traced: each upstream try is a child of it.
+    trace: Option<crate::tracing::ActiveSpan>,
 }
 
 fn empty_request_body() -> RequestBody {
@@ -1179,6 +1293,19 @@ fn workload_endpoint(workload: &Workload, port: u16, sans: &[Arc<str>]) -> Endpo
 
 /// Adds `x-request-id` and a W3C `traceparent` when the client sent none.
 pub fn ensure_request_ids(headers: &mut HeaderMap) {
+    ensure_request_id(headers);
+    if !headers.contains_key("traceparent") {
+        let mut rng = rand::rng();
+        let trace: u128 = rng.random_range(1..=u128::MAX);
+        let span: u64 = rng.random_range(1..=u64::MAX);
+        if let Ok(v) = HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01")) {
+            headers.insert("traceparent", v);
+        }
+    }
+}
+
+/// Adds `x-request-id` when the client sent none.
+fn ensure_request_id(headers: &mut HeaderMap) {
     let mut rng = rand::rng();
     if !headers.contains_key("x-request-id") {
         let id: u128 = rng.random();
@@ -1193,13 +1320,6 @@ pub fn ensure_request_ids(headers: &mut HeaderMap) {
         );
         if let Ok(v) = HeaderValue::from_str(&text) {
             headers.insert("x-request-id", v);
-        }
-    }
-    if !headers.contains_key("traceparent") {
-        let trace: u128 = rng.random_range(1..=u128::MAX);
-        let span: u64 = rng.random_range(1..=u64::MAX);
-        if let Ok(v) = HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01")) {
-            headers.insert("traceparent", v);
         }
     }
 }

@@ -196,11 +196,13 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 
 /// Hands `response` to the client with `guard` riding on its body: the status is recorded now,
 /// body bytes and the gRPC status as they pass, and the guard records when the body ends or is
-/// dropped. `request_bytes` is the request body's running count.
+/// dropped. `request_bytes` is the request body's running count. A trace `span` ends with the
+/// body too, with the request and response sizes.
 pub fn finish<B>(
     mut guard: RequestGuard,
     request_bytes: Arc<AtomicU64>,
     response: Response<B>,
+    span: Option<(crate::tracing::Tracer, crate::tracing::ActiveSpan)>,
 ) -> Response<crate::proxy::ResponseBody>
 where
     B: Body<Data = Bytes, Error = BoxError> + Send + Sync + Unpin + 'static,
@@ -209,11 +211,14 @@ where
     if let Some(status) = grpc_status(response.headers()) {
         guard.set_grpc_status(status);
     }
+    let status = response.status().as_u16();
     let (parts, body) = response.into_parts();
     let body = Recorded {
         inner: body,
         guard: Some(guard),
         request_bytes,
+        span: span.map(|(tracer, span)| (tracer, span, status)),
+        response_bytes: 0,
     };
     Response::from_parts(parts, body.boxed())
 }
@@ -229,13 +234,27 @@ struct Recorded<B> {
     inner: B,
     guard: Option<RequestGuard>,
     request_bytes: Arc<AtomicU64>,
+    span: Option<(crate::tracing::Tracer, crate::tracing::ActiveSpan, u16)>,
+    response_bytes: u64,
 }
 
 impl<B> Recorded<B> {
     fn record(&mut self) {
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         if let Some(mut guard) = self.guard.take() {
-            guard.add_request_bytes(self.request_bytes.load(Ordering::Relaxed));
+            guard.add_request_bytes(request_bytes);
             drop(guard);
+        }
+        if let Some((tracer, mut span, status)) = self.span.take() {
+            span.set_int(
+                "request_size",
+                i64::try_from(request_bytes).unwrap_or(i64::MAX),
+            );
+            span.set_int(
+                "response_size",
+                i64::try_from(self.response_bytes).unwrap_or(i64::MAX),
+            );
+            tracer.end(span, status);
         }
     }
 }
@@ -257,6 +276,9 @@ impl<B: Body<Data = Bytes, Error = BoxError> + Unpin> Body for Recorded<B> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.response_bytes += data.len() as u64;
+                }
                 if let Some(guard) = self.guard.as_mut() {
                     if let Some(data) = frame.data_ref() {
                         guard.add_response_bytes(data.len() as u64);

@@ -301,6 +301,10 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(waypoint::tracing::Tracer::disabled()).await
+}
+
+async fn world_with(tracer: waypoint::tracing::Tracer) -> World {
     // Two backends on the same port of two loopback addresses, like two pods.
     let (first, _, v1_connections) = http_backend(V1_IP, 0, "v1").await;
     let backend_port = first.port();
@@ -365,7 +369,7 @@ async fn world() -> World {
     assert!(rejected.is_empty(), "{rejected:?}");
 
     let registry = Registry::new();
-    let proxy = Proxy::new(
+    let proxy = Proxy::with_tracer(
         ProxySettings {
             gateway: "demo/waypoint".into(),
             gateway_class: "istio-waypoint".into(),
@@ -376,6 +380,7 @@ async fn world() -> World {
         state,
         Arc::new(PlainDial),
         Telemetry::new(registry.clone()),
+        tracer,
     );
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let waypoint = listener.local_addr().unwrap();
@@ -1348,4 +1353,235 @@ async fn connection_pool_connect_timeout_requests_per_connection_and_idle_timeou
     assert_eq!(answer.status, 503, "{}", answer.text);
     assert_eq!(answer.headers["x-ambit-response-flags"], "UF");
     assert!(answer.text.contains("connect timeout"), "{}", answer.text);
+}
+
+/// A Python with the OpenTelemetry project's protobuf message types (`opentelemetry-proto`
+/// from PyPI), in a venv under the target directory, made the first time.
+fn otlp_python() -> std::path::PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("otlp-venv");
+    let python = venv.join("bin/python");
+    let ready = |python: &std::path::Path| {
+        std::process::Command::new(python)
+            .args([
+                "-c",
+                "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready(&python) {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 runs");
+        assert!(made.success(), "python3 -m venv {}", venv.display());
+        let installed = std::process::Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "opentelemetry-proto==1.45.2",
+            ])
+            .status()
+            .expect("pip runs");
+        assert!(installed.success(), "pip install opentelemetry-proto");
+        assert!(
+            ready(&python),
+            "opentelemetry-proto importable after install"
+        );
+    }
+    python
+}
+
+/// The OTLP receiver: its port, and the spans it decoded so far (one JSON object each).
+struct Receiver {
+    port: u16,
+    spans: Arc<std::sync::Mutex<Vec<Value>>>,
+    child: std::process::Child,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn otlp_receiver() -> Receiver {
+    use std::io::BufRead;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_receiver.py");
+    let mut child = std::process::Command::new(otlp_python())
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the OTLP receiver starts");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines
+        .next()
+        .expect("a first line")
+        .expect("the first line reads");
+    let port: u16 = first
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+    let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = spans.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let value: Value = serde_json::from_str(&line).unwrap_or(json!({"error": line}));
+            sink.lock().unwrap().push(value);
+        }
+    });
+    Receiver { port, spans, child }
+}
+
+/// Issue 13 item 6: spans reach a real OTLP receiver with the incoming trace continued, Istio's
+/// attributes, the status, and a client span per upstream try that the backend sees as parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_receiver_with_the_clients_trace_and_istios_attributes() {
+    let receiver = otlp_receiver();
+    // The waypoint's own configuration path: the OTel variable names the collector; sampling 0
+    // starts no trace of its own, so only the client's sampled traces are recorded.
+    let env: BTreeMap<String, String> = [
+        ("POD_NAME", "waypoint-7d9f".to_string()),
+        ("POD_NAMESPACE", "demo".to_string()),
+        ("GATEWAY_NAME", "waypoint".to_string()),
+        ("INSTANCE_IP", "127.0.0.1".to_string()),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{}", receiver.port),
+        ),
+        ("TRACE_SAMPLING", "0".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = waypoint::config::from_env(&env, &BTreeMap::new()).expect("configuration");
+    let registry = Registry::new();
+    let (tracer, exporter) = waypoint::tracing::Tracer::new(&config.tracing, &registry);
+    tokio::spawn(exporter.expect("an exporter").run());
+    let w = world_with(tracer).await;
+    w.set_routes(
+        &[route(vec![wp::Rule {
+            backends: vec![backend(ECHO_V1, 1)],
+            ..Default::default()
+        }])],
+        &[],
+    );
+
+    const TRACE_A: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const TRACE_B: &str = "0af7651916cd43dd8448eb211c80319c";
+    const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+    // Not sampled here (no traceparent, sampling 0): no span.
+    assert_eq!(w.get_path("/untraced", &[]).await.status, 200);
+    let ok = w
+        .get_path(
+            "/hello?x=1",
+            &[
+                ("traceparent", &format!("00-{TRACE_A}-{CLIENT_SPAN}-01")),
+                ("x-request-id", "req-a"),
+                ("user-agent", "curl/8"),
+            ],
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    // The backend's parent is the waypoint's span, in the client's trace.
+    let seen = ok.body["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(seen.starts_with(&format!("00-{TRACE_A}-")), "{seen}");
+    assert!(
+        seen.ends_with("-01") && !seen.contains(CLIENT_SPAN),
+        "{seen}"
+    );
+    let failed = w
+        .get_path(
+            "/status/503",
+            &[("traceparent", &format!("00-{TRACE_B}-{CLIENT_SPAN}-01"))],
+        )
+        .await;
+    assert_eq!(failed.status, 503);
+
+    // The exporter flushes every second: wait (bounded) for both traces' two spans each.
+    let mut spans = Vec::new();
+    for _ in 0..200 {
+        spans = receiver.spans.lock().unwrap().clone();
+        if spans.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        spans.iter().all(|s| s.get("error").is_none()),
+        "receiver errors: {spans:#?}"
+    );
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let find = |trace: &str, kind: i64| {
+        spans
+            .iter()
+            .find(|s| s["trace_id"] == trace && s["kind"] == kind)
+            .unwrap_or_else(|| panic!("no kind {kind} span in trace {trace}: {spans:#?}"))
+            .clone()
+    };
+    let server = find(TRACE_A, 2);
+    let client = find(TRACE_A, 3);
+    assert_eq!(server["service"], "waypoint.demo");
+    assert_eq!(server["parent_span_id"], CLIENT_SPAN);
+    assert_eq!(server["name"], "echo.demo.svc.cluster.local:80/*");
+    assert_eq!(server["status"], 0, "UNSET for a success");
+    let a = &server["attributes"];
+    for (key, expected) in [
+        ("component", json!("proxy")),
+        ("http.method", json!("GET")),
+        ("http.status_code", json!(200)),
+        (
+            "http.url",
+            json!("http://echo.demo.svc.cluster.local/hello?x=1"),
+        ),
+        ("http.protocol", json!("HTTP/1.1")),
+        ("guid:x-request-id", json!("req-a")),
+        ("user_agent", json!("curl/8")),
+        ("response_flags", json!("-")),
+        (
+            "upstream_cluster",
+            json!("inbound-vip|80|http|echo-v1.demo.svc.cluster.local"),
+        ),
+        ("istio.canonical_service", json!("waypoint")),
+        ("istio.namespace", json!("demo")),
+        ("istio.mesh_id", json!("cluster.local")),
+        (
+            "node_id",
+            json!("waypoint~127.0.0.1~waypoint-7d9f.demo~demo.svc.cluster.local"),
+        ),
+    ] {
+        assert_eq!(a[key], expected, "{key} in {a:#}");
+    }
+    assert!(a["response_size"].as_i64().unwrap() > 0, "{a:#}");
+    // The client span is the server span's child, and the backend's parent.
+    assert_eq!(client["parent_span_id"], server["span_id"]);
+    assert_eq!(
+        seen,
+        format!("00-{TRACE_A}-{}-01", client["span_id"].as_str().unwrap())
+    );
+    assert_eq!(client["attributes"]["http.status_code"], 200);
+    assert_eq!(
+        client["attributes"]["upstream_cluster"],
+        "inbound-vip|80|http|echo-v1.demo.svc.cluster.local"
+    );
+
+    // A 5xx is an error span.
+    let server = find(TRACE_B, 2);
+    assert_eq!(server["attributes"]["http.status_code"], 503);
+    assert_eq!(server["attributes"]["error"], true);
+    assert_eq!(server["status"], 2, "ERROR");
+    assert!(
+        registry
+            .render()
+            .contains("ambit_waypoint_spans_exported_total 4"),
+        "{}",
+        registry.render()
+    );
 }

@@ -1410,7 +1410,11 @@ impl Drop for Receiver {
 
 fn otlp_receiver() -> Receiver {
     use std::io::BufRead;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp_receiver.py");
+    // The lab's collector (ambitctl lab up runs it too).
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ambitctl/src/lab/otlp_collector.py"
+    );
     let mut child = std::process::Command::new(otlp_python())
         .arg(script)
         .stdin(std::process::Stdio::piped())

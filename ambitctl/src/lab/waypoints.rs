@@ -195,9 +195,56 @@ pub(super) struct ControlPlane<'a> {
     pub(super) token: String,
 }
 
+/// Where the lab's trace collector records its OTLP endpoint while it runs, under the lab
+/// directory (written by `lab::tracing`).
+pub(super) const TRACING_ENDPOINT_FILE: &str = "tracing/endpoint";
+
+/// Where the lab's waypoints send trace spans: `AMBIT_LAB_OTLP_ENDPOINT` (an outside collector),
+/// else the lab's own collector while it runs; `None`: no tracing.
+fn otlp_endpoint() -> Option<String> {
+    if let Ok(outside) = std::env::var("AMBIT_LAB_OTLP_ENDPOINT")
+        && !outside.is_empty()
+    {
+        return Some(outside);
+    }
+    std::fs::read_to_string(super::dir().join(TRACING_ENDPOINT_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// The tracing part of a lab waypoint's environment: the collector and the sampling percentage
+/// (`AMBIT_LAB_TRACE_SAMPLING`, default 100: a lab's traffic is small and every trace is wanted;
+/// Istio's and the waypoint's own default is 1).
+fn tracing_environment(endpoint: Option<String>) -> Vec<(&'static str, String)> {
+    match endpoint {
+        Some(endpoint) => vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            (
+                "TRACE_SAMPLING",
+                std::env::var("AMBIT_LAB_TRACE_SAMPLING").unwrap_or_else(|_| "100".into()),
+            ),
+        ],
+        None => Vec::new(),
+    }
+}
+
 /// The `waypoint` binary's environment in the pod of Gateway `<namespace>/<gateway>`, whose
-/// address is `ip` on node `node` (service account: the Gateway's name, as the controller sets).
+/// address is `ip` on node `node` (service account: the Gateway's name, as the controller sets),
+/// with the trace collector when the lab has one.
 pub(super) fn environment(
+    namespace: &str,
+    gateway: &str,
+    ip: IpAddr,
+    node: &str,
+    control: &ControlPlane<'_>,
+) -> Vec<(&'static str, String)> {
+    let mut env = base_environment(namespace, gateway, ip, node, control);
+    env.extend(tracing_environment(otlp_endpoint()));
+    env
+}
+
+fn base_environment(
     namespace: &str,
     gateway: &str,
     ip: IpAddr,
@@ -337,6 +384,19 @@ mod tests {
         // Applying the same Gateway again adds nothing twice.
         expand(&mut objects, 1, OWNER).unwrap();
         assert_eq!(objects.len(), 4);
+    }
+
+    #[test]
+    fn a_collector_gets_every_trace_unless_told_otherwise() {
+        let env: BTreeMap<&str, String> =
+            tracing_environment(Some("http://10.240.0.1:4318".into()))
+                .into_iter()
+                .collect();
+        assert_eq!(env["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://10.240.0.1:4318");
+        if std::env::var("AMBIT_LAB_TRACE_SAMPLING").is_err() {
+            assert_eq!(env["TRACE_SAMPLING"], "100");
+        }
+        assert!(tracing_environment(None).is_empty());
     }
 
     #[test]

@@ -152,6 +152,9 @@ where
     counted(copy, &counters, Direction::SocketIsUpstream, conn, forced).await
 }
 
+/// How often a running connection's bytes are reported to its guard (metrics, live table).
+const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Which side of the copy the counters' `a` is.
 #[derive(Clone, Copy)]
 enum Direction {
@@ -182,8 +185,14 @@ async fn counted(
     };
     tokio::pin!(copy);
     tokio::pin!(forced);
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    tick.tick().await;
+    // The first report is due one period from now. `interval`'s immediate first tick is not
+    // immediate: its deadline is rounded up to the timer's next millisecond, so awaiting it held
+    // every new connection's first bytes for up to a millisecond (most of the mesh's per-connection
+    // latency under connection churn).
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + REPORT_INTERVAL,
+        REPORT_INTERVAL,
+    );
     let result = loop {
         tokio::select! {
             result = &mut copy => break result,

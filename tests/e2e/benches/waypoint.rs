@@ -11,6 +11,9 @@
 //! | `plain/server` | 2 | no | the echo workload for direct and HAProxy |
 //! | `plain/haproxy` | 1 | no | HAProxy in the waypoint's hop position |
 //!
+//! | `bench/pool-1`, `bench/pool-2` | 2 | yes | echo workloads behind Service `echo-flaky` |
+//! | `bench/pool-bad` | 2 | yes | behind `echo-flaky` too, answers every request 503 |
+//!
 //! Paths, each under every load in the same run: **direct** (`plain/client` to `plain/server`'s
 //! IP), **L4 mesh** (`bench/client` to Service `echo-l4`: ztunnel to ztunnel over HBONE),
 //! **waypoint** (`bench/client` to Service `echo-waypoint`, bound to the waypoint: ztunnel, HBONE
@@ -26,6 +29,12 @@
 //! The HTTP request's path is padded so the echo's answer is 1024 bytes on the direct path (the
 //! echo's JSON repeats the path; the waypoint adds `x-request-id` and `traceparent`, which the echo
 //! repeats too, so its answers are a little longer; the sizes are printed).
+//!
+//! Two more waypoint paths measure what retries cost (issue 13): **waypoint, retries** (Service
+//! `echo-retry`, the same server, with a VirtualService route of three retries on `5xx` and a
+//! 2 s per-try timeout that no request triggers) and **waypoint, 1 of 3 failing** (Service
+//! `echo-flaky`, three pods of which one answers 503, with the same retries). They run the HTTP/1.1
+//! loads (not gRPC), next to the plain waypoint path, and a table compares them with it.
 //!
 //! It prints a Markdown table of every load on every path (rate, p50, p99, rate against direct,
 //! p50 added over the L4 mesh), the CPU (user + system from `/proc/<pid>/stat`) the waypoint and
@@ -123,6 +132,56 @@ metadata: {name: waypoint, namespace: bench, annotations: {ambit.dev/lab-node: n
 spec:
   gatewayClassName: istio-waypoint
   listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pool-1, namespace: bench, labels: {app: pool}}
+spec: {nodeName: node-2, serviceAccountName: server}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pool-2, namespace: bench, labels: {app: pool}}
+spec: {nodeName: node-2, serviceAccountName: server}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pool-bad, namespace: bench, labels: {app: pool}}
+spec:
+  nodeName: node-2
+  serviceAccountName: server
+  containers: [{name: app, env: [{name: ECHO_STATUS, value: "503"}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-retry, namespace: bench, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-flaky, namespace: bench, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  selector: {app: pool}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-retry, namespace: bench}
+spec:
+  hosts: [echo-retry]
+  http:
+  - route: [{destination: {host: echo-retry}}]
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-flaky, namespace: bench}
+spec:
+  hosts: [echo-flaky]
+  http:
+  - route: [{destination: {host: echo-flaky}}]
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx}
 "#;
 
 /// Runs `ambitctl` against the benchmark's lab.
@@ -369,17 +428,28 @@ backend middle_grpc
     )
 }
 
-/// The four paths every load runs on.
+/// The paths the loads run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hop {
     Direct,
     Mesh,
     Waypoint,
     Haproxy,
+    /// The waypoint with a retry-enabled route that no request triggers.
+    WaypointRetry,
+    /// The waypoint with retries, one of three pods answering 503.
+    WaypointFlaky,
 }
 
 impl Hop {
-    const ALL: [Hop; 4] = [Hop::Direct, Hop::Mesh, Hop::Waypoint, Hop::Haproxy];
+    const ALL: [Hop; 6] = [
+        Hop::Direct,
+        Hop::Mesh,
+        Hop::Waypoint,
+        Hop::Haproxy,
+        Hop::WaypointRetry,
+        Hop::WaypointFlaky,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -387,6 +457,24 @@ impl Hop {
             Hop::Mesh => "L4 mesh",
             Hop::Waypoint => "waypoint",
             Hop::Haproxy => "HAProxy",
+            Hop::WaypointRetry => "waypoint, retries",
+            Hop::WaypointFlaky => "waypoint, retries, 1 of 3 pods 503",
+        }
+    }
+
+    /// Whether requests on this path go through the waypoint.
+    fn via_waypoint(self) -> bool {
+        matches!(
+            self,
+            Hop::Waypoint | Hop::WaypointRetry | Hop::WaypointFlaky
+        )
+    }
+
+    /// Whether `load` runs on this path (the retry variants run the HTTP/1.1 loads).
+    fn runs(self, load: Load) -> bool {
+        match self {
+            Hop::WaypointRetry | Hop::WaypointFlaky => !matches!(load, Load::Grpc(_)),
+            _ => true,
         }
     }
 }
@@ -437,6 +525,8 @@ struct Measured {
     per_second: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Answers other than 2xx (only the path with a failing pod may have any).
+    failed: u64,
 }
 
 /// Parses a wrk duration (`850.00us`, `1.23ms`, `2.00s`) into microseconds.
@@ -455,8 +545,9 @@ fn wrk_micros(value: &str) -> Option<f64> {
     Some(number.parse::<f64>().ok()? * scale)
 }
 
-/// Reads wrk's `--latency` report; every request must have been answered 2xx.
-fn parse_wrk(out: &str) -> Measured {
+/// Reads wrk's `--latency` report; every request must have been answered 2xx unless
+/// `may_fail`, when the count of other answers is kept.
+fn parse_wrk(out: &str, may_fail: bool) -> Measured {
     let mut m = Measured::default();
     for line in out.lines().map(str::trim) {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -465,6 +556,9 @@ fn parse_wrk(out: &str) -> Measured {
             ["99%", v] => m.p99_us = wrk_micros(v).unwrap_or(0.0),
             ["Requests/sec:", v] => m.per_second = v.parse().unwrap_or(0.0),
             [n, "requests", "in", ..] => m.requests = n.parse().unwrap_or(0),
+            ["Non-2xx", "or", "3xx", "responses:", n] if may_fail => {
+                m.failed = n.parse().unwrap_or(0)
+            }
             ["Non-2xx", ..] => panic!("wrk saw failed requests:\n{out}"),
             _ => {}
         }
@@ -535,8 +629,16 @@ fn parse_h2load(out: &str, log: &Path) -> Measured {
     m
 }
 
-/// Runs one load for `seconds` from `target`'s pod.
-fn run_load(target: &Target, load: Load, seconds: u64, padded_path: &str, dir: &Path) -> Measured {
+/// Runs one load for `seconds` from `target`'s pod; non-2xx answers fail the run unless
+/// `may_fail`, when they are counted.
+fn run_load_on(
+    target: &Target,
+    load: Load,
+    seconds: u64,
+    padded_path: &str,
+    dir: &Path,
+    may_fail: bool,
+) -> Measured {
     let limit = Duration::from_secs(seconds + 30);
     match load {
         Load::Http(connections) | Load::Close(connections) => {
@@ -550,7 +652,7 @@ fn run_load(target: &Target, load: Load, seconds: u64, padded_path: &str, dir: &
             args.push(&url);
             let (code, out, err) = netns_run(&target.netns, limit, "wrk", &args);
             assert_eq!(code, 0, "wrk to {url} failed: {out}{err}");
-            parse_wrk(&out)
+            parse_wrk(&out, may_fail)
         }
         Load::Grpc(streams) => {
             let url = format!("{}{GRPC_PATH}", target.grpc);
@@ -774,11 +876,12 @@ fn main() {
                         grpc: base,
                     }
                 }
-                Hop::Mesh | Hop::Waypoint => {
-                    let service = if *hop == Hop::Mesh {
-                        "bench/echo-l4"
-                    } else {
-                        "bench/echo-waypoint"
+                Hop::Mesh | Hop::Waypoint | Hop::WaypointRetry | Hop::WaypointFlaky => {
+                    let service = match hop {
+                        Hop::Mesh => "bench/echo-l4",
+                        Hop::WaypointRetry => "bench/echo-retry",
+                        Hop::WaypointFlaky => "bench/echo-flaky",
+                        _ => "bench/echo-waypoint",
                     };
                     let base = format!("http://{}:80", lab.vip(service));
                     Target {
@@ -822,6 +925,10 @@ fn main() {
         assert_eq!(status, 200, "{}: {url}", hop.name());
         let (status, _) = http_check(&target.netns, &url, &["Connection: close"]);
         assert_eq!(status, 200, "{}: {url} with Connection: close", hop.name());
+        sizes.insert(hop.name(), size);
+        if !hop.runs(Load::Grpc(1)) {
+            continue;
+        }
         let answer = grpc_check(&target.netns, &target.grpc, &message);
         let text = String::from_utf8_lossy(&answer);
         assert!(
@@ -830,14 +937,32 @@ fn main() {
             hop.name(),
             target.grpc
         );
-        sizes.insert(hop.name(), size);
     }
+    // The failing pod answers 503 (so the flaky path's 200s above came through retries).
+    let bad = lab.pod("bench/pool-bad");
+    let (status, _) = http_check(
+        &lab.pod("plain/client").netns,
+        &format!("http://{}:{ECHO_PORT}{padded_path}", bad.ip),
+        &[],
+    );
+    assert!(
+        status == 503 || status == 0,
+        "bench/pool-bad answers {status}, not 503"
+    );
     assert_eq!(sizes[Hop::Direct.name()], BODY_BYTES);
 
     // Warm every path's connections and pools once (not measured).
     if full {
         for hop in Hop::ALL {
-            run_load(&targets[hop.name()], Load::Http(16), 1, &padded_path, dir);
+            let may_fail = hop == Hop::WaypointFlaky;
+            run_load_on(
+                &targets[hop.name()],
+                Load::Http(16),
+                1,
+                &padded_path,
+                dir,
+                may_fail,
+            );
         }
     }
     let rss_before = (
@@ -847,21 +972,28 @@ fn main() {
 
     let mut results: Vec<(Load, Hop, Measured, Duration)> = Vec::new();
     for &load in &loads {
-        for hop in Hop::ALL {
+        for hop in Hop::ALL.into_iter().filter(|h| h.runs(load)) {
             let pid = match hop {
-                Hop::Waypoint => Some(waypoint_pid),
                 Hop::Haproxy => Some(middle_haproxy.pid()),
+                h if h.via_waypoint() => Some(waypoint_pid),
                 _ => None,
             };
             let waypoint_before = waypoint_requests(&waypoint_pod);
             let cpu_before = pid.map(cpu_time).unwrap_or_default();
-            let measured = run_load(&targets[hop.name()], load, seconds, &padded_path, dir);
+            let measured = run_load_on(
+                &targets[hop.name()],
+                load,
+                seconds,
+                &padded_path,
+                dir,
+                hop == Hop::WaypointFlaky,
+            );
             let cpu = pid
                 .map(cpu_time)
                 .unwrap_or_default()
                 .saturating_sub(cpu_before);
-            // The waypoint path really went through the waypoint; the others never did.
-            if hop == Hop::Waypoint {
+            // The waypoint paths really went through the waypoint; the others never did.
+            if hop.via_waypoint() {
                 let what = format!(
                     "the waypoint to count the {} requests of {}",
                     measured.requests,
@@ -906,8 +1038,8 @@ fn main() {
                 continue;
             };
             let added = match hop {
-                Hop::Waypoint | Hop::Haproxy => format!("{:+.0} µs", m.p50_us - mesh.p50_us),
-                _ => "".into(),
+                Hop::Direct | Hop::Mesh => "".into(),
+                _ => format!("{:+.0} µs", m.p50_us - mesh.p50_us),
             };
             println!(
                 "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.2} | {added} |",
@@ -943,6 +1075,7 @@ fn main() {
             );
         }
     }
+    retry_table(&loads, &find);
     let rss_after = (
         memory_kib(waypoint_pid, "VmRSS"),
         memory_kib(waypoint_pid, "VmHWM"),
@@ -999,5 +1132,38 @@ fn main() {
             load.describe(),
             verdict(w_added <= h_added)
         );
+    }
+}
+
+/// What a retry-enabled route costs on the waypoint against the plain route, per HTTP/1.1 load:
+/// rate, latency and the waypoint's CPU per request, and the share answered 2xx.
+fn retry_table(loads: &[Load], find: &dyn Fn(Load, Hop) -> Option<(Measured, Duration)>) {
+    println!(
+        "\nRetries on the waypoint (same run; ratios against the plain waypoint route):\n\n| load | route | req/s | p50 | p99 | waypoint CPU per 1,000 requests | req/s / plain | CPU per request / plain | answered 2xx |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let cost = |(m, cpu): (Measured, Duration)| cpu.as_secs_f64() / m.requests.max(1) as f64 * 1e6;
+    for &load in loads {
+        let Some(plain) = find(load, Hop::Waypoint) else {
+            continue;
+        };
+        for hop in [Hop::Waypoint, Hop::WaypointRetry, Hop::WaypointFlaky] {
+            let Some(run) = find(load, hop) else {
+                continue;
+            };
+            let (m, _) = run;
+            let ok = (m.requests - m.failed.min(m.requests)) as f64 / m.requests.max(1) as f64;
+            println!(
+                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} ms | {:.2} | {:.2} | {:.2} % |",
+                load.describe(),
+                hop.name(),
+                m.per_second,
+                m.p50_us,
+                m.p99_us,
+                cost(run),
+                m.per_second / plain.0.per_second.max(f64::MIN_POSITIVE),
+                cost(run) / cost(plain).max(f64::MIN_POSITIVE),
+                ok * 100.0
+            );
+        }
     }
 }

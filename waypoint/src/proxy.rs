@@ -720,6 +720,7 @@ impl Proxy {
         let local = self.own_workload();
         let attempts = retry.as_ref().map_or(0, |r| r.attempts);
         let mut previous: Option<Arc<str>> = None;
+        let mut retry_slot: Option<crate::traffic::InFlight> = None;
         let mut tries = 0u32;
         loop {
             tries += 1;
@@ -878,6 +879,8 @@ impl Proxy {
                     Some(&policy.pool.connections),
                 )
                 .await;
+            // A retry's slot in the budget is held until its try has ended.
+            drop(retry_slot.take());
             let outcome = match &result {
                 Ok(response) => crate::traffic::TryOutcome::Status(response.status().as_u16()),
                 Err(_) => crate::traffic::TryOutcome::LocalFailure,
@@ -930,10 +933,12 @@ impl Proxy {
                 }
                 return result;
             }
-            let Some(_retry_slot) = self.traffic.admit_retry(&destination, &policy.pool) else {
+            let Some(slot) = self.traffic.admit_retry(&destination, &policy.pool) else {
                 meta.flags |= ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
                 return result;
             };
+            // The retry counts against the budget until its try has ended.
+            retry_slot = Some(slot);
             previous = meta.destination.as_ref().map(|w| w.uid.clone());
             tokio::time::sleep(retry.backoff(tries)).await;
         }

@@ -738,3 +738,64 @@ pub(crate) fn destination_policy(
         subsets,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::parse_documents;
+    use crate::translate::{Cluster, MeshSettings, translate};
+
+    #[test]
+    fn failover_priority_labels_the_waypoint_cannot_compare_are_reported() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+status: {addresses: [{type: Hostname, value: wp.shop.svc.cluster.local}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.1.2, selector: {app: cart}, ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cart, namespace: shop}
+spec:
+  host: cart
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3}
+    loadBalancer:
+      localityLbSetting:
+        failoverPriority: [topology.kubernetes.io/region, example.com/rack, topology.kubernetes.io/zone]
+"#;
+        let (objects, errors) = parse_documents(text, "test.yaml");
+        assert!(errors.is_empty(), "{errors:?}");
+        let r = translate(&Cluster::from_objects(objects), &MeshSettings::default());
+        assert_eq!(
+            r.warnings.len(),
+            1,
+            "only the unknown label is reported: {:?}",
+            r.warnings
+        );
+        let warning = &r.warnings[0];
+        assert!(
+            warning
+                .contains("spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[1]")
+                && warning.contains("example.com/rack"),
+            "{warning}"
+        );
+        // The labels are still sent: the waypoint stops at the first it cannot compare.
+        let lb = r.destination_policies["shop/cart"]
+            .traffic_policy
+            .as_ref()
+            .and_then(|t| t.load_balancer.as_ref())
+            .and_then(|l| l.locality.as_ref())
+            .expect("locality");
+        assert_eq!(lb.failover_priority.len(), 3);
+    }
+}

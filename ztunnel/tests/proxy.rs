@@ -145,7 +145,20 @@ impl Mesh {
     /// Makes a connection from `src` that the outbound proxy of `pod` handles as if redirected
     /// from `dst`; returns the application's side of it.
     async fn call_outbound(&self, pod: &RunningPod, src: IpAddr, dst: SocketAddr) -> TcpStream {
-        let (client, accepted, peer) = self.pair(src).await;
+        self.call_outbound_sending(pod, src, dst, b"").await
+    }
+
+    /// [`call_outbound`](Self::call_outbound) with `first` already sent by the client when the
+    /// proxy takes the connection, so it is read before the tunnel is answered.
+    async fn call_outbound_sending(
+        &self,
+        pod: &RunningPod,
+        src: IpAddr,
+        dst: SocketAddr,
+        first: &[u8],
+    ) -> TcpStream {
+        let (mut client, accepted, peer) = self.pair(src).await;
+        client.write_all(first).await.unwrap();
         let inputs = self.inputs.clone();
         let context = pod.context.clone();
         let (_trigger, watcher) = drain::new();
@@ -375,6 +388,99 @@ async fn allow_policy_admits_its_principal_and_refuses_others_with_deny() {
         assert!(tokio::time::Instant::now() < deadline, "{denied:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until both reporters counted a closed connection; returns the metric's lines.
+async fn wait_for_both_closed(mesh: &Mesh) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let closed = mesh.metric_lines("istio_tcp_connections_closed_total");
+        if closed.len() >= 2 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{closed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn bytes_the_client_sent_before_the_tunnel_opened_arrive_once_and_are_counted() {
+    let (mesh, client, _other, _echo, vip) = demo().await;
+    // Sent before the outbound proxy reads anything: they go with the CONNECT, ahead of the 200.
+    let mut conn = mesh
+        .call_outbound_sending(&client, mesh.ip(2), vip, b"ping\n")
+        .await;
+    assert_eq!(
+        read_line(&mut conn).await,
+        format!("echo-1 saw {}", mesh.ip(2))
+    );
+    assert_eq!(read_line(&mut conn).await, "ping");
+    conn.write_all(b"pong\n").await.unwrap();
+    assert_eq!(read_line(&mut conn).await, "pong");
+    conn.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    timeout(WAIT, conn.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty(), "nothing echoed twice: {rest:?}");
+    drop(conn);
+
+    wait_for_both_closed(&mesh).await;
+    // Both reporters count the early bytes with the rest: 10 bytes from the client.
+    let received = mesh.metric_lines("istio_tcp_received_bytes_total");
+    assert_eq!(received.len(), 2, "{received:?}");
+    assert!(received.iter().all(|l| l.ends_with(" 10")), "{received:?}");
+    let closed = mesh.metric_lines("istio_tcp_connections_closed_total");
+    assert!(
+        closed.iter().all(|l| l.contains("response_flags=\"-\"")),
+        "{closed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_tunnel_closes_a_client_that_already_sent_bytes_and_counts_deny() {
+    let (mesh, _client, other, _echo, vip) = demo().await;
+    // Nobody may call echo: its ztunnel answers 401 after the client's bytes were sent.
+    mesh.policy(sec::Authorization {
+        name: "echo-deny-all".into(),
+        namespace: "demo".into(),
+        scope: sec::Scope::Namespace as i32,
+        action: sec::Action::Deny as i32,
+        rules: vec![sec::Rule::default()],
+        ..Default::default()
+    });
+    let mut refused = mesh
+        .call_outbound_sending(&other, mesh.ip(4), vip, b"GET / HTTP/1.1\r\n\r\n")
+        .await;
+    assert_eq!(
+        read_line(&mut refused).await,
+        "",
+        "refused connection is closed without data"
+    );
+
+    wait_for_both_closed(&mesh).await;
+    let failed = mesh.metric_lines("istio_tcp_connections_failed_total");
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    for reporter in ["source", "destination"] {
+        assert!(
+            failed
+                .iter()
+                .any(|l| l.contains(&format!("reporter=\"{reporter}\""))
+                    && l.contains("response_flags=\"DENY\"")
+                    && l.ends_with(" 1")),
+            "{reporter}: {failed:?}"
+        );
+    }
+    // Nothing reached the application, so the destination received nothing.
+    let received = mesh.metric_lines("istio_tcp_received_bytes_total");
+    assert!(
+        received
+            .iter()
+            .filter(|l| l.contains("reporter=\"destination\""))
+            .all(|l| l.ends_with(" 0")),
+        "{received:?}"
+    );
 }
 
 #[tokio::test]

@@ -25,6 +25,15 @@ impl ByteCounters {
         Self::default()
     }
 
+    /// Counters that start from bytes already moved before the copy began (for example the
+    /// client's first bytes, sent with the CONNECT).
+    pub fn starting_at(a_to_b: u64, b_to_a: u64) -> Self {
+        Self {
+            a_to_b: AtomicU64::new(a_to_b),
+            b_to_a: AtomicU64::new(b_to_a),
+        }
+    }
+
     /// Bytes read from `a` and written to `b` so far.
     pub fn a_to_b(&self) -> u64 {
         self.a_to_b.load(Ordering::Relaxed)

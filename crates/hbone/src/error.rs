@@ -58,6 +58,16 @@ pub enum HboneError {
         #[source]
         source: h2::Error,
     },
+    /// Reading the client's first bytes, to send with the CONNECT before its answer, failed (the
+    /// client reset or broke its connection while the tunnel was opening).
+    #[error("reading the client's bytes to send with CONNECT {authority} failed: {source}")]
+    EarlyData {
+        /// The target the tunnel was for.
+        authority: String,
+        /// The read error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The server answered the CONNECT with a status other than 200.
     #[error("HBONE server answered {} to CONNECT ({})", .0, status_hint(*.0))]
     Status(StatusCode),

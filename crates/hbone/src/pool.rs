@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use ambit_identity::Identity;
 use ambit_identity::tls::VerifiedPeer;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use h2::client::SendRequest;
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -244,18 +245,63 @@ impl Pool {
         key: PoolKey,
         request: ConnectRequest,
     ) -> Result<HboneStream, HboneError> {
-        let http_request = connect_request(&request)?;
+        let mut nothing = EarlyData::new(None::<&mut tokio::io::Empty>, 0);
+        self.open(key, &request, &mut nothing).await
+    }
+
+    /// [`connect`](Self::connect), sending the client's first bytes without waiting for the
+    /// server's answer: while the CONNECT is unanswered, whatever `client` has sent (up to `limit`
+    /// bytes) goes out as DATA right after the request, so the server can hand it to the target as
+    /// soon as it has connected instead of after one more round trip (HTTP/2 lets a client send a
+    /// request body before the response). Returns the tunnel and how many bytes were already sent
+    /// through it; the rest of `client`'s bytes are the caller's to copy.
+    ///
+    /// If the server refuses the CONNECT, the bytes sent are discarded with the stream and the
+    /// status is the error, as with `connect`. If a reused connection refuses the stream unread
+    /// (it was closing), the tunnel is opened on another connection and the same bytes are sent
+    /// again, once. A failed read from `client` is [`HboneError::EarlyData`].
+    pub async fn connect_with_early_data<R>(
+        &self,
+        key: PoolKey,
+        request: ConnectRequest,
+        client: &mut R,
+        limit: usize,
+    ) -> Result<(HboneStream, u64), HboneError>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let mut early = EarlyData::new(Some(client), limit);
+        let stream = self.open(key, &request, &mut early).await?;
+        Ok((stream, early.total as u64))
+    }
+
+    async fn open<R>(
+        &self,
+        key: PoolKey,
+        request: &ConnectRequest,
+        early: &mut EarlyData<'_, R>,
+    ) -> Result<HboneStream, HboneError>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let http_request = connect_request(request)?;
         let checkout = self.checkout(&key).await?;
         let reused = checkout.reused;
-        match open_stream(checkout, http_request, &request.authority).await {
+        match open_stream(checkout, http_request, &request.authority, early).await {
             Err(OpenError::Refused(error)) if reused => {
                 // A reused connection may have been closing (GOAWAY) as we picked it; the server
-                // did not process the stream, so one retry on another connection is safe.
+                // did not process the stream, so one retry on another connection is safe (with the
+                // same early bytes: the refused stream delivered none of them).
                 debug!(%error, dst = %key.dst, "pooled connection refused a new stream; retrying");
                 let checkout = self.checkout(&key).await?;
-                open_stream(checkout, connect_request(&request)?, &request.authority)
-                    .await
-                    .map_err(OpenError::into_error)
+                open_stream(
+                    checkout,
+                    connect_request(request)?,
+                    &request.authority,
+                    early,
+                )
+                .await
+                .map_err(OpenError::into_error)
             }
             result => result.map_err(OpenError::into_error),
         }
@@ -464,10 +510,62 @@ impl OpenError {
     }
 }
 
-async fn open_stream(
+/// The client's first bytes, read and sent while a CONNECT waits for its answer.
+struct EarlyData<'a, R> {
+    /// Where they come from; `None` once it reached EOF (or for a plain `connect`).
+    client: Option<&'a mut R>,
+    limit: usize,
+    buffer: BytesMut,
+    /// Everything sent so far (shared with h2, not copied), to send again on a retry.
+    sent: Vec<Bytes>,
+    total: usize,
+}
+
+/// Bytes read from the client per early read.
+const EARLY_READ: usize = 4096;
+
+impl<'a, R: AsyncRead + Unpin> EarlyData<'a, R> {
+    fn new(client: Option<&'a mut R>, limit: usize) -> Self {
+        Self {
+            client,
+            limit,
+            buffer: BytesMut::new(),
+            sent: Vec::new(),
+            total: 0,
+        }
+    }
+
+    fn wants_more(&self) -> bool {
+        self.client.is_some() && self.total < self.limit
+    }
+
+    /// The next bytes the client sent; `None` at its EOF (reading stops there: the copy that
+    /// follows sees the EOF again). Cancel safe: nothing is read unless it completes.
+    async fn read(&mut self) -> std::io::Result<Option<Bytes>> {
+        let Some(client) = self.client.as_mut() else {
+            return std::future::pending().await;
+        };
+        let room = self.limit.saturating_sub(self.total).min(EARLY_READ);
+        if self.buffer.capacity() < room {
+            self.buffer.reserve(EARLY_READ);
+        }
+        let read = client.read_buf(&mut (&mut self.buffer).limit(room)).await?;
+        if read == 0 {
+            self.client = None;
+            return Ok(None);
+        }
+        let chunk = self.buffer.split().freeze();
+        self.total += read;
+        self.sent.push(chunk.clone());
+        Ok(Some(chunk))
+    }
+}
+
+async fn open_stream<R: AsyncRead + Unpin>(
     checkout: Checkout,
     request: http::Request<()>,
     authority: &str,
+    early: &mut EarlyData<'_, R>,
 ) -> Result<HboneStream, OpenError> {
     let Checkout {
         connection, slot, ..
@@ -487,8 +585,32 @@ async fn open_stream(
         .ready()
         .await
         .map_err(refused)?;
-    let (response, send) = sender.send_request(request, false).map_err(refused)?;
-    let response = response.await.map_err(|source| {
+    let (response, mut send) = sender.send_request(request, false).map_err(refused)?;
+    // Bytes already sent on a stream the server refused unread go again, in order.
+    let mut send_failed = early
+        .sent
+        .iter()
+        .find_map(|chunk| send.send_data(chunk.clone(), false).err());
+    tokio::pin!(response);
+    let response = loop {
+        tokio::select! {
+            biased;
+            response = &mut response => break response,
+            read = early.read(), if send_failed.is_none() && early.wants_more() => match read {
+                // h2 buffers DATA beyond the window and sends it after the HEADERS as the
+                // peer's windows allow.
+                Ok(Some(chunk)) => send_failed = send.send_data(chunk, false).err(),
+                Ok(None) => {}
+                Err(source) => {
+                    return Err(OpenError::Other(HboneError::EarlyData {
+                        authority: authority.to_owned(),
+                        source,
+                    }));
+                }
+            },
+        }
+    };
+    let response = response.map_err(|source| {
         if source.reason() == Some(h2::Reason::REFUSED_STREAM) {
             refused(source)
         } else {
@@ -497,6 +619,10 @@ async fn open_stream(
     })?;
     if response.status() != StatusCode::OK {
         return Err(OpenError::Other(HboneError::Status(response.status())));
+    }
+    if let Some(source) = send_failed {
+        // Accepted, but part of what the client sent could not follow: the stream is broken.
+        return Err(OpenError::Other(request_error(source)));
     }
     let (parts, recv) = response.into_parts();
     Ok(HboneStream::new(

@@ -121,17 +121,19 @@ where
 }
 
 /// [`copy_counted`] for a client socket and an HBONE tunnel to the server side, handing bytes to
-/// HTTP/2 without copying them.
+/// HTTP/2 without copying them. `early` bytes of the client's were already sent through the
+/// tunnel with its CONNECT; they count as sent.
 pub async fn copy_counted_to_tunnel<D>(
     downstream: D,
     tunnel: HboneStream,
+    early: u64,
     conn: &mut ConnectionGuard,
     forced: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()>
 where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let counters = Arc::new(ByteCounters::new());
+    let counters = Arc::new(ByteCounters::starting_at(early, 0));
     let copy = ambit_hbone::copy::copy_with_tunnel(downstream, tunnel, &counters);
     counted(copy, &counters, Direction::SocketIsDownstream, conn, forced).await
 }

@@ -22,6 +22,10 @@ use super::{PodContext, ProxyInputs, accept_loop};
 
 pub use ambit_state::route::{Route, RouteError, route};
 
+/// The most of the client's bytes sent with a CONNECT before the destination answers it: enough
+/// for a request or a TLS ClientHello, bounded so a refused tunnel wastes little.
+pub const EARLY_DATA_LIMIT: usize = 64 * 1024;
+
 /// Why an outbound connection failed, each failure with its response flag.
 #[derive(Debug, Error)]
 pub enum OutboundError {
@@ -230,19 +234,27 @@ async fn proxy_route(
                 authority: authority.to_string(),
                 headers: request_headers(inputs, source, peer, service.as_deref()),
             };
-            let connect = pod.pool.connect(key, request);
-            let stream = tokio::time::timeout(inputs.config.connect_timeout, connect)
+            let mut downstream = downstream;
+            // The client's first bytes go with the CONNECT instead of one round trip later.
+            let connect =
+                pod.pool
+                    .connect_with_early_data(key, request, &mut downstream, EARLY_DATA_LIMIT);
+            let (stream, early) = tokio::time::timeout(inputs.config.connect_timeout, connect)
                 .await
                 .map_err(|_| OutboundError::HboneTimeout {
                     next_hop,
                     after: inputs.config.connect_timeout,
                 })?
-                .map_err(|source| OutboundError::Hbone {
-                    next_hop,
-                    waypoint,
-                    source,
+                .map_err(|source| match source {
+                    // The client broke its connection while the tunnel was opening.
+                    HboneError::EarlyData { source, .. } => OutboundError::Copy(source),
+                    source => OutboundError::Hbone {
+                        next_hop,
+                        waypoint,
+                        source,
+                    },
                 })?;
-            copy_counted_to_tunnel(downstream, stream, conn, drain.forced())
+            copy_counted_to_tunnel(downstream, stream, early, conn, drain.forced())
                 .await
                 .map_err(OutboundError::Copy)
         }

@@ -484,6 +484,47 @@ async fn a_refused_tunnel_closes_a_client_that_already_sent_bytes_and_counts_den
 }
 
 #[tokio::test]
+async fn a_workload_that_changes_is_reported_with_its_new_labels() {
+    let (mesh, client, _other, _echo, vip) = demo().await;
+    let mut first = mesh.call_outbound(&client, mesh.ip(2), vip).await;
+    assert_eq!(
+        read_line(&mut first).await,
+        format!("echo-1 saw {}", mesh.ip(2))
+    );
+    drop(first);
+    // The client's Deployment rolls to v2: the next connection carries the new revision.
+    let mut updated = pod_workload("demo", "client", "client", mesh.ip(2), &[]);
+    updated.canonical_revision = "v2".into();
+    mesh.add(updated);
+    let mut second = mesh.call_outbound(&client, mesh.ip(2), vip).await;
+    assert_eq!(
+        read_line(&mut second).await,
+        format!("echo-1 saw {}", mesh.ip(2))
+    );
+    drop(second);
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let opened = mesh.metric_lines("istio_tcp_connections_opened_total");
+        let by_revision = |revision: &str| {
+            opened
+                .iter()
+                .filter(|l| {
+                    l.contains("reporter=\"source\"")
+                        && l.contains(&format!("source_canonical_revision=\"{revision}\""))
+                        && l.ends_with(" 1")
+                })
+                .count()
+        };
+        if by_revision("v1") == 1 && by_revision("v2") == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{opened:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn plaintext_inbound_is_admitted_unless_strict_peer_authentication_denies_it() {
     let (mesh, _client, _other, echo, _vip) = demo().await;
     let outside = mesh.ip(50);

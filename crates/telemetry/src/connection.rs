@@ -56,19 +56,13 @@ impl ConnectionGuard {
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Self {
-        let ok = labels.tcp(ResponseFlags::NONE);
-        registry
-            .counter("istio_tcp_connections_opened_total", &ok)
-            .increment(1);
-        let sockets_open = registry.gauge(
-            "istio_tcp_sockets_open",
-            &[("reporter", labels.reporter().as_str().to_string())],
-        );
-        sockets_open.increment(1.0);
+        let series = labels.tcp_open_series(registry);
+        series.opened.increment(1);
+        series.sockets_open.increment(1.0);
         ConnectionGuard {
-            sockets_open,
-            received: registry.counter("istio_tcp_received_bytes_total", &ok),
-            sent: registry.counter("istio_tcp_sent_bytes_total", &ok),
+            sockets_open: series.sockets_open.clone(),
+            received: series.received.clone(),
+            sent: series.sent.clone(),
             registry: registry.clone(),
             labels,
             src,
@@ -167,14 +161,12 @@ impl Drop for ConnectionGuard {
             .failure
             .as_ref()
             .map_or(ResponseFlags::NONE, |(f, _)| *f);
-        let labels = self.labels.tcp(flags);
-        self.registry
-            .counter("istio_tcp_connections_closed_total", &labels)
-            .increment(1);
-        if self.failure.is_some() {
-            self.registry
-                .counter("istio_tcp_connections_failed_total", &labels)
-                .increment(1);
+        let ended = self
+            .labels
+            .tcp_end_series(&self.registry, flags, self.failure.is_some());
+        ended.closed.increment(1);
+        if let Some(failed) = ended.failed {
+            failed.increment(1);
         }
         let l = &self.labels;
         let direction = l.direction();

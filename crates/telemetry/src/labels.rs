@@ -8,7 +8,7 @@ use metrics::Label;
 use crate::flags::ResponseFlags;
 
 /// Which proxy reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reporter {
     /// The client's ztunnel (outbound).
     Source,
@@ -105,6 +105,42 @@ pub struct TrafficLabels {
     /// The request series already looked up for these labels (a lookup clones and hashes the
     /// whole label set; a waypoint records four series per request).
     series: SeriesCache,
+    /// The TCP series already looked up for these labels (five per connection otherwise).
+    tcp_series: TcpSeriesCache,
+}
+
+/// The series a connection with these labels records while open: opened, bytes and the open
+/// sockets gauge.
+#[derive(Debug)]
+pub(crate) struct TcpOpenSeries {
+    pub(crate) opened: metrics::Counter,
+    pub(crate) received: metrics::Counter,
+    pub(crate) sent: metrics::Counter,
+    pub(crate) sockets_open: metrics::Gauge,
+}
+
+/// What a connection records when it ends with some flags: closed, and failed if it did (a
+/// failed series is only registered once a connection failed, so it is never shown at zero).
+#[derive(Clone, Debug)]
+pub(crate) struct TcpEndSeries {
+    pub(crate) closed: metrics::Counter,
+    pub(crate) failed: Option<metrics::Counter>,
+}
+
+/// The TCP series of one label set, shared by its clones.
+#[derive(Clone, Default)]
+struct TcpSeriesCache(std::sync::Arc<TcpSeriesCacheInner>);
+
+#[derive(Default)]
+struct TcpSeriesCacheInner {
+    open: std::sync::OnceLock<std::sync::Arc<TcpOpenSeries>>,
+    ended: std::sync::Mutex<Vec<((ResponseFlags, bool), TcpEndSeries)>>,
+}
+
+impl fmt::Debug for TcpSeriesCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TcpSeriesCache")
+    }
 }
 
 /// The four request series of one label set and outcome.
@@ -181,6 +217,7 @@ impl TrafficLabels {
             head,
             tail,
             series: SeriesCache::default(),
+            tcp_series: TcpSeriesCache::default(),
         }
     }
 
@@ -207,6 +244,59 @@ impl TrafficLabels {
         });
         if cache.len() < MAX_CACHED_SERIES {
             cache.insert(key, series.clone());
+        }
+        series
+    }
+
+    /// The series of an open connection, looked up in `registry` once per label set (the first
+    /// registry asked: a label set records into one registry).
+    pub(crate) fn tcp_open_series(
+        &self,
+        registry: &ambit_core::metrics::Registry,
+    ) -> std::sync::Arc<TcpOpenSeries> {
+        self.tcp_series
+            .0
+            .open
+            .get_or_init(|| {
+                let ok = self.tcp(ResponseFlags::NONE);
+                std::sync::Arc::new(TcpOpenSeries {
+                    opened: registry.counter("istio_tcp_connections_opened_total", &ok),
+                    received: registry.counter("istio_tcp_received_bytes_total", &ok),
+                    sent: registry.counter("istio_tcp_sent_bytes_total", &ok),
+                    sockets_open: registry.gauge(
+                        "istio_tcp_sockets_open",
+                        &[("reporter", self.reporter.as_str().to_string())],
+                    ),
+                })
+            })
+            .clone()
+    }
+
+    /// The closed series for a connection ending with `flags`, and the failed one if it
+    /// `failed`; looked up once per label set and outcome.
+    pub(crate) fn tcp_end_series(
+        &self,
+        registry: &ambit_core::metrics::Registry,
+        flags: ResponseFlags,
+        failed: bool,
+    ) -> TcpEndSeries {
+        let mut ended = self
+            .tcp_series
+            .0
+            .ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (flags, failed);
+        if let Some((_, series)) = ended.iter().find(|(k, _)| *k == key) {
+            return series.clone();
+        }
+        let labels = self.tcp(flags);
+        let series = TcpEndSeries {
+            closed: registry.counter("istio_tcp_connections_closed_total", &labels),
+            failed: failed.then(|| registry.counter("istio_tcp_connections_failed_total", &labels)),
+        };
+        if ended.len() < MAX_CACHED_SERIES {
+            ended.push((key, series.clone()));
         }
         series
     }

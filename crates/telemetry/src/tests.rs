@@ -223,6 +223,49 @@ fn a_failed_connection_carries_the_errors_flag_into_metrics_and_log() {
     assert!(!log.contains("later failure"), "{log}");
 }
 
+#[test]
+fn connections_sharing_one_label_set_add_up_in_its_series() {
+    let _serial = serial();
+    let registry = Registry::new();
+    let (_logs, _guard) = Logs::capture();
+    let shared = labels(Reporter::Source);
+    for (received, flags) in [
+        (10, None),
+        (20, Some(Denied)),
+        (30, None),
+        (40, Some(Denied)),
+    ] {
+        let mut conn = ConnectionGuard::open(
+            &registry,
+            shared.clone(),
+            addr("10.0.0.1:40000"),
+            addr("10.96.0.10:80"),
+        );
+        conn.record_bytes(received, 1);
+        if let Some(error) = flags {
+            conn.fail(&error);
+        }
+    }
+    let value = |name: &str, flags: &str| -> Vec<String> {
+        series(&registry, name)
+            .into_iter()
+            .filter(|l| l.contains(&format!("response_flags=\"{flags}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(value("istio_tcp_connections_opened_total", "-"), ["4"]);
+    assert_eq!(value("istio_tcp_received_bytes_total", "-"), ["100"]);
+    assert_eq!(value("istio_tcp_sent_bytes_total", "-"), ["4"]);
+    assert_eq!(value("istio_tcp_connections_closed_total", "-"), ["2"]);
+    assert_eq!(value("istio_tcp_connections_closed_total", "DENY"), ["2"]);
+    assert_eq!(value("istio_tcp_connections_failed_total", "DENY"), ["2"]);
+    assert!(value("istio_tcp_connections_failed_total", "-").is_empty());
+    assert_eq!(
+        series(&registry, "istio_tcp_sockets_open"),
+        ["istio_tcp_sockets_open{reporter=\"source\"} 0"]
+    );
+}
+
 #[tokio::test]
 async fn a_cancelled_connection_task_is_still_counted() {
     let registry = Registry::new();

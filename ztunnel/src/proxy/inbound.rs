@@ -257,6 +257,7 @@ async fn handle_connect(
     };
     let checked = check_connect(inputs, pod, &request, &mut info);
     let mut conn = info.open(
+        &pod.labels,
         &inputs.metrics,
         Reporter::Destination,
         request.remote_addr,
@@ -389,8 +390,14 @@ pub(crate) async fn serve_plaintext(
                             ..ConnectionInfo::default()
                         };
                         let local = stream.local_addr().unwrap_or(peer);
-                        info.open(&inputs.metrics, Reporter::Destination, peer, local)
-                            .fail(&InboundError::OriginalDst(e));
+                        info.open(
+                            &pod.labels,
+                            &inputs.metrics,
+                            Reporter::Destination,
+                            peer,
+                            local,
+                        )
+                        .fail(&InboundError::OriginalDst(e));
                     }
                 }
             }
@@ -418,7 +425,13 @@ pub async fn proxy_plaintext(
         ..ConnectionInfo::default()
     };
     let checked = check_plaintext(inputs, pod, peer, dst, &mut info);
-    let mut conn = info.open(&inputs.metrics, Reporter::Destination, peer, dst);
+    let mut conn = info.open(
+        &pod.labels,
+        &inputs.metrics,
+        Reporter::Destination,
+        peer,
+        dst,
+    );
     conn.track(&inputs.connections, pod.owner());
     let result = match checked {
         Ok(()) => copy_plaintext(inputs, pod, downstream, peer, dst, &mut conn, drain).await,

@@ -65,19 +65,95 @@ impl ConnectionInfo {
     }
 
     /// Counts the connection from `src` to `dst` (what the client dialled) as opened; the guard
-    /// counts it closed when dropped.
+    /// counts it closed when dropped. The label set comes from `cache` when an earlier connection
+    /// between the same ends built it (its series then looked up once for all of them).
     pub fn open(
         &self,
+        cache: &LabelCache,
         registry: &Registry,
         reporter: Reporter,
         src: SocketAddr,
         dst: SocketAddr,
     ) -> ConnectionGuard {
-        let mut guard = ConnectionGuard::open(registry, Arc::new(self.labels(reporter)), src, dst);
+        let labels = cache.labels(self, reporter);
+        let mut guard = ConnectionGuard::open(registry, labels, src, dst);
         if let Some(upstream) = self.upstream {
             guard.set_upstream(upstream);
         }
         guard
+    }
+}
+
+/// The objects a label set is built from, by address (the state index replaces a workload or
+/// service that changes, never mutates it, so a changed one is a new key), and the rest of what
+/// the labels say.
+type LabelKey = (
+    Reporter,
+    usize,
+    Option<Identity>,
+    usize,
+    Option<Identity>,
+    usize,
+    bool,
+);
+
+/// A cached label set and the objects whose addresses key it, held so that no address is reused
+/// by another object while the entry lives.
+type CachedLabels = (
+    Option<Arc<Workload>>,
+    Option<Arc<Workload>>,
+    Option<Arc<Service>>,
+    Arc<TrafficLabels>,
+);
+
+/// Label sets kept per pod before its cache starts over.
+const MAX_CACHED_LABELS: usize = 256;
+
+/// One pod's label sets by the workloads and service they describe: a connection between the
+/// same ends as an earlier one reuses its labels and their series instead of building ~30 label
+/// strings and looking up five series.
+#[derive(Default)]
+pub struct LabelCache(std::sync::Mutex<std::collections::HashMap<LabelKey, CachedLabels>>);
+
+impl std::fmt::Debug for LabelCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LabelCache")
+    }
+}
+
+impl LabelCache {
+    /// The label set of `info` as `reporter` sees it, built on first use.
+    pub fn labels(&self, info: &ConnectionInfo, reporter: Reporter) -> Arc<TrafficLabels> {
+        fn address<T>(value: Option<&Arc<T>>) -> usize {
+            value.map_or(0, |v| Arc::as_ptr(v) as usize)
+        }
+        let key = (
+            reporter,
+            address(info.source.as_ref()),
+            info.source_identity.clone(),
+            address(info.destination.as_ref()),
+            info.destination_identity.clone(),
+            address(info.service.as_ref()),
+            info.mtls,
+        );
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, _, labels)) = cache.get(&key) {
+            return labels.clone();
+        }
+        if cache.len() >= MAX_CACHED_LABELS {
+            cache.clear();
+        }
+        let labels = Arc::new(info.labels(reporter));
+        cache.insert(
+            key,
+            (
+                info.source.clone(),
+                info.destination.clone(),
+                info.service.clone(),
+                labels.clone(),
+            ),
+        );
+        labels
     }
 }
 

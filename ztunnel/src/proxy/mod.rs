@@ -118,6 +118,8 @@ pub struct PodContext {
     pub pool: Pool,
     /// The pod uid its connections are listed under in the live-connections table.
     owner: Arc<str>,
+    /// Label sets of its connections, by the workloads at their ends.
+    pub labels: metrics::LabelCache,
     /// The inbound TLS config, rebuilt when the certificate rotates.
     server_tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
 }
@@ -227,6 +229,7 @@ impl RunningPod {
         });
         let context = Arc::new(PodContext {
             owner: Arc::from(spec.uid.as_str()),
+            labels: metrics::LabelCache::default(),
             spec,
             sockets,
             pool: Pool::new(inputs.config.pool.clone(), Arc::new(dialer)),

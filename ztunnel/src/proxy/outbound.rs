@@ -119,6 +119,7 @@ pub(crate) async fn serve(
                         ..ConnectionInfo::default()
                     };
                     info.open(
+                        &pod.labels,
                         &inputs.metrics,
                         Reporter::Source,
                         peer,
@@ -186,7 +187,7 @@ pub async fn proxy(
         }
         Err(_) => {}
     }
-    let mut conn = info.open(&inputs.metrics, Reporter::Source, peer, dst);
+    let mut conn = info.open(&pod.labels, &inputs.metrics, Reporter::Source, peer, dst);
     conn.track(&inputs.connections, pod.owner());
     let result = match decision {
         Ok(route) => {

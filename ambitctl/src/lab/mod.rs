@@ -12,6 +12,7 @@ mod demo;
 mod env;
 mod http;
 mod prometheus;
+mod tracing;
 mod waypoints;
 
 use std::collections::BTreeMap;
@@ -1002,6 +1003,8 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
             start_ztunnel(&topology, &state, i, token)?,
         ));
     }
+    // The trace collector first: waypoints learn its address when their pods are made.
+    processes.extend(tracing::start(&topology).map(|p| (tracing::KEY.into(), p)));
     // Pods' processes are detached as they start; a failed `up` stops them (the namespaces and
     // the other components go when `topology` and `processes` are dropped).
     let started = (|| -> anyhow::Result<()> {
@@ -1292,6 +1295,7 @@ fn print_status(state: &LabState, json_output: bool) {
             "waypoints": waypoint_rows(state, alive, |p| waypoint_ready(state, p)),
             "istiodLite": {"running": alive("istiod-lite"), "address": format!("{FABRIC_IP}:15012")},
             "prometheus": prometheus::status(alive(prometheus::KEY), &format!("{}fabric", prefix())),
+            "tracing": tracing::status(alive(tracing::KEY), &format!("{}fabric", prefix())),
         });
         println!(
             "{}",
@@ -1310,6 +1314,10 @@ fn print_status(state: &LabState, json_output: bool) {
     println!(
         "{}",
         prometheus::status_line(alive(prometheus::KEY), &format!("{}fabric", prefix()))
+    );
+    println!(
+        "{}",
+        tracing::status_line(alive(tracing::KEY), &format!("{}fabric", prefix()))
     );
     println!(
         "\nNODE     NETNS            IP           ZTUNNEL  METRICS                          ADMIN (in node netns)"

@@ -29,6 +29,16 @@ pub fn binary(name: &str) -> PathBuf {
 /// Runs `ambitctl` against a test lab of its own (namespace prefix and directory), so a
 /// developer's running lab is never touched. Returns the exit code, stdout and stderr.
 pub fn ambitctl_lab(prefix: &str, dir: &str, args: &[&str]) -> (i32, String, String) {
+    ambitctl_lab_with(prefix, dir, &[], args)
+}
+
+/// [`ambitctl_lab`] with extra environment variables for `ambitctl`.
+pub fn ambitctl_lab_with(
+    prefix: &str,
+    dir: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    args: &[&str],
+) -> (i32, String, String) {
     let out = Command::new(binary("ambitctl"))
         .args(args)
         .env(
@@ -37,6 +47,7 @@ pub fn ambitctl_lab(prefix: &str, dir: &str, args: &[&str]) -> (i32, String, Str
         )
         .env("AMBIT_LAB_PREFIX", prefix)
         .env("AMBIT_LAB_DIR", dir)
+        .envs(env.iter().copied())
         .output()
         .expect("ambitctl runs");
     (

@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use ambit_e2e::{ambitctl_lab, binary, long_connection};
+use ambit_e2e::{ambitctl_lab_with, binary, long_connection};
 
 // The operator tools' checks, one file each, run against the demo lab below.
 #[path = "lab/analyze.rs"]
@@ -15,12 +15,22 @@ mod analyze;
 mod dashboard;
 #[path = "lab/explain.rs"]
 mod explain;
+#[path = "lab/tracing.rs"]
+mod tracing;
 #[path = "lab/ztunnel_config.rs"]
 mod ztunnel_config;
 
 fn ambitctl(args: &[&str]) -> (i32, String, String) {
-    // Its own lab, so a developer's running lab is never touched.
-    ambitctl_lab("ambit-lt-", "/run/ambit-lab-test", args)
+    // Its own lab, so a developer's running lab is never touched; its trace collector runs on a
+    // Python with the OTLP message types (made once).
+    static OTLP_PYTHON: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let python = OTLP_PYTHON.get_or_init(tracing::python);
+    ambitctl_lab_with(
+        "ambit-lt-",
+        "/run/ambit-lab-test",
+        &[("AMBIT_LAB_OTLP_PYTHON", python.as_os_str())],
+        args,
+    )
 }
 
 fn curl(pod: &str, url: &str) -> String {
@@ -418,6 +428,7 @@ fn demo_up_behaves_as_documented_and_down_removes_everything() {
     explain::check(&status);
     ztunnel_config::check(&status);
     dashboard::check(&status);
+    tracing::check(&status);
 
     // PERMISSIVE admits the non-mesh client (demo/client has no policy of its own); STRICT
     // refuses it.

@@ -13,7 +13,6 @@ use serde_json::Value;
 
 /// A Python with `opentelemetry-proto` (a venv under the target directory, made the first time)
 /// for `AMBIT_LAB_OTLP_PYTHON`.
-#[allow(dead_code)]
 pub(crate) fn python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("otlp-venv");
     let python = venv.join("bin/python");

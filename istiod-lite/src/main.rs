@@ -97,6 +97,14 @@ struct Args {
     /// https://istiod.<system-namespace>.svc:15012).
     #[arg(long)]
     waypoint_xds_address: Option<String>,
+    /// Kubernetes mode: the OTLP/HTTP collector generated waypoints send trace spans to (e.g.
+    /// http://otel-collector.observability:4318); none: no export.
+    #[arg(long, value_parser = parse_endpoint)]
+    waypoint_tracing_endpoint: Option<String>,
+    /// Kubernetes mode: percent of new traces generated waypoints sample (0-100; with
+    /// --waypoint-tracing-endpoint).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_percent)]
+    waypoint_trace_sampling: f64,
     /// Kubernetes mode: do not create waypoint Deployments, Services and ServiceAccounts or write
     /// Gateway, route and Service status (another controller does).
     #[arg(long)]
@@ -161,6 +169,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         )
                     }),
                     mesh: settings.clone(),
+                    tracing: args.waypoint_tracing_endpoint.clone().map(|endpoint| {
+                        istiod_lite::waypoint_controller::WaypointTracing {
+                            endpoint,
+                            sampling: args.waypoint_trace_sampling,
+                        }
+                    }),
                 };
                 tracing::info!(
                     image = %waypoints.image,
@@ -285,6 +299,25 @@ enum ConfigSource {
 }
 
 /// Exactly one of `--config-dir` and `--kubernetes`; the connection flags only with the latter.
+/// A percentage, 0 to 100.
+fn parse_percent(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{value:?} is not a percentage from 0 to 100")),
+    }
+}
+
+/// An http:// URL (the waypoint's OTLP export is plaintext).
+fn parse_endpoint(value: &str) -> Result<String, String> {
+    if value.starts_with("http://") {
+        Ok(value.trim_end_matches('/').to_string())
+    } else {
+        Err(format!(
+            "{value:?} is not an http:// URL (waypoints export OTLP/HTTP in plaintext)"
+        ))
+    }
+}
+
 fn config_source(args: &Args) -> anyhow::Result<ConfigSource> {
     match (&args.config_dir, args.kubernetes) {
         (Some(_), true) => anyhow::bail!(
@@ -305,6 +338,11 @@ fn config_source(args: &Args) -> anyhow::Result<ConfigSource> {
                 (
                     "--waypoint-xds-address",
                     args.waypoint_xds_address.is_some(),
+                    waypoints,
+                ),
+                (
+                    "--waypoint-tracing-endpoint",
+                    args.waypoint_tracing_endpoint.is_some(),
                     waypoints,
                 ),
             ] {

@@ -79,6 +79,19 @@ pub struct WaypointSettings {
     pub xds_address: String,
     /// Trust domain, cluster id, DNS suffix (for `status.addresses`).
     pub mesh: MeshSettings,
+    /// Where waypoints send their trace spans (OTLP/HTTP), and the percent of new traces they
+    /// sample; `None`: no export.
+    pub tracing: Option<WaypointTracing>,
+}
+
+/// The trace export every generated waypoint gets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WaypointTracing {
+    /// The OTLP/HTTP collector (`OTEL_EXPORTER_OTLP_ENDPOINT`), e.g.
+    /// `http://otel-collector.observability:4318`.
+    pub endpoint: String,
+    /// Percent of new traces sampled (`TRACE_SAMPLING`), 0 to 100.
+    pub sampling: f64,
 }
 
 impl WaypointSettings {
@@ -454,6 +467,12 @@ fn container(ns: &str, name: &str, class: &str, settings: &WaypointSettings) -> 
         ("ADMIN_ADDR", json!("127.0.0.1:15000")),
     ]
     .into_iter()
+    .chain(settings.tracing.iter().flat_map(|t| {
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", json!(t.endpoint)),
+            ("TRACE_SAMPLING", json!(t.sampling.to_string())),
+        ]
+    }))
     .map(|(k, v)| json!({"name": k, "value": v}))
     .chain(
         [

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ambit_fake_apiserver::FakeApiServer;
 use ambit_mesh::translate::MeshSettings;
-use istiod_lite::waypoint_controller::{Controller, WaypointSettings};
+use istiod_lite::waypoint_controller::{Controller, WaypointSettings, WaypointTracing};
 use serde_json::{Value, json};
 
 const GW: &str = "gateway.networking.k8s.io/v1";
@@ -21,6 +21,10 @@ fn settings() -> WaypointSettings {
         image: "registry.test/ambit/waypoint:test".into(),
         xds_address: "https://istiod.istio-system.svc:15012".into(),
         mesh: MeshSettings::default(),
+        tracing: Some(WaypointTracing {
+            endpoint: "http://otel-collector.observability:4318".into(),
+            sampling: 2.5,
+        }),
     }
 }
 
@@ -205,6 +209,12 @@ async fn a_waypoint_gateway_is_deployed_owned_and_reported_and_then_left_alone()
         ("CLUSTER_ID", "Kubernetes"),
         ("HBONE_ADDR", "[::]:15008"),
         ("READINESS_ADDR", "[::]:15021"),
+        // The trace export configured for every waypoint.
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://otel-collector.observability:4318",
+        ),
+        ("TRACE_SAMPLING", "2.5"),
     ] {
         assert_eq!(env(container, name)["value"], value, "{name}");
     }

@@ -483,18 +483,18 @@ impl TrafficState {
         Some(Admitted { _request: slot })
     }
 
-    /// Whether one more retry may start for the destination: within `maxRetries` when set, and
-    /// within the retry budget (retries in flight at most 20% of the requests in flight, and at
-    /// least 3), so that retries cannot multiply load during an incident. Returns the guard that
-    /// holds the retry's slot.
+    /// Whether one more retry may start for the destination: within the DestinationRule's
+    /// `maxRetries` when set (the operator's own bound, as in Istio), otherwise within the retry
+    /// budget (retries in flight at most 20% of the requests in flight, and at least 3: Envoy's
+    /// retry-budget defaults), so that retries cannot multiply load during an incident. Returns
+    /// the guard that holds the retry's slot.
     pub fn admit_retry(&self, destination: &str, pool: &Pool) -> Option<InFlight> {
         let retries = Self::counter(&self.retries, destination);
-        let requests = Self::counter(&self.destinations, destination).load(Ordering::Relaxed);
-        let budget = (requests / 5).max(3);
         let limit = if pool.max_retries == 0 {
-            budget
+            let requests = Self::counter(&self.destinations, destination).load(Ordering::Relaxed);
+            (requests / 5).max(3)
         } else {
-            budget.min(pool.max_retries as usize)
+            pool.max_retries as usize
         };
         let slot = enter(&retries);
         if retries.load(Ordering::Relaxed) > limit {
@@ -1196,6 +1196,30 @@ mod tests {
             vec!["eu", "us-west"],
             "{seen:?}"
         );
+    }
+
+    /// Without `maxRetries` the retry budget bounds retries in flight (20% of requests in
+    /// flight, at least 3); an operator's `maxRetries` replaces it, as in Istio.
+    #[test]
+    fn retries_in_flight_are_bounded_by_the_budget_or_max_retries() {
+        let traffic = TrafficState::new(Registry::new());
+        let admitted = |pool: &Pool| {
+            let held: Vec<InFlight> = (0..100)
+                .map_while(|_| traffic.admit_retry("echo", pool))
+                .collect();
+            held.len()
+        };
+        assert_eq!(admitted(&Pool::default()), 3, "the budget's floor");
+        let requests: Vec<Admitted> = (0..40)
+            .filter_map(|_| traffic.admit("echo", &Pool::default(), false))
+            .collect();
+        assert_eq!(requests.len(), 40);
+        assert_eq!(admitted(&Pool::default()), 8, "20% of 40 in flight");
+        let operator = Pool {
+            max_retries: 25,
+            ..Pool::default()
+        };
+        assert_eq!(admitted(&operator), 25, "maxRetries, not the budget");
     }
 
     #[test]

@@ -68,11 +68,23 @@ pub struct Config {
     pub effective: Vec<(String, String)>,
 }
 
-/// Runtime threads unless `ZTUNNEL_WORKER_THREADS` says otherwise: a quarter of the CPUs this
-/// process may use, rounded up, and at least two (upstream's rule without its CPU-limit lookup).
+/// Runtime threads unless `ZTUNNEL_WORKER_THREADS` says otherwise, for the CPUs this process may
+/// use: see [`worker_threads_for`].
 pub fn default_worker_threads() -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    cpus.div_ceil(4).max(2)
+    worker_threads_for(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
+/// One thread on a node of one or two CPUs; otherwise a quarter of the CPUs, rounded up, and at
+/// least two (upstream's rule). On two CPUs a second thread mostly hands connections between
+/// threads: with the workloads on the same two CPUs, one thread made 2-3 context switches per new
+/// connection instead of 6 and used a quarter less CPU per connection, at equal or higher rates on
+/// every load of the mesh_peers benchmark (docs/benchmarks.md).
+pub fn worker_threads_for(cpus: usize) -> usize {
+    if cpus <= 2 {
+        1
+    } else {
+        cpus.div_ceil(4).max(2)
+    }
 }
 /// More threads than this is a typo, not a setting.
 const MAX_WORKER_THREADS: usize = 1024;
@@ -181,13 +193,22 @@ mod tests {
     fn worker_threads_default_and_override() {
         let config = read(&[]).unwrap();
         assert_eq!(config.worker_threads, default_worker_threads());
-        assert!(config.worker_threads >= 2);
+        assert!(config.worker_threads >= 1);
         assert_eq!(
             read(&[("ZTUNNEL_WORKER_THREADS", "1")])
                 .unwrap()
                 .worker_threads,
             1
         );
+    }
+
+    #[test]
+    fn one_thread_up_to_two_cpus_then_a_quarter_of_them_at_least_two() {
+        let by_cpus: Vec<usize> = [1, 2, 3, 4, 8, 9, 16, 64]
+            .into_iter()
+            .map(worker_threads_for)
+            .collect();
+        assert_eq!(by_cpus, [1, 1, 2, 2, 2, 3, 4, 16]);
     }
 
     #[test]

@@ -164,13 +164,20 @@ pub async fn run(
         connect_timeout: config.connect_timeout,
         ..PoolConfig::default()
     };
-    let pool = Pool::new(pool_config, Arc::new(TlsDialer::from_store(certs.clone())));
-    let dial = Arc::new(HboneDial::new(
-        pool,
-        identity.clone(),
-        config.instance_ip,
-        15008,
-    ));
+    // A pool per data-path worker: an HBONE connection is driven by the worker that opened it
+    // and used only by that worker's requests ([`crate::worker`]).
+    let pools = (0..config.worker_threads)
+        .map(|_| {
+            Pool::new(
+                pool_config.clone(),
+                Arc::new(TlsDialer::from_store(certs.clone())),
+            )
+        })
+        .collect();
+    let dial = Arc::new(
+        HboneDial::per_worker(pools, identity.clone(), config.instance_ip, 15008)
+            .context("WAYPOINT_WORKER_THREADS is at least 1")?,
+    );
     let (tracer, exporter) = crate::tracing::Tracer::new(&config.tracing, &metrics);
     if let Some(exporter) = exporter {
         tracing::info!(
@@ -314,13 +321,38 @@ pub async fn run(
         admin_handler(admin),
         drain.clone(),
     ));
-    tokio::spawn(crate::hbone::serve(
-        hbone,
-        proxy,
-        certs,
-        identity.clone(),
-        drain.clone(),
-    ));
+    // The data path: one single-threaded runtime per worker thread, all accepting from the
+    // HBONE listener ([`crate::worker`]). They keep serving the connections they hold until
+    // this function returns (`stopped` dropped), after the drain.
+    let hbone = Arc::new(
+        hbone
+            .into_std()
+            .context("the HBONE listener for the worker threads")?,
+    );
+    let (stopped_tx, stopped) = tokio::sync::watch::channel(());
+    let serve = {
+        let (proxy, certs, identity, drain) = (proxy, certs, identity.clone(), drain.clone());
+        move |index: usize| async move {
+            let listener = match hbone
+                .try_clone()
+                .and_then(tokio::net::TcpListener::from_std)
+            {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::error!(worker = index, %error, "worker cannot accept HBONE connections");
+                    return;
+                }
+            };
+            crate::hbone::serve(listener, proxy, certs, identity, drain).await;
+        }
+    };
+    let linger = move || async move {
+        let mut stopped = stopped;
+        // Ends when the sender is dropped.
+        while stopped.changed().await.is_ok() {}
+    };
+    let _workers = crate::worker::start(config.worker_threads, serve, linger)
+        .context("starting the data-path worker threads")?;
     tracing::info!(
         gateway = %format!("{}/{}", config.gateway_namespace, config.gateway_name),
         %identity,
@@ -337,6 +369,7 @@ pub async fn run(
         .start_drain_and_wait(DrainMode::Graceful, config.drain_deadline)
         .await;
     tracing::info!(graceful = outcome.graceful, "waypoint stopped");
+    drop(stopped_tx);
     Ok(())
 }
 

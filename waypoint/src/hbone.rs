@@ -32,7 +32,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens HBONE tunnels to backends with the waypoint's identity.
 pub struct HboneDial {
-    pool: Pool,
+    /// One per data-path worker ([`crate::worker::current`]); never empty.
+    pools: Vec<Pool>,
     identity: Identity,
     source_ip: IpAddr,
     hbone_port: u16,
@@ -50,11 +51,30 @@ impl HboneDial {
     /// Tunnels through `pool`, presenting `identity` from `source_ip`.
     pub fn new(pool: Pool, identity: Identity, source_ip: IpAddr, hbone_port: u16) -> Self {
         Self {
-            pool,
+            pools: vec![pool],
             identity,
             source_ip,
             hbone_port,
         }
+    }
+
+    /// Tunnels through the pool of the calling data-path worker: `pools[worker]`, or the first
+    /// one (worker 0's) when there are fewer pools than workers; `None` when `pools` is empty.
+    pub fn per_worker(
+        pools: Vec<Pool>,
+        identity: Identity,
+        source_ip: IpAddr,
+        hbone_port: u16,
+    ) -> Option<Self> {
+        if pools.is_empty() {
+            return None;
+        }
+        Some(Self {
+            pools,
+            identity,
+            source_ip,
+            hbone_port,
+        })
     }
 }
 
@@ -73,9 +93,17 @@ impl Dial for HboneDial {
             dst: SocketAddr::new(endpoint.addr.ip(), self.hbone_port),
             src: self.source_ip,
         };
-        let pool = self.pool.clone();
+        let pool = self
+            .pools
+            .get(crate::worker::current())
+            .or(self.pools.first())
+            .cloned();
         let addr = endpoint.addr;
         Box::pin(async move {
+            let pool = pool.ok_or_else(|| UpstreamError::Connect {
+                endpoint: addr,
+                reason: "no HBONE connection pool".to_string(),
+            })?;
             let stream = pool
                 .connect(key, ConnectRequest::new(addr.to_string()))
                 .await

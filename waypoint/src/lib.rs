@@ -22,3 +22,4 @@ pub mod telemetry;
 pub mod tracing;
 pub mod traffic;
 pub mod upstream;
+pub mod worker;

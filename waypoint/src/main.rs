@@ -30,8 +30,9 @@ fn main() -> ExitCode {
             None
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
+    // Wiring and the drain only: the data path runs on worker threads of its own
+    // (`waypoint::worker`), the control plane on the control runtime.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .thread_name("waypoint")
         .enable_all()
         .build()

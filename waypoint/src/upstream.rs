@@ -132,7 +132,9 @@ impl ConnLimits {
     }
 }
 
-type Key = (SocketAddr, Protocol);
+/// Connections are pooled per endpoint, protocol and data-path worker ([`crate::worker`]): a
+/// connection's task runs on the worker that opened it, and only that worker's requests use it.
+type Key = (SocketAddr, Protocol, usize);
 
 /// An idle HTTP/1.1 connection: `uses` requests carried so far (and its generation: a reaper
 /// closes it only if it was not used again since it went idle).
@@ -271,7 +273,7 @@ impl Upstreams {
         limits: &ConnLimits,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let request = shape(request, protocol);
-        let key = (endpoint.addr, protocol);
+        let key = (endpoint.addr, protocol, crate::worker::current());
         match protocol {
             Protocol::Http2 => {
                 let (mut sender, activity) = self.h2_sender(endpoint, key, limits).await?;
@@ -519,16 +521,15 @@ impl Upstreams {
             self.give_back(key, pooled, &limits);
             return Response::from_parts(parts, UpstreamBody::new(body, None, None));
         }
-        let upstreams = self.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            // The body signals a clean end; a dropped signal means it was abandoned, and the
-            // connection (with an unread response in it) is closed with the sender.
-            if rx.await.is_ok() {
-                upstreams.give_back(key, pooled, &limits);
-            }
-        });
-        Response::from_parts(parts, UpstreamBody::new(body, Some(tx), None))
+        // The body gives the connection back when it is read to the end; a body abandoned
+        // before its end drops it (with an unread response in it, the connection closes).
+        let back = GiveBack {
+            upstreams: self.clone(),
+            key,
+            pooled,
+            limits,
+        };
+        Response::from_parts(parts, UpstreamBody::new(body, Some(back), None))
     }
 
     /// Returns an HTTP/1.1 connection to the idle pool, unless it is closed or spent (then it
@@ -684,9 +685,17 @@ fn shape(mut request: Request<RequestBody>, protocol: Protocol) -> Request<Reque
 /// the end.
 pub struct UpstreamBody {
     inner: Incoming,
-    done: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<GiveBack>,
     /// Keeps the HTTP/2 stream counted as in flight (idle timeout) until the body is dropped.
     _stream: Option<StreamGuard>,
+}
+
+/// An HTTP/1.1 connection to return to its pool once its response body has been read.
+struct GiveBack {
+    upstreams: Upstreams,
+    key: Key,
+    pooled: IdleH1,
+    limits: ConnLimits,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -698,11 +707,7 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
-    fn new(
-        inner: Incoming,
-        done: Option<tokio::sync::oneshot::Sender<()>>,
-        stream: Option<StreamGuard>,
-    ) -> Self {
+    fn new(inner: Incoming, done: Option<GiveBack>, stream: Option<StreamGuard>) -> Self {
         Self {
             inner,
             done,
@@ -727,8 +732,9 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
             _ => false,
         };
-        if ended && let Some(done) = self.done.take() {
-            let _ = done.send(());
+        if ended && let Some(back) = self.done.take() {
+            back.upstreams
+                .give_back(back.key, back.pooled, &back.limits);
         }
         polled
     }

@@ -1356,7 +1356,8 @@ async fn connection_pool_connect_timeout_requests_per_connection_and_idle_timeou
 }
 
 /// A Python with the OpenTelemetry project's protobuf message types (`opentelemetry-proto`
-/// from PyPI), in a venv under the target directory, made the first time.
+/// from PyPI) and `oteltap` (a third-party OTLP/HTTP receiver), in a venv under the target
+/// directory, made the first time.
 fn otlp_python() -> std::path::PathBuf {
     let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("otlp-venv");
     let python = venv.join("bin/python");
@@ -1364,7 +1365,7 @@ fn otlp_python() -> std::path::PathBuf {
         std::process::Command::new(python)
             .args([
                 "-c",
-                "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+                "import opentelemetry.proto.collector.trace.v1.trace_service_pb2, oteltap",
             ])
             .status()
             .is_ok_and(|s| s.success())
@@ -1382,10 +1383,14 @@ fn otlp_python() -> std::path::PathBuf {
                 "-q",
                 "--disable-pip-version-check",
                 "opentelemetry-proto==1.45.2",
+                "oteltap==1.0.0",
             ])
             .status()
             .expect("pip runs");
-        assert!(installed.success(), "pip install opentelemetry-proto");
+        assert!(
+            installed.success(),
+            "pip install opentelemetry-proto oteltap"
+        );
         assert!(
             ready(&python),
             "opentelemetry-proto importable after install"
@@ -1588,4 +1593,124 @@ async fn spans_reach_an_otlp_receiver_with_the_clients_trace_and_istios_attribut
         "{}",
         registry.render()
     );
+}
+
+/// Issue 13 item 6, against a receiver nobody here wrote: `oteltap` (PyPI), an OTLP/HTTP
+/// receiver that prints every span it decodes as a JSON line, takes the waypoint's export and
+/// shows the client's trace continued, the parent, the span's name, kind and attributes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_party_otlp_receiver_decodes_the_waypoints_spans() {
+    use std::io::BufRead;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = std::process::Command::new(otlp_python())
+        .args(["-m", "oteltap", "--port", &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("oteltap starts");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let _child = Kill(child);
+    let first = lines.next().expect("a first line").expect("readable");
+    assert!(first.starts_with("Listening"), "{first}");
+    let spans = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let sink = spans.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Ok(span) = serde_json::from_str::<Value>(&line) {
+                sink.lock().unwrap().push(span);
+            }
+        }
+    });
+
+    let env: BTreeMap<String, String> = [
+        ("POD_NAME", "waypoint-7d9f".to_string()),
+        ("POD_NAMESPACE", "demo".to_string()),
+        ("GATEWAY_NAME", "waypoint".to_string()),
+        ("INSTANCE_IP", "127.0.0.1".to_string()),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        ),
+        ("TRACE_SAMPLING", "0".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = waypoint::config::from_env(&env, &BTreeMap::new()).expect("configuration");
+    let registry = Registry::new();
+    let (tracer, exporter) = waypoint::tracing::Tracer::new(&config.tracing, &registry);
+    tokio::spawn(exporter.expect("an exporter").run());
+    let w = world_with(tracer).await;
+    w.set_routes(
+        &[route(vec![wp::Rule {
+            backends: vec![backend(ECHO_V1, 1)],
+            ..Default::default()
+        }])],
+        &[],
+    );
+    const TRACE: &str = "5b8efff798038103d269b633813fc60c";
+    const CLIENT_SPAN: &str = "eee19b7ec3c1b174";
+    let ok = w
+        .get_path(
+            "/peer",
+            &[("traceparent", &format!("00-{TRACE}-{CLIENT_SPAN}-01"))],
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+
+    // Bounded wait for the exporter's batch (every second) to be decoded and printed.
+    let mut server = None;
+    for _ in 0..200 {
+        server = spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s["traceId"] == TRACE && s["kind"] == 2)
+            .cloned();
+        if server.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let server = server.unwrap_or_else(|| {
+        panic!(
+            "oteltap printed no server span of trace {TRACE}: {:#?}",
+            spans.lock().unwrap()
+        )
+    });
+    assert_eq!(server["parentSpanId"], CLIENT_SPAN, "{server:#}");
+    assert_eq!(
+        server["name"], "echo.demo.svc.cluster.local:80/*",
+        "{server:#}"
+    );
+    let attribute = |key: &str| {
+        server["attributes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|kv| kv["key"] == key))
+            .map(|kv| kv["value"].clone())
+            .unwrap_or_else(|| panic!("no attribute {key} in {server:#}"))
+    };
+    assert_eq!(attribute("http.method"), json!({"stringValue": "GET"}));
+    assert_eq!(attribute("component"), json!({"stringValue": "proxy"}));
+    let status = attribute("http.status_code");
+    assert!(
+        status["intValue"] == "200" || status["intValue"] == 200,
+        "{status}"
+    );
+    // The client span of the try, the server span's child, in the same trace.
+    let child_of_server =
+        spans.lock().unwrap().iter().any(|s| {
+            s["traceId"] == TRACE && s["kind"] == 3 && s["parentSpanId"] == server["spanId"]
+        });
+    assert!(child_of_server, "{:#?}", spans.lock().unwrap());
 }

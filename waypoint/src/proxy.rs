@@ -242,6 +242,20 @@ fn lock_read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What policies a tunnel is authorized against: those targeting the waypoint's Gateway
+/// (`namespace/name`), its class, and, for a service-addressed tunnel, the Service
+/// (`namespace/hostname`). `ambitctl explain` calls this too.
+pub fn policy_targets(
+    gateway: &str,
+    gateway_class: Option<&str>,
+    service: Option<&str>,
+) -> Vec<Target> {
+    let mut targets = vec![Target::Gateway(gateway.to_string())];
+    targets.extend(gateway_class.map(|c| Target::GatewayClass(c.to_string())));
+    targets.extend(service.map(|s| Target::Service(s.to_string())));
+    targets
+}
+
 /// The protocol a Service port declares.
 pub fn port_protocol(service: &Service, port: u16) -> Option<PortProtocol> {
     use ambit_state::AppProtocol as P;
@@ -361,13 +375,14 @@ impl Proxy {
             .index()
             .workload_by_ip(&self.settings.network, request.remote_addr.ip())
             .cloned();
-        let mut policy_targets = vec![
-            Target::Gateway(self.settings.gateway.clone()),
-            Target::GatewayClass(self.settings.gateway_class.clone()),
-        ];
-        if let Dest::Service { service, .. } = &target {
-            policy_targets.push(Target::Service(service.key.to_string()));
-        }
+        let policy_targets = policy_targets(
+            &self.settings.gateway,
+            Some(&self.settings.gateway_class),
+            match &target {
+                Dest::Service { service, .. } => Some(service.key.as_ref()),
+                Dest::Workload { .. } => None,
+            },
+        );
         let conn = Arc::new(Conn {
             peer: request.peer,
             src: request.remote_addr,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use ambit_authz::{ConnectionContext, Decision, Policy, PolicyStore, Subject, Target};
+use ambit_authz::{ConnectionContext, Decision, Policy, PolicyStore, Subject};
 use ambit_identity::Identity;
 use ambit_mesh::Pod;
 use ambit_mesh::enrollment::enrollment;
@@ -20,7 +20,7 @@ use ambit_state::{
     Workload,
 };
 use waypoint::filters::{Applied, apply_request, request_host};
-use waypoint::proxy::{PortProtocol, is_grpc, port_protocol};
+use waypoint::proxy::{PortProtocol, is_grpc, policy_targets, port_protocol};
 use waypoint::routes::{Decision as RouteDecision, RequestView, RouteTable};
 use waypoint::traffic::{ChooseError, Destinations};
 
@@ -905,21 +905,20 @@ impl Walk<'_, '_> {
         };
 
         // Authorization at the waypoint: the source's identity, the authority as destination.
-        let mut targets = Vec::new();
         let (ns, name) = via.gateway.split_once('/').unwrap_or(("", &via.gateway));
-        targets.push(Target::Gateway(via.gateway.clone()));
-        if let Some(gateway) = mesh
+        let class = mesh
             .cluster
             .gateways
             .get(&(ns.to_string(), name.to_string()))
-        {
-            targets.push(Target::GatewayClass(
-                gateway.spec.gateway_class_name.clone(),
-            ));
-        }
-        if let WaypointTarget::Service(s, _) = &target {
-            targets.push(Target::Service(s.key.to_string()));
-        }
+            .map(|g| g.spec.gateway_class_name.as_str());
+        let targets = policy_targets(
+            &via.gateway,
+            class,
+            match &target {
+                WaypointTarget::Service(s, _) => Some(s.key.as_ref()),
+                WaypointTarget::Workload(_) => None,
+            },
+        );
         let ctx =
             ConnectionContext::danger_assumed_identity(src_ip, identity.cloned(), via.authority);
         let host = request.as_ref().and_then(request_host).unwrap_or_default();

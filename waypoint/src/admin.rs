@@ -76,14 +76,7 @@ pub fn config_dump(state: &AdminState) -> Value {
         );
         service["hasRoutes"] = Value::Bool(l7.routes.has_routes(&key));
     }
-    let policies: Vec<Value> = {
-        let mut policies: Vec<_> = l7.policies.iter().collect();
-        policies.sort_by_key(|p| p.key());
-        policies
-            .into_iter()
-            .map(|p| ambit_authz::dump::policy(p))
-            .collect()
-    };
+    let policies = ambit_authz::dump::policies(l7.policies.iter().map(|p| &**p));
     let certificates = ambit_identity::dump::certificates(&state.certs.snapshot());
     let config: serde_json::Map<String, Value> = state
         .config

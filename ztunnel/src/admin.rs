@@ -87,15 +87,7 @@ pub fn config_dump(state: &AdminState) -> Value {
         let index = state.mesh.index();
         ambit_state::dump::workloads_and_services(&index)
     };
-    let policies: Vec<Value> = {
-        let store = state.mesh.policies();
-        let mut policies: Vec<_> = store.iter().collect();
-        policies.sort_by_key(|p| p.key());
-        policies
-            .into_iter()
-            .map(|p| ambit_authz::dump::policy(p))
-            .collect()
-    };
+    let policies = ambit_authz::dump::policies(state.mesh.policies().iter().map(|p| &**p));
     let certificates = ambit_identity::dump::certificates(&state.certs.snapshot());
     let config: Map<String, Value> = state
         .config

@@ -109,6 +109,13 @@ pub fn action(a: Action) -> &'static str {
     }
 }
 
+/// Policies in the dump's order (by `namespace/name`), each as [`policy`] shows it.
+pub fn policies<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> Vec<Value> {
+    let mut policies: Vec<&Policy> = policies.into_iter().collect();
+    policies.sort_by_key(|p| p.key());
+    policies.into_iter().map(policy).collect()
+}
+
 /// One policy.
 pub fn policy(p: &Policy) -> Value {
     let rules: Vec<Value> = p

@@ -513,13 +513,16 @@ impl Proxy {
         conn: &Conn,
         request: &mut Request<Incoming>,
     ) -> Option<crate::tracing::ActiveSpan> {
-        let (target, port) = match &conn.target {
+        // Built only for a sampled request: most are not.
+        let target = || match &conn.target {
             Dest::Service { service, port, .. } => (service.hostname.to_string(), *port),
             Dest::Workload { port, .. } => (conn.dst.ip().to_string(), *port),
         };
-        let mut span = self
-            .tracer
-            .start(request.headers_mut(), format!("{target}:{port}/*"))?;
+        let mut span = self.tracer.start(request.headers_mut(), || {
+            let (target, port) = target();
+            format!("{target}:{port}/*")
+        })?;
+        let (target, _) = target();
         let headers = request.headers();
         let text = |name: &str| {
             headers

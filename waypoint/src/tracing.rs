@@ -516,7 +516,11 @@ impl Tracer {
     /// `traceparent` or starts a trace (sampled with the configured probability), and rewrites
     /// `traceparent` to name the waypoint's span. Without tracing, or for a request not
     /// sampled, only makes sure a `traceparent` is there (not sampled when a new trace was not).
-    pub fn start(&self, headers: &mut HeaderMap, name: String) -> Option<ActiveSpan> {
+    pub fn start(
+        &self,
+        headers: &mut HeaderMap,
+        name: impl FnOnce() -> String,
+    ) -> Option<ActiveSpan> {
         let incoming = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
@@ -552,7 +556,7 @@ impl Tracer {
             span_id,
             parent: context.parent,
             trace_state,
-            name,
+            name: name(),
             kind: otlp::SpanKind::Server,
             start: now_nanos(),
             attributes: inner
@@ -811,7 +815,7 @@ mod tests {
             "traceparent",
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
-        let span = tracer.start(&mut headers, "x".into()).expect("sampled");
+        let span = tracer.start(&mut headers, || "x".into()).expect("sampled");
         assert_eq!(span.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let sent = headers["traceparent"].to_str().unwrap().to_string();
         assert!(
@@ -824,12 +828,12 @@ mod tests {
         );
         // A new trace at 0%: not sampled, marked so downstream.
         let mut headers = HeaderMap::new();
-        assert!(tracer.start(&mut headers, "x".into()).is_none());
+        assert!(tracer.start(&mut headers, || "x".into()).is_none());
         assert!(headers["traceparent"].to_str().unwrap().ends_with("-00"));
         // At 100%: every new trace.
         let (tracer, _exporter) = Tracer::new(&settings(100.0), &registry);
         let mut headers = HeaderMap::new();
-        assert!(tracer.start(&mut headers, "x".into()).is_some());
+        assert!(tracer.start(&mut headers, || "x".into()).is_some());
         assert!(headers["traceparent"].to_str().unwrap().ends_with("-01"));
     }
 
@@ -848,7 +852,7 @@ mod tests {
         // The exporter is not running: the queue fills and the rest is dropped.
         for _ in 0..MAX_QUEUE + 5 {
             let mut headers = HeaderMap::new();
-            let span = tracer.start(&mut headers, "x".into()).unwrap();
+            let span = tracer.start(&mut headers, || "x".into()).unwrap();
             tracer.end(span, 200);
         }
         let text = registry.render();

@@ -283,10 +283,9 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
         );
     }
     for policy in cluster.policies.values() {
-        let before = out.warnings.len();
         let translated = authorization(policy, settings, &mut out.warnings);
         if policy.spec.target_refs.is_empty() {
-            let fact = ztunnel_fact(policy, &translated, &out.warnings[before..]);
+            let fact = ztunnel_fact(policy, &translated);
             out.policy_status
                 .entry(format!(
                     "{}/{}",
@@ -296,7 +295,7 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
                 .ztunnel = Some(fact);
         }
         match translated {
-            Translated::Resource(resource) => {
+            Translated::Resource(resource, _) => {
                 out.authorizations
                     .insert(resource.resource_name(), resource);
             }
@@ -852,7 +851,9 @@ fn protocol_name(name: &str) -> Option<pb::AppProtocol> {
 }
 
 enum Translated {
-    Resource(sec::Authorization),
+    /// The resource ztunnel gets, and the HTTP fields it leaves out (their rules dropped from an
+    /// ALLOW, enforced on their L4 parts in a DENY).
+    Resource(sec::Authorization, BTreeSet<&'static str>),
     Waypoint,
     Skipped,
 }
@@ -925,30 +926,23 @@ fn when_match(condition: &crate::objects::WhenCondition) -> Option<sec::Match> {
 }
 
 /// The `ZtunnelAccepted` condition of a policy ztunnel enforces: what [`authorization`] kept of
-/// it (`notes`: the warnings it gave for this policy), said the way Istio says it.
-fn ztunnel_fact(
-    policy: &AuthorizationPolicy,
-    translated: &Translated,
-    notes: &[String],
-) -> crate::status::Fact {
+/// it, said the way Istio says it.
+fn ztunnel_fact(policy: &AuthorizationPolicy, translated: &Translated) -> crate::status::Fact {
     use crate::status::Fact;
     let action = policy.spec.action.as_str();
-    if let Translated::Skipped = translated {
-        return Fact::no(
-            "UnsupportedValue",
-            format!("ztunnel does not enforce action {action}; the policy is not enforced"),
-        );
-    }
-    // The rules using L7 fields, and the fields, as the translation reported them.
-    let fields: BTreeSet<&str> = notes
-        .iter()
-        .filter_map(|n| n.split_once("uses L7 fields (")?.1.split_once(')'))
-        .flat_map(|(fields, _)| fields.split(", "))
-        .collect();
+    let fields = match translated {
+        Translated::Resource(_, left_out) => left_out,
+        Translated::Skipped | Translated::Waypoint => {
+            return Fact::no(
+                "UnsupportedValue",
+                format!("ztunnel does not enforce action {action}; the policy is not enforced"),
+            );
+        }
+    };
     if fields.is_empty() {
         return Fact::yes("Accepted", "attached to ztunnel");
     }
-    let fields = fields.into_iter().collect::<Vec<_>>().join(", ");
+    let fields = fields.iter().copied().collect::<Vec<_>>().join(", ");
     let effect = if action == "DENY" {
         "In this DENY policy those rules are enforced on their L4 parts only, which denies more than requested."
     } else {
@@ -990,6 +984,7 @@ fn authorization(
         sec::Scope::Namespace
     };
     let mut rules = Vec::new();
+    let mut left_out = BTreeSet::new();
     for (r, rule) in policy.spec.rules.iter().flatten().enumerate() {
         let mut l7 = Vec::new();
         let mut clauses = Vec::new();
@@ -1053,6 +1048,7 @@ fn authorization(
             }
         }
         if !l7.is_empty() {
+            left_out.extend(l7.iter().copied());
             if action == sec::Action::Allow {
                 warnings.push(format!(
                     "{named}: rules[{r}] uses L7 fields ({}) that need a waypoint; the rule is dropped so it allows nothing at L4",
@@ -1067,16 +1063,19 @@ fn authorization(
         }
         rules.push(sec::Rule { clauses });
     }
-    Translated::Resource(sec::Authorization {
-        name: meta.name.clone(),
-        namespace: meta.namespace.clone(),
-        scope: scope as i32,
-        action: action as i32,
-        rules,
-        dry_run: meta
-            .annotations
-            .get("istio.io/dry-run")
-            .is_some_and(|v| v == "true"),
-        ..Default::default()
-    })
+    Translated::Resource(
+        sec::Authorization {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            scope: scope as i32,
+            action: action as i32,
+            rules,
+            dry_run: meta
+                .annotations
+                .get("istio.io/dry-run")
+                .is_some_and(|v| v == "true"),
+            ..Default::default()
+        },
+        left_out,
+    )
 }

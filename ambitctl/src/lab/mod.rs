@@ -353,13 +353,12 @@ fn expand_deployments(objects: &mut Vec<Object>) -> anyhow::Result<()> {
             pod["metadata"]["name"] = json!(format!("{}-{i}", key.name));
             pod["metadata"]["namespace"] = json!(key.namespace);
             pod["metadata"]["annotations"][OWNER] = json!(format!("Deployment/{}", key.name));
-            let pod = serde_json::from_value::<Pod>(pod).with_context(|| {
+            let mut pod = serde_json::from_value::<Pod>(pod).with_context(|| {
                 format!(
                     "Deployment {}/{}: spec.template is not a valid pod template",
                     key.namespace, key.name
                 )
             })?;
-            let mut pod = pod;
             env::put(&mut pod, &env::of_spec(&template["spec"]));
             pods.push(Object::Pod(pod));
         }

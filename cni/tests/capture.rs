@@ -457,6 +457,11 @@ async fn runtime_chain_captures_ambient_pods_and_follows_labels() {
         lab.call("legacy", SocketAddr::new(app_ip, 8080)).await,
         format!("app saw {legacy_ip}")
     );
+    // The agent removes the pod's rules, then its node-side probe entry: wait for both.
+    eventually("the node's probe entry removed", async || {
+        lab.probe_set() == Some(vec![])
+    })
+    .await;
     assert_eq!(lab.probe_set(), Some(vec![]));
     assert_eq!(
         lab.call_from_node(SocketAddr::new(app_ip, 8080)).await,

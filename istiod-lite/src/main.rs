@@ -11,6 +11,7 @@ use ambit_core::readiness::Readiness;
 use ambit_identity::Identity;
 use ambit_mesh::translate::MeshSettings;
 use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use anyhow::Context;
 use clap::Parser;
 use http::StatusCode;
 use istiod_lite::ca::CaService;
@@ -126,6 +127,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Both ports first: a port already taken stops the process before it touches the CA or the
+    // cluster.
+    let monitoring = tokio::net::TcpListener::bind(args.monitoring)
+        .await
+        .with_context(|| format!("--monitoring {}", args.monitoring))?;
+    let listener = tonic::transport::server::TcpIncoming::bind(args.listen)
+        .with_context(|| format!("--listen {}", args.listen))?
+        .with_nodelay(Some(true));
     let metrics = Registry::new();
     describe_metrics(&metrics);
     istiod_lite::ca::describe_metrics(&metrics);
@@ -222,7 +231,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &serving.key_pem,
     ));
 
-    let monitoring = tokio::net::TcpListener::bind(args.monitoring).await?;
     let (_drain_trigger, drain) = ambit_core::drain::new();
     let handler = {
         let metrics = metrics.clone();
@@ -272,7 +280,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .tls_config(tls)?
         .add_service(IstioCertificateServiceServer::new(ca_service))
         .add_service(istiod_lite::xds::service(xds))
-        .serve_with_shutdown(args.listen, async move {
+        .serve_with_incoming_shutdown(listener, async move {
             shutdown_signal().await;
             // Ends every xDS stream; tonic then stops accepting and waits for in-flight calls.
             signalled.cancel();

@@ -288,7 +288,7 @@ async fn the_ca_signs_only_for_pods_on_the_callers_node() {
 
 #[tokio::test]
 async fn the_binary_closes_xds_streams_and_exits_on_sigterm() {
-    use support::{Binary, free_port, http_status, istiod_lite};
+    use support::{Serving, http_status};
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config");
@@ -301,25 +301,26 @@ async fn the_binary_closes_xds_streams_and_exits_on_sigterm() {
     )
     .unwrap();
     let ca = dir.path().join("ca");
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let monitoring = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut binary = Binary(
-        istiod_lite()
-            .args(["--config-dir", config.to_str().unwrap()])
-            .args(["--ca-dir", ca.to_str().unwrap()])
-            .args(["--tokens", tokens.to_str().unwrap()])
-            .args(["--listen", &listen.to_string()])
-            .args(["--monitoring", &monitoring.to_string()])
-            .args(["--ip", "127.0.0.1"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut serving = Serving::start(&[
+        "--config-dir",
+        config.to_str().unwrap(),
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--ip",
+        "127.0.0.1",
+    ])
+    .await;
     let deadline = tokio::time::Instant::now() + support::WAIT;
-    while !matches!(http_status(monitoring, "/ready").await, Some((200, _))) {
+    while !matches!(
+        http_status(serving.monitoring, "/ready").await,
+        Some((200, _))
+    ) {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "istiod-lite never became ready"
+            "istiod-lite never became ready: {}",
+            serving.stderr()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -329,7 +330,7 @@ async fn the_binary_closes_xds_streams_and_exits_on_sigterm() {
     let readiness = Readiness::new();
     let client_task = support::start_xds_client(
         support::control_plane(
-            listen.port(),
+            serving.listen.port(),
             ca.join("root-cert.pem"),
             Some("node-1-token"),
         ),
@@ -342,13 +343,13 @@ async fn the_binary_closes_xds_streams_and_exits_on_sigterm() {
     .await;
 
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(binary.0.id() as i32),
+        nix::unistd::Pid::from_raw(serving.binary.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
     let deadline = std::time::Instant::now() + support::WAIT;
     let status = loop {
-        if let Some(status) = binary.0.try_wait().unwrap() {
+        if let Some(status) = serving.binary.0.try_wait().unwrap() {
             break status;
         }
         assert!(
@@ -359,8 +360,7 @@ async fn the_binary_closes_xds_streams_and_exits_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "istiod-lite exited with {status}");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut binary.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = serving.stderr_after_exit();
     assert!(
         stderr.contains("istiod-lite stopped") && !stderr.contains("drain deadline"),
         "stopped without waiting for the deadline: {stderr}"

@@ -8,10 +8,9 @@
 //! receives the state, and the binary's `--kubernetes` command line.
 
 mod support;
-use support::{Binary, WAIT, eventually, free_port, http_status, istiod_lite, refused};
+use support::{Serving, WAIT, eventually, http_status, refused};
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -682,27 +681,16 @@ async fn the_binary_needs_exactly_one_config_source_and_becomes_ready_from_kuber
     for object in demo() {
         server.apply(object);
     }
-    let monitoring = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-    let _binary = Binary(
-        istiod_lite()
-            .args([
-                "--kubernetes",
-                "--kube-url",
-                &server.url(),
-                "--listen",
-                &listen.to_string(),
-                "--monitoring",
-                &monitoring.to_string(),
-                // The waypoint controller keeps watches of its own (tests/waypoint_controller.rs);
-                // this test counts the config source's.
-                "--no-waypoint-controller",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let serving = Serving::start(&[
+        "--kubernetes",
+        "--kube-url",
+        &server.url(),
+        // The waypoint controller keeps watches of its own (tests/waypoint_controller.rs);
+        // this test counts the config source's.
+        "--no-waypoint-controller",
+    ])
+    .await;
+    let monitoring = serving.monitoring;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut last = None;
     loop {
@@ -712,7 +700,8 @@ async fn the_binary_needs_exactly_one_config_source_and_becomes_ready_from_kuber
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "never ready; last answer: {last:?}; requests: {:#?}",
+            "never ready; last answer: {last:?}; istiod-lite printed: {}\nrequests: {:#?}",
+            serving.stderr(),
             server.requests()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -5,7 +5,7 @@
 //! Service parents get Accepted and ResolvedRefs, bound Services istio.io/WaypointBound.
 
 mod support;
-use support::{Binary, eventually, free_port, istiod_lite, kube_client, refused};
+use support::{Serving, eventually, kube_client, refused};
 
 use std::time::Duration;
 
@@ -478,32 +478,24 @@ async fn the_binary_in_kubernetes_mode_deploys_waypoints_with_the_image_given() 
     let server = FakeApiServer::start().await;
     server.apply(namespace("demo"));
     server.apply(waypoint(json!({})));
-    let _binary = Binary(
-        istiod_lite()
-            .args([
-                "--kubernetes",
-                "--kube-url",
-                &server.url(),
-                "--listen",
-                &format!("127.0.0.1:{}", free_port()),
-                "--monitoring",
-                &format!("127.0.0.1:{}", free_port()),
-                "--waypoint-image",
-                "registry.test/waypoint:cli",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut serving = Serving::start(&[
+        "--kubernetes",
+        "--kube-url",
+        &server.url(),
+        "--waypoint-image",
+        "registry.test/waypoint:cli",
+    ])
+    .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let image = loop {
         if let Some(d) = server.get("apps/v1", "Deployment", "demo", "wp") {
             break d["spec"]["template"]["spec"]["containers"][0]["image"].clone();
         }
+        serving.assert_running();
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no Deployment demo/wp within 90s; requests: {:#?}",
+            "no Deployment demo/wp within 90s; istiod-lite printed: {}\nrequests: {:#?}",
+            serving.stderr(),
             server.requests()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

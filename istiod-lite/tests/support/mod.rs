@@ -91,13 +91,111 @@ pub(crate) fn refused(args: &[&str]) -> String {
     text
 }
 
-pub(crate) fn free_port() -> u16 {
+fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
 }
+
+/// The binary serving: xDS and the CA on `listen`, `/metrics` and `/ready` on `monitoring`; its
+/// stderr is kept (read on a thread so a chatty binary never blocks on a full pipe) for failure
+/// messages. Killed when dropped.
+pub(crate) struct Serving {
+    pub(crate) binary: Binary,
+    pub(crate) listen: SocketAddr,
+    pub(crate) monitoring: SocketAddr,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Serving {
+    /// Starts `istiod-lite <args> --listen .. --monitoring ..` on two free loopback ports and
+    /// waits until both answer. Ports are chosen before the binary binds them, so another process
+    /// can take one in between: a start that fails with "address in use" is retried on new ports
+    /// (up to 5 times); any other early exit fails the test with what the binary printed.
+    pub(crate) async fn start(args: &[&str]) -> Serving {
+        for _ in 0..5 {
+            let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+            let monitoring = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+            let mut child = istiod_lite()
+                .args(args)
+                .args(["--listen", &listen.to_string()])
+                .args(["--monitoring", &monitoring.to_string()])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut pipe = child.stderr.take().unwrap();
+            let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let reader = {
+                let stderr = stderr.clone();
+                std::thread::spawn(move || {
+                    let mut chunk = [0u8; 4096];
+                    while let Ok(n @ 1..) = std::io::Read::read(&mut pipe, &mut chunk) {
+                        stderr.lock().unwrap().extend_from_slice(&chunk[..n]);
+                    }
+                })
+            };
+            let mut serving = Serving {
+                binary: Binary(child),
+                listen,
+                monitoring,
+                stderr,
+                reader: Some(reader),
+            };
+            let deadline = tokio::time::Instant::now() + STARTUP;
+            loop {
+                if let Some(status) = serving.binary.0.try_wait().unwrap() {
+                    let printed = serving.stderr_after_exit();
+                    if printed.contains("Address already in use") {
+                        break;
+                    }
+                    panic!("istiod-lite {args:?} exited with {status} while starting: {printed}");
+                }
+                if http_status(monitoring, "/ready").await.is_some()
+                    && tokio::net::TcpStream::connect(listen).await.is_ok()
+                {
+                    return serving;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "istiod-lite {args:?} not serving on {listen} and {monitoring} within \
+                     {STARTUP:?}: {}",
+                    serving.stderr()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        panic!("istiod-lite {args:?}: every try found a chosen port taken");
+    }
+
+    /// What the binary printed on stderr so far.
+    pub(crate) fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Everything the binary printed on stderr; call once it has exited.
+    pub(crate) fn stderr_after_exit(&mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        self.stderr()
+    }
+
+    /// Panics with what the binary printed if it is no longer running.
+    pub(crate) fn assert_running(&mut self) {
+        if let Some(status) = self.binary.0.try_wait().unwrap() {
+            panic!(
+                "istiod-lite exited with {status}: {}",
+                self.stderr_after_exit()
+            );
+        }
+    }
+}
+
+/// Bound on the binary's start (it generates a CA and, in Kubernetes mode, lists the cluster).
+const STARTUP: Duration = Duration::from_secs(30);
 
 /// `GET path` on `addr`: the status code, or None if nothing answers.
 pub(crate) async fn http_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {

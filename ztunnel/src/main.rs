@@ -13,6 +13,11 @@ use ambit_core::config::ProcessEnv;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The longest a log line (an access-log line per connection, mostly) waits before it is written:
+/// lines are written in batches, when 64 KiB are pending or this long after the first of them,
+/// instead of one `write` each.
+const LOG_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn main() -> ExitCode {
     // The only argument: `--version` (images and installers check the binary with it).
     if std::env::args().nth(1).as_deref() == Some("--version") {
@@ -27,7 +32,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let log = match ambit_core::logging::init(config.log_format, &config.log_level) {
+    // A line per connection: written in batches (docs/operations.md, "Logs").
+    let output = ambit_core::logging::LogOutput::Buffered {
+        flush_interval: LOG_FLUSH_INTERVAL,
+    };
+    let log = match ambit_core::logging::init_with(config.log_format, &config.log_level, output) {
         Ok(log) => Some(log),
         Err(e) => {
             eprintln!("ztunnel: logging: {e}");
@@ -42,18 +51,31 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
+            if let Some(log) = &log {
+                log.flush();
+            }
             eprintln!("ztunnel: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(ztunnel::app::run(
+    let flush = log.clone();
+    let result = runtime.block_on(ztunnel::app::run(
         config,
         log,
         ztunnel::app::shutdown_signal(),
-    )) {
+    ));
+    // Connections still open are dropped with the runtime, each logging its line.
+    drop(runtime);
+    if let Err(e) = &result {
+        tracing::error!(error = ?e, "ztunnel failed");
+    }
+    // Every buffered line out before the process ends (and before the direct message below).
+    if let Some(log) = &flush {
+        log.flush();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = ?e, "ztunnel failed");
             eprintln!("ztunnel: {e:#}");
             ExitCode::FAILURE
         }

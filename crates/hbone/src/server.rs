@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use ambit_identity::tls::VerifiedPeer;
 use bytes::Bytes;
@@ -38,6 +39,7 @@ pub struct Responder {
     pending: Option<PendingResponse>,
     peer: VerifiedPeer,
     authority: String,
+    answer_hold: Duration,
 }
 
 struct PendingResponse {
@@ -56,9 +58,25 @@ impl std::fmt::Debug for Responder {
 }
 
 impl Responder {
-    /// Sends 200 with `headers` (for example the destination's `baggage`) and returns the tunnel.
+    /// Accepts the tunnel with a 200 carrying `headers` (for example the destination's
+    /// `baggage`) and returns it.
+    ///
+    /// The 200 goes with the first DATA or END_STREAM the tunnel sends, or as soon as a read of the
+    /// tunnel finds nothing: at once if the client has sent nothing yet (it may be waiting for the
+    /// 200), within [`H2Config::answer_hold`] if it sent bytes with the CONNECT. Dropping the
+    /// tunnel sends it too. A handler therefore reads or writes the tunnel right after accepting
+    /// it, as a byte copy does.
     pub fn accept(mut self, headers: HeaderMap) -> Result<HboneStream, HboneError> {
         let PendingResponse { mut respond, body } = self.take_pending();
+        if !self.answer_hold.is_zero() {
+            return Ok(HboneStream::owing_answer(
+                respond,
+                body,
+                headers,
+                self.peer.clone(),
+                self.answer_hold,
+            ));
+        }
         let mut response = Response::new(());
         *response.headers_mut() = headers.clone();
         let send =
@@ -147,7 +165,7 @@ where
             accepted = connection.accept() => match accepted {
                 Some(Ok((request, respond))) => {
                     let addresses = (local_addr, remote_addr);
-                    dispatch(request, respond, &peer, addresses, &handler);
+                    dispatch(request, respond, &peer, addresses, config.answer_hold, &handler);
                 }
                 Some(Err(source)) if is_peer_gone(&source) && !connection.has_streams() => {
                     debug!(%remote_addr, error = %source, "HBONE client closed an idle connection");
@@ -188,6 +206,7 @@ fn dispatch<H, F>(
     respond: SendResponse<Bytes>,
     peer: &VerifiedPeer,
     (local_addr, remote_addr): (SocketAddr, SocketAddr),
+    answer_hold: Duration,
     handler: &H,
 ) where
     H: Fn(InboundRequest, Responder) -> F,
@@ -214,6 +233,7 @@ fn dispatch<H, F>(
         pending: Some(PendingResponse { respond, body }),
         peer: peer.clone(),
         authority,
+        answer_hold,
     };
     tokio::spawn(handler(inbound, responder));
 }

@@ -52,6 +52,27 @@ async fn client_with(first: &[u8]) -> (Observed, DuplexStream, watch::Receiver<u
     (observed, application, taken_rx)
 }
 
+/// Opens a tunnel to `server` (authority `127.0.0.1:80`) sending up to `limit` of the client's
+/// first bytes with the CONNECT; bounded by the wait.
+async fn connect_early<R: AsyncRead + Unpin>(
+    pool: &ambit_hbone::Pool,
+    server: &TestServer,
+    client: &mut R,
+    limit: usize,
+) -> Result<(ambit_hbone::HboneStream, u64), HboneError> {
+    timeout(
+        WAIT,
+        pool.connect_with_early_data(
+            server.key(),
+            ConnectRequest::new("127.0.0.1:80"),
+            client,
+            limit,
+        ),
+    )
+    .await
+    .expect("the tunnel opened or failed within the wait")
+}
+
 /// Waits until the client's pool took `bytes` from the client, then answers with `status`: 200
 /// and an echo of everything (the early bytes first), or a refusal.
 fn answer_after(bytes: usize, taken: watch::Receiver<usize>, status: StatusCode) -> TestHandler {
@@ -81,13 +102,7 @@ async fn early_bytes_arrive_once_and_ahead_of_the_rest() {
     let server = TestServer::start(&certs, answer_after(6, taken, StatusCode::OK)).await;
     let pool = pool(&certs, PoolConfig::default());
 
-    let (stream, early) = pool
-        .connect_with_early_data(
-            server.key(),
-            ConnectRequest::new("127.0.0.1:80"),
-            &mut client,
-            64 * 1024,
-        )
+    let (stream, early) = connect_early(&pool, &server, &mut client, 64 * 1024)
         .await
         .unwrap();
     assert_eq!(
@@ -106,13 +121,7 @@ async fn the_limit_bounds_early_bytes_and_the_rest_follows_in_order() {
     let server = TestServer::start(&certs, answer_after(1000, taken, StatusCode::OK)).await;
     let pool = pool(&certs, PoolConfig::default());
 
-    let (mut stream, early) = pool
-        .connect_with_early_data(
-            server.key(),
-            ConnectRequest::new("127.0.0.1:80"),
-            &mut client,
-            1000,
-        )
+    let (mut stream, early) = connect_early(&pool, &server, &mut client, 1000)
         .await
         .unwrap();
     assert_eq!(early, 1000);
@@ -120,12 +129,7 @@ async fn the_limit_bounds_early_bytes_and_the_rest_follows_in_order() {
     let mut rest = vec![0; upload.len() - 1000];
     client.read_exact(&mut rest).await.unwrap();
     stream.write_all(&rest).await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut echoed = Vec::new();
-    timeout(WAIT, stream.read_to_end(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
+    let echoed = finish_and_receive(&mut stream).await;
     assert_eq!(echoed.len(), upload.len());
     assert_eq!(checksum(&echoed), checksum(&upload));
 }
@@ -166,13 +170,7 @@ async fn a_refused_connect_discards_early_bytes_and_the_connection_stays_usable(
     );
 
     let (mut client, _application, _taken) = client_with(b"hello").await;
-    let (stream, early) = pool
-        .connect_with_early_data(
-            server.key(),
-            ConnectRequest::new("127.0.0.1:80"),
-            &mut client,
-            64 * 1024,
-        )
+    let (stream, early) = connect_early(&pool, &server, &mut client, 64 * 1024)
         .await
         .unwrap();
     assert_eq!(early, 5);
@@ -193,24 +191,13 @@ async fn a_client_that_closes_before_the_answer_is_half_closed_after_its_bytes()
     let server = TestServer::start(&certs, answer_after(13, taken, StatusCode::OK)).await;
     let pool = pool(&certs, PoolConfig::default());
 
-    let (mut stream, early) = pool
-        .connect_with_early_data(
-            server.key(),
-            ConnectRequest::new("127.0.0.1:80"),
-            &mut client,
-            64 * 1024,
-        )
+    let (mut stream, early) = connect_early(&pool, &server, &mut client, 64 * 1024)
         .await
         .unwrap();
     assert_eq!(early, 13);
     // The client's EOF is still there for the copy that follows.
     assert_eq!(client.read(&mut [0; 16]).await.unwrap(), 0);
-    stream.shutdown().await.unwrap();
-    let mut echoed = Vec::new();
-    timeout(WAIT, stream.read_to_end(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
+    let echoed = finish_and_receive(&mut stream).await;
     assert_eq!(echoed, b"short request");
 }
 
@@ -261,4 +248,148 @@ async fn a_client_read_error_before_the_answer_is_reported_as_such() {
         other => panic!("unexpected error: {other}"),
     }
     assert!(error.to_string().contains("127.0.0.1:80"), "{error}");
+}
+
+/// Accepts once the client's first `bytes` arrived with the CONNECT, reads exactly those (never
+/// waiting on a read), reports them, and then holds the tunnel until `go` before replying with
+/// `reply` and ending its side.
+fn hold_then_reply(
+    bytes: usize,
+    read_tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    go: watch::Receiver<bool>,
+    reply: &'static [u8],
+) -> TestHandler {
+    handler(move |_request: InboundRequest, responder: Responder| {
+        let read_tx = read_tx.clone();
+        let mut go = go.clone();
+        async move {
+            let mut stream = responder.accept(HeaderMap::new()).unwrap();
+            let mut first = vec![0; bytes];
+            stream.read_exact(&mut first).await.unwrap();
+            read_tx.send(first).await.unwrap();
+            go.wait_for(|go| *go).await.unwrap();
+            stream.write_all(reply).await.unwrap();
+            stream.shutdown().await.unwrap();
+            let _ = stream.read_to_end(&mut Vec::new()).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_200_waits_for_the_first_reply_when_the_client_sent_bytes_with_the_connect() {
+    let certs = Certs::new();
+    let (mut client, _application, _taken) = client_with(b"GET / HTTP/1.1\r\n\r\n").await;
+    let (read_tx, mut read_rx) = tokio::sync::mpsc::channel(1);
+    let (go_tx, go) = watch::channel(false);
+    let server =
+        TestServer::start(&certs, hold_then_reply(18, read_tx, go, b"HTTP/1.1 200 OK")).await;
+    let pool = pool(&certs, PoolConfig::default());
+
+    let connect = pool.connect_with_early_data(
+        server.key(),
+        ConnectRequest::new("127.0.0.1:80"),
+        &mut client,
+        64 * 1024,
+    );
+    tokio::pin!(connect);
+    // The handler has the request and has accepted the tunnel, but has nothing to send and is not
+    // reading: the 200 is held for the reply, so the client's CONNECT stays unanswered.
+    let first = tokio::select! {
+        first = read_rx.recv() => first.unwrap(),
+        connected = &mut connect => panic!("answered before the handler had the request: {connected:?}"),
+    };
+    assert_eq!(first, b"GET / HTTP/1.1\r\n\r\n");
+    assert!(
+        timeout(std::time::Duration::from_millis(100), &mut connect)
+            .await
+            .is_err(),
+        "the 200 went out before the handler sent anything"
+    );
+    // The reply carries the 200 with it.
+    go_tx.send(true).unwrap();
+    let (mut stream, early) = timeout(WAIT, connect).await.unwrap().unwrap();
+    assert_eq!(early, 18);
+    let mut reply = Vec::new();
+    timeout(WAIT, stream.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, b"HTTP/1.1 200 OK");
+    stream.shutdown().await.unwrap();
+    assert!(server.log.errors().is_empty(), "{:?}", server.log.errors());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_for_the_200_after_its_first_bytes_gets_it_when_the_server_reads_on() {
+    // The client's first 1000 bytes go with the CONNECT (its limit); the rest only after the 200.
+    // The handler replies only once it has read everything, so the 200 has to go without a reply.
+    let certs = Certs::new();
+    let upload = pseudo_random_bytes(11, 5000);
+    let (mut client, _application, _taken) = client_with(&upload).await;
+    let server = TestServer::start(
+        &certs,
+        handler(
+            |_request: InboundRequest, responder: Responder| async move {
+                let mut stream = responder.accept(HeaderMap::new()).unwrap();
+                let mut all = vec![0; 5000];
+                stream.read_exact(&mut all).await.unwrap();
+                stream
+                    .write_all(&checksum(&all).to_be_bytes())
+                    .await
+                    .unwrap();
+                stream.shutdown().await.unwrap();
+            },
+        ),
+    )
+    .await;
+    let pool = pool(&certs, PoolConfig::default());
+
+    let (mut stream, early) = connect_early(&pool, &server, &mut client, 1000)
+        .await
+        .unwrap();
+    assert_eq!(early, 1000);
+    let mut rest = vec![0; 4000];
+    client.read_exact(&mut rest).await.unwrap();
+    stream.write_all(&rest).await.unwrap();
+    let mut sum = Vec::new();
+    timeout(WAIT, stream.read_to_end(&mut sum))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sum, checksum(&upload).to_be_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_ended_or_dropped_before_any_reply_is_still_answered_200() {
+    let certs = Certs::new();
+    for drop_it in [false, true] {
+        let (mut client, _application, _taken) = client_with(b"ping").await;
+        let server = TestServer::start(
+            &certs,
+            handler(
+                move |_request: InboundRequest, responder: Responder| async move {
+                    let mut stream = responder.accept(HeaderMap::new()).unwrap();
+                    let mut first = [0; 4];
+                    stream.read_exact(&mut first).await.unwrap();
+                    if !drop_it {
+                        stream.shutdown().await.unwrap();
+                    }
+                },
+            ),
+        )
+        .await;
+        let pool = pool(&certs, PoolConfig::default());
+
+        let (mut stream, early) = connect_early(&pool, &server, &mut client, 64 * 1024)
+            .await
+            .unwrap();
+        assert_eq!(early, 4);
+        // END_STREAM, or the reset with CANCEL that follows a drop, reads as EOF.
+        let mut rest = Vec::new();
+        timeout(WAIT, stream.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(rest.is_empty(), "drop {drop_it}: {rest:?}");
+    }
 }

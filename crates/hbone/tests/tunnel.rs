@@ -502,3 +502,44 @@ async fn copy_with_tunnel_splices_both_ends_with_half_close_and_exact_counts() {
         (expected.len() as u64, UPLOAD as u64)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectored_writes_arrive_whole_and_in_order() {
+    let certs = Certs::new();
+    let server = TestServer::start(&certs, echo_handler()).await;
+    let pool = pool(&certs, PoolConfig::default());
+    let mut stream = pool
+        .connect(server.key(), ConnectRequest::new("127.0.0.1:80"))
+        .await
+        .unwrap();
+    assert!(tokio::io::AsyncWrite::is_write_vectored(&stream));
+
+    // A head and a body as separate slices (how hyper writes a message), then more slices than
+    // one write takes at a time; a short write is continued from where it stopped.
+    let body = pseudo_random_bytes(3, 100_000);
+    let parts: Vec<&[u8]> = vec![b"HTTP/1.1 200 OK\r\n\r\n", &body, b"", b"tail"];
+    let mut expected = Vec::new();
+    for part in &parts {
+        expected.extend_from_slice(part);
+    }
+    let mut offset = 0;
+    while offset < expected.len() {
+        // The slices still to send, starting inside the one the last write stopped in.
+        let mut slices = Vec::new();
+        let mut skip = offset;
+        for part in &parts {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            slices.push(std::io::IoSlice::new(&part[skip..]));
+            skip = 0;
+        }
+        let written = stream.write_vectored(&slices).await.unwrap();
+        assert!(written > 0);
+        offset += written;
+    }
+    let echoed = finish_and_receive(&mut stream).await;
+    assert_eq!(echoed.len(), expected.len());
+    assert_eq!(checksum(&echoed), checksum(&expected));
+}

@@ -307,6 +307,18 @@ pub(crate) async fn send_and_receive(stream: HboneStream, data: &[u8]) -> Vec<u8
     received
 }
 
+/// Half-closes `stream` and returns everything the peer sends until EOF (for a stream whose
+/// writes are done).
+pub(crate) async fn finish_and_receive(stream: &mut HboneStream) -> Vec<u8> {
+    stream.shutdown().await.unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut received))
+        .await
+        .expect("the peer ended in time")
+        .unwrap();
+    received
+}
+
 /// A loopback port with nothing listening on it.
 pub(crate) async fn closed_port() -> SocketAddr {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();

@@ -60,7 +60,9 @@ pub fn admin_handler(state: AdminState) -> Handler {
 /// Everything the waypoint holds, as JSON (no private keys). What ztunnel's dump also has uses
 /// its names and shapes (upstream ztunnel's): `workloads`, `services` (each with the waypoint's
 /// own `hasRoutes`), `policies`, `certificates`, `version`, `config`; the rest is the waypoint's
-/// (`gateway`, `gatewayClass`, `routes`, `ejectedEndpoints`).
+/// (`gateway`, `gatewayClass`, `routes`, `ejectedEndpoints`, and `connections`: the TCP
+/// connections it proxies at L4 right now, each as ztunnel lists its own; HTTP is accounted per
+/// request, in the metrics and access log).
 pub fn config_dump(state: &AdminState) -> Value {
     let l7 = state.proxy.l7();
     let settings = state.proxy.settings();
@@ -92,11 +94,20 @@ pub fn config_dump(state: &AdminState) -> Value {
             json!({"service": service, "workload": workload, "ejectedForSeconds": left})
         })
         .collect();
+    let now = std::time::SystemTime::now();
+    let connections: Vec<Value> = state
+        .proxy
+        .connections()
+        .snapshot()
+        .iter()
+        .map(|c| ambit_telemetry::dump::connection(c, now))
+        .collect();
     json!({
         "gateway": settings.gateway,
         "gatewayClass": settings.gateway_class,
         "routes": l7.route_names,
         "ejectedEndpoints": ejected,
+        "connections": connections,
         "workloads": workloads,
         "services": services,
         "policies": policies,

@@ -161,34 +161,8 @@ fn workload_state(
             "inbound"
         };
         if let Some(list) = entry["connections"][direction].as_array_mut() {
-            list.push(connection(&c, now));
+            list.push(ambit_telemetry::dump::connection(&c, now));
         }
     }
     Value::Object(out.into_iter().collect())
-}
-
-/// One open connection in upstream's shape plus Ambit's keys. Inbound, `originalDst` is the
-/// service the client addressed (or empty) and `actualDst` the application address the bytes go
-/// to;
-/// outbound, `originalDst` is what the app dialled and `actualDst` the next hop (the HBONE
-/// endpoint or the direct upstream).
-fn connection(c: &LiveConnection, now: SystemTime) -> Value {
-    let (original, actual) = if c.direction() == "outbound" {
-        (
-            c.dst.to_string(),
-            c.upstream.map(|u| u.to_string()).unwrap_or_default(),
-        )
-    } else {
-        (c.service.clone(), c.upstream.unwrap_or(c.dst).to_string())
-    };
-    json!({
-        "src": c.src.to_string(),
-        "originalDst": original,
-        "actualDst": actual,
-        "protocol": if c.mtls { "HBONE" } else { "TCP" },
-        "peerIdentity": c.peer_identity(),
-        "bytesSent": c.bytes_sent,
-        "bytesReceived": c.bytes_received,
-        "durationSeconds": now.duration_since(c.opened).map(|d| d.as_secs()).unwrap_or(0),
-    })
 }

@@ -151,6 +151,19 @@ impl ConnectionGuard {
     }
 }
 
+/// An address for the access log, empty when there is none (formatted into the line, not into a
+/// string of its own).
+struct OptionalAddr(Option<SocketAddr>);
+
+impl fmt::Display for OptionalAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(addr) => fmt::Display::fmt(&addr, f),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         if let Some((table, entry)) = self.live.take() {
@@ -170,7 +183,7 @@ impl Drop for ConnectionGuard {
         }
         let l = &self.labels;
         let direction = l.direction();
-        let upstream = self.upstream.map(|u| u.to_string()).unwrap_or_default();
+        let upstream = OptionalAddr(self.upstream);
         let duration_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         // One field list for both outcomes, so the two log lines cannot drift apart.
         macro_rules! access {

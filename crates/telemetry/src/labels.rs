@@ -68,12 +68,23 @@ pub struct WorkloadLabels {
 }
 
 impl WorkloadLabels {
-    /// `namespace/name` for the access log, `-` when unknown.
-    fn log_name(&self) -> String {
-        if self.name.is_empty() {
-            "-".to_string()
+    /// `namespace/name` for the access log, `-` when unknown (written into the line as it is
+    /// formatted: no string of its own per connection).
+    fn log_name(&self) -> LogName<'_> {
+        LogName(self)
+    }
+}
+
+/// A workload as the access log names it: `namespace/name`, `-` when unknown.
+pub(crate) struct LogName<'a>(&'a WorkloadLabels);
+
+impl fmt::Display for LogName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let w = self.0;
+        if w.name.is_empty() {
+            f.write_str("-")
         } else {
-            format!("{}/{}", self.namespace, self.name)
+            write!(f, "{}/{}", w.namespace, w.name)
         }
     }
 }
@@ -365,11 +376,11 @@ impl TrafficLabels {
         Labels(all)
     }
 
-    pub(crate) fn source_log_name(&self) -> String {
+    pub(crate) fn source_log_name(&self) -> LogName<'_> {
         self.source.log_name()
     }
 
-    pub(crate) fn destination_log_name(&self) -> String {
+    pub(crate) fn destination_log_name(&self) -> LogName<'_> {
         self.destination.log_name()
     }
 }

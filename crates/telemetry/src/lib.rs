@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod connection;
+pub mod dump;
 mod flags;
 mod labels;
 mod live;

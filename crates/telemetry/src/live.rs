@@ -112,7 +112,7 @@ impl LiveEntry {
 /// What the table shows of one open connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LiveConnection {
-    /// Who carries it: the pod uid for ztunnel, empty for a waypoint.
+    /// Who carries it: the pod uid for ztunnel, the Gateway (`namespace/name`) for a waypoint.
     pub owner: String,
     /// Who reports it: [`Reporter::Source`] is outbound, [`Reporter::Destination`] inbound.
     pub reporter: Reporter,

@@ -143,10 +143,13 @@ fn domain(addr: &SocketAddr) -> Domain {
     }
 }
 
+/// A listener whose accepted connections are already `TCP_NODELAY`: Linux copies the option from
+/// the listening socket to each connection it accepts, saving a `setsockopt` per connection.
 fn new_listener(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpListener> {
     let socket = Socket::new(domain(&addr), Type::STREAM.nonblocking().cloexec(), None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
     if let Some(mark) = mark {
         socket.set_mark(mark)?;
     }
@@ -192,10 +195,11 @@ fn bind_source(socket: &Socket, source: IpAddr) -> io::Result<()> {
     socket.bind(&SocketAddr::new(source, 0).into())
 }
 
-/// The destination a redirected connection was originally addressed to (`SO_ORIGINAL_DST`).
-pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// The destination a redirected connection from `peer` was originally addressed to
+/// (`SO_ORIGINAL_DST`, asked in the address family of the connection, which is its peer's).
+pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
-    let addr = if stream.local_addr()?.is_ipv4() {
+    let addr = if peer.is_ipv4() {
         sock.original_dst_v4()?
     } else {
         sock.original_dst_v6()?
@@ -207,6 +211,25 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_no_delay_from_the_listener() {
+        let listener = HostSockets::default()
+            .listener("127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "accepted without Nagle's delay"
+        );
+        assert!(
+            !client.nodelay().unwrap(),
+            "the option is the listener's, not global"
+        );
+    }
 
     #[tokio::test]
     async fn a_source_bound_socket_takes_its_port_only_at_connect() {

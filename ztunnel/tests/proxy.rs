@@ -403,6 +403,39 @@ async fn wait_for_both_closed(mesh: &Mesh) {
     }
 }
 
+/// A pod-addressed call names no service: the client's ztunnel reports `unknown`, the
+/// destination's the service whose target port was dialled (as upstream ztunnel guesses it), so
+/// the service's dashboards show the pod's inbound traffic however it was addressed.
+#[tokio::test]
+async fn a_pod_addressed_call_is_reported_at_the_destination_under_the_service_of_its_port() {
+    let (mesh, client, _other, _echo, _vip) = demo().await;
+    let pod = SocketAddr::new(mesh.ip(3), 8080);
+    let mut conn = mesh.call_outbound(&client, mesh.ip(2), pod).await;
+    assert_eq!(
+        read_line(&mut conn).await,
+        format!("echo-1 saw {}", mesh.ip(2))
+    );
+    drop(conn);
+    wait_for_both_closed(&mesh).await;
+    let opened = mesh.metric_lines("istio_tcp_connections_opened_total");
+    let service = |reporter: &str| {
+        let line = opened
+            .iter()
+            .find(|l| l.contains(&format!("reporter=\"{reporter}\"")))
+            .unwrap_or_else(|| panic!("no {reporter} series: {opened:?}"));
+        line.split("destination_service=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .map(str::to_string)
+    };
+    assert_eq!(service("source").as_deref(), Some("unknown"), "{opened:?}");
+    assert_eq!(
+        service("destination").as_deref(),
+        Some("echo.demo.svc.cluster.local"),
+        "{opened:?}"
+    );
+}
+
 #[tokio::test]
 async fn bytes_the_client_sent_before_the_tunnel_opened_arrive_once_and_are_counted() {
     let (mesh, client, _other, _echo, vip) = demo().await;

@@ -13,7 +13,7 @@ use ambit_core::drain::DrainWatcher;
 use ambit_hbone::HboneError;
 use ambit_hbone::server::{InboundRequest, Responder, serve_connection};
 use ambit_state::{Service, Workload};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -21,7 +21,6 @@ use super::metrics::{
     ConnectionGuard, ConnectionInfo, Reporter, ResponseFlag, ResponseFlags, copy_counted,
     copy_counted_from_tunnel,
 };
-use super::outbound::baggage;
 use super::{PodContext, ProxyInputs, accept_loop};
 
 /// Why an inbound connection was refused or ended badly. Each failure carries its response flag
@@ -220,22 +219,51 @@ fn resolve_target(
     Ok(SocketAddr::new(local.ip(), target))
 }
 
-/// The service named by the client's `forwarded: ...;host=` when this pod backs it.
-fn forwarded_service(
+/// The service a connection to `target` on this pod is reported under (`destination_service`),
+/// as upstream ztunnel picks it: the one the client named in `forwarded: ...;host=` or in the
+/// CONNECT's authority when this pod backs it, else the first service this pod backs with a port
+/// whose target port is `target`'s (a pod-addressed call, or a client that names none).
+fn inbound_service(
     headers: &HeaderMap,
+    authority: &str,
+    target: Option<u16>,
     workload: &Workload,
     services: &dyn Fn(&str) -> Option<Arc<Service>>,
 ) -> Option<Arc<Service>> {
-    let value = headers.get("forwarded")?.to_str().ok()?;
-    let host = value
-        .split(';')
-        .find_map(|part| part.trim().strip_prefix("host="))?
-        .trim_matches('"');
-    workload
-        .services
-        .iter()
-        .filter_map(|(key, _)| services(key))
-        .find(|s| &*s.hostname == host)
+    let forwarded = headers
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|value| {
+            value
+                .split(';')
+                .find_map(|part| part.trim().strip_prefix("host="))
+        })
+        .map(|host| host.trim_matches('"'));
+    let authority = authority
+        .rsplit_once(':')
+        .map(|(host, _)| host)
+        .filter(|host| host.parse::<std::net::IpAddr>().is_err());
+    let backed = || {
+        workload
+            .services
+            .iter()
+            .filter_map(|(key, ports)| Some((services(key)?, ports)))
+    };
+    let named = |host: Option<&str>| {
+        let host = host?;
+        backed()
+            .map(|(service, _)| service)
+            .find(|s| &*s.hostname == host)
+    };
+    named(forwarded).or_else(|| named(authority)).or_else(|| {
+        let target = target?;
+        backed()
+            .find(|(service, ports)| {
+                ports.iter().any(|(_, t)| *t == target)
+                    || service.ports.iter().any(|p| p.target_port == target)
+            })
+            .map(|(service, _)| service)
+    })
 }
 
 fn unknown_pod(pod: &PodContext) -> InboundError {
@@ -286,8 +314,15 @@ fn check_connect(
             .workload_by_ip(&inputs.config.network, request.remote_addr.ip())
             .cloned();
         let services = |key: &str| index.service(key).cloned();
-        info.service = forwarded_service(&request.headers, &workload, &services);
-        resolve_target(&request.authority, request.local_addr, &workload, &services)?
+        let target = resolve_target(&request.authority, request.local_addr, &workload, &services);
+        info.service = inbound_service(
+            &request.headers,
+            &request.authority,
+            target.as_ref().ok().map(SocketAddr::port),
+            &workload,
+            &services,
+        );
+        target?
     };
     if inputs.config.is_reserved_port(target.port()) {
         return Err(InboundError::ReservedPort(target.port()));
@@ -320,9 +355,9 @@ async fn serve_connect(
             return Err(e);
         }
     };
-    let mut headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_str(&baggage(&workload, &inputs.config.cluster_id)) {
-        headers.insert("baggage", value);
+    let mut headers = HeaderMap::with_capacity(1);
+    if let Some(value) = pod.baggage.get(&workload, &inputs.config.cluster_id) {
+        headers.insert(http::header::HeaderName::from_static("baggage"), value);
     }
     let tunnel = responder.accept(headers).map_err(InboundError::Accept)?;
     copy_counted_from_tunnel(tunnel, app, conn, drain.forced())
@@ -382,7 +417,7 @@ pub(crate) async fn serve_plaintext(
             let inputs = inputs.clone();
             let pod = pod.clone();
             async move {
-                match crate::socket::original_dst(&stream) {
+                match crate::socket::original_dst(&stream, peer) {
                     Ok(dst) => proxy_plaintext(&inputs, &pod, stream, peer, dst, drain).await,
                     Err(e) => {
                         let info = ConnectionInfo {

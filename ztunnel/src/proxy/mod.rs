@@ -122,6 +122,8 @@ pub struct PodContext {
     pub labels: metrics::LabelCache,
     /// The inbound TLS config, rebuilt when the certificate rotates.
     server_tls: Mutex<Option<(Arc<WorkloadCertificate>, Arc<rustls::ServerConfig>)>>,
+    /// The pod's `baggage` header, sent with its CONNECTs and its 200s.
+    pub baggage: outbound::BaggageCache,
 }
 
 impl std::fmt::Debug for PodContext {
@@ -234,6 +236,7 @@ impl RunningPod {
             sockets,
             pool: Pool::new(inputs.config.pool.clone(), Arc::new(dialer)),
             server_tls: Mutex::new(None),
+            baggage: outbound::BaggageCache::default(),
         });
         // Fetch the pod's certificate now so the first connection does not wait for the CA.
         let certs = inputs.certs.clone();
@@ -298,8 +301,8 @@ pub(crate) async fn accept_loop<F, Fut>(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                // `TCP_NODELAY` comes from the listener (`socket::SocketFactory::listener`).
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
                     tokio::spawn(accept_one(stream, peer, drain.clone()));
                 }
                 Err(e) => {

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use ambit_core::drain::DrainWatcher;
 use ambit_hbone::{ConnectRequest, HboneError, PoolKey};
 use ambit_state::{Service, Workload};
-use http::{HeaderMap, HeaderValue};
+use std::fmt::Write as _;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -111,7 +113,7 @@ pub(crate) async fn serve(
         let inputs = inputs.clone();
         let pod = pod.clone();
         async move {
-            let dst = match crate::socket::original_dst(&stream) {
+            let dst = match crate::socket::original_dst(&stream, peer) {
                 Ok(dst) => dst,
                 Err(e) => {
                     let info = ConnectionInfo {
@@ -191,7 +193,7 @@ pub async fn proxy(
     conn.track(&inputs.connections, pod.owner());
     let result = match decision {
         Ok(route) => {
-            let source = source.as_deref();
+            let source = source.as_ref();
             proxy_route(
                 inputs, pod, downstream, peer, source, route, &mut conn, drain,
             )
@@ -211,7 +213,7 @@ async fn proxy_route(
     pod: &PodContext,
     downstream: TcpStream,
     peer: SocketAddr,
-    source: Option<&Workload>,
+    source: Option<&Arc<Workload>>,
     route: Route,
     conn: &mut ConnectionGuard,
     drain: DrainWatcher,
@@ -233,7 +235,7 @@ async fn proxy_route(
             };
             let request = ConnectRequest {
                 authority: authority.to_string(),
-                headers: request_headers(inputs, source, peer, service.as_deref()),
+                headers: request_headers(inputs, pod, source, peer, service.as_deref()),
             };
             let mut downstream = downstream;
             // The client's first bytes go with the CONNECT instead of one round trip later.
@@ -271,33 +273,73 @@ async fn proxy_route(
     }
 }
 
+static BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 /// `baggage`, `forwarded` and `traceparent` for the CONNECT request.
 fn request_headers(
     inputs: &ProxyInputs,
-    source: Option<&Workload>,
+    pod: &PodContext,
+    source: Option<&Arc<Workload>>,
     peer: SocketAddr,
     service: Option<&Service>,
 ) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    if let Some(source) = source
-        && let Ok(value) = HeaderValue::from_str(&baggage(source, &inputs.config.cluster_id))
+    let mut headers = HeaderMap::with_capacity(3);
+    if let Some(value) =
+        source.and_then(|source| pod.baggage.get(source, &inputs.config.cluster_id))
     {
-        headers.insert("baggage", value);
+        headers.insert(BAGGAGE.clone(), value);
     }
-    let mut forwarded = format!("for=\"{peer}\"");
+    let mut forwarded = String::with_capacity(64);
+    // Writing into a String cannot fail.
+    let _ = write!(forwarded, "for=\"{peer}\"");
     if let Some(service) = service {
         forwarded.push_str(";host=");
         forwarded.push_str(&service.hostname);
     }
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
-        headers.insert("forwarded", value);
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
+        headers.insert(FORWARDED.clone(), value);
     }
     let trace: u128 = rand::random();
     let span: u64 = rand::random();
-    if let Ok(value) = HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-00")) {
-        headers.insert("traceparent", value);
+    if let Ok(value) = HeaderValue::from_bytes(&traceparent(trace, span)) {
+        headers.insert(TRACEPARENT.clone(), value);
     }
     headers
+}
+
+/// A W3C `traceparent` value (`00-<trace>-<span>-00`: version 0, not sampled).
+fn traceparent(trace: u128, span: u64) -> [u8; 55] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    for (i, byte) in out[3..35].iter_mut().enumerate() {
+        *byte = HEX[((trace >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    for (i, byte) in out[36..52].iter_mut().enumerate() {
+        *byte = HEX[((span >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
+}
+
+/// A pod's `baggage` header value, built once per workload object (the state index replaces a
+/// workload that changes, so a changed workload is a new object and gets a new value).
+#[derive(Debug, Default)]
+pub struct BaggageCache(std::sync::Mutex<Option<(Arc<Workload>, HeaderValue)>>);
+
+impl BaggageCache {
+    /// [`baggage`] of `workload` as a header value; `None` if it is not a valid one.
+    pub fn get(&self, workload: &Arc<Workload>, cluster_id: &str) -> Option<HeaderValue> {
+        let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((built_from, value)) = cached.as_ref()
+            && Arc::ptr_eq(built_from, workload)
+        {
+            return Some(value.clone());
+        }
+        let value = HeaderValue::from_str(&baggage(workload, cluster_id)).ok()?;
+        *cached = Some((workload.clone(), value.clone()));
+        Some(value)
+    }
 }
 
 /// The source workload's metadata in W3C baggage form, as upstream sends it.
@@ -326,4 +368,67 @@ pub fn baggage(workload: &Workload, cluster_id: &str) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baggage_is_built_once_per_workload_object() {
+        let mut workload = Workload {
+            uid: "uid-1".into(),
+            name: "client-1".into(),
+            namespace: "demo".into(),
+            service_account: "client".into(),
+            trust_domain: "cluster.local".into(),
+            node: "node-1".into(),
+            network: "".into(),
+            cluster_id: "".into(),
+            addresses: Box::new([]),
+            protocol: ambit_state::Protocol::Hbone,
+            waypoint: None,
+            canonical_name: "client".into(),
+            canonical_revision: "v1".into(),
+            workload_name: "client".into(),
+            services: Box::new([]),
+            authorization_policies: Box::new([]),
+            healthy: true,
+            locality: None,
+        };
+        let first = Arc::new(workload.clone());
+        let cache = BaggageCache::default();
+        let value = cache.get(&first, "Kubernetes").unwrap();
+        assert_eq!(
+            value,
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=demo,k8s.deployment.name=client,\
+             service.name=client,service.version=v1"
+        );
+        assert_eq!(cache.get(&first, "Kubernetes").unwrap(), value);
+        // An update is a new object: its value, not the cached one.
+        workload.canonical_revision = "v2".into();
+        let updated = Arc::new(workload);
+        let value = cache.get(&updated, "Kubernetes").unwrap();
+        assert!(
+            value.to_str().unwrap().ends_with("service.version=v2"),
+            "{value:?}"
+        );
+    }
+
+    #[test]
+    fn traceparent_is_version_zero_hex_ids_not_sampled() {
+        for (trace, span) in [
+            (0u128, 0u64),
+            (u128::MAX, u64::MAX),
+            (
+                0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+                0x00f0_0e0d_0c0b_0a09,
+            ),
+        ] {
+            assert_eq!(
+                std::str::from_utf8(&traceparent(trace, span)).unwrap(),
+                format!("00-{trace:032x}-{span:016x}-00")
+            );
+        }
+    }
 }

@@ -41,7 +41,9 @@ use crate::telemetry::Telemetry;
 use crate::upstream::{
     BoxError, ConnLimits, Dial, Endpoint, Protocol, RequestBody, UpstreamError, Upstreams,
 };
-use ambit_telemetry::{ConnectionGuard, RequestGuard, ResponseFlag, ResponseFlags};
+use ambit_telemetry::{
+    ConnectionGuard, LiveConnections, RequestGuard, ResponseFlag, ResponseFlags,
+};
 use std::sync::atomic::AtomicU64;
 
 /// The response body type.
@@ -86,6 +88,10 @@ pub struct Proxy {
     telemetry: Telemetry,
     traffic: crate::traffic::TrafficState,
     tracer: crate::tracing::Tracer,
+    /// The TCP connections proxied at L4 right now (HTTP is accounted per request).
+    connections: LiveConnections,
+    /// The Gateway's `namespace/name`, as the owner of those connections.
+    owner: Arc<str>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -292,6 +298,7 @@ impl Proxy {
         telemetry: Telemetry,
         tracer: crate::tracing::Tracer,
     ) -> Arc<Self> {
+        let owner = Arc::from(settings.gateway.as_str());
         Arc::new(Self {
             settings,
             state,
@@ -301,6 +308,8 @@ impl Proxy {
             traffic: crate::traffic::TrafficState::new(telemetry.registry().clone()),
             telemetry,
             tracer,
+            connections: LiveConnections::new(),
+            owner,
         })
     }
 
@@ -317,6 +326,11 @@ impl Proxy {
     /// Live destination state (outlier ejections, pools).
     pub fn traffic(&self) -> &crate::traffic::TrafficState {
         &self.traffic
+    }
+
+    /// The TCP connections proxied at L4 right now, for the admin `/config_dump`.
+    pub fn connections(&self) -> &LiveConnections {
+        &self.connections
     }
 
     /// The settings.
@@ -449,6 +463,7 @@ impl Proxy {
         mut request: Request<Incoming>,
     ) -> Response<ResponseBody> {
         ensure_request_id(request.headers_mut());
+        let closing = closes_connection(&request);
         let span = self.start_span(conn, &mut request);
         let principal = conn.peer.identity().to_string();
         let initial = self
@@ -503,6 +518,15 @@ impl Proxy {
             }
             (self.tracer.clone(), span)
         });
+        let mut response = response;
+        if closing {
+            // RFC 9112 9.6: the connection closes after this response, and the response says so,
+            // so the client opens its next connection at once instead of sending its next
+            // request into one that is closing.
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         crate::telemetry::finish(guard, request_bytes, response, span)
     }
 
@@ -580,7 +604,7 @@ impl Proxy {
 
         let (service, port) = match &conn.target {
             Dest::Workload { workload, port } => {
-                let endpoint = workload_endpoint(workload, *port, &[]);
+                let endpoint = workload_endpoint(workload, *port, None);
                 meta.destination = Some(workload.clone());
                 meta.upstream = Some(endpoint.addr);
                 meta.cluster = Some(format!("inbound-pod|{port}||{}", endpoint.addr.ip()));
@@ -832,11 +856,7 @@ impl Proxy {
             };
             meta.destination = Some(chosen.workload.clone());
             meta.service = Some(backend_service.clone());
-            let endpoint = workload_endpoint(
-                &chosen.workload,
-                chosen.port,
-                &backend_service.subject_alt_names,
-            );
+            let endpoint = workload_endpoint(&chosen.workload, chosen.port, Some(&backend_service));
             meta.upstream = Some(endpoint.addr);
             // gRPC needs HTTP/2 (trailers) whatever the port says; h2UpgradePolicy UPGRADE asks
             // for it; otherwise the port's declared version, else the client's.
@@ -1051,14 +1071,13 @@ impl Proxy {
             index.service(&backend.service).and_then(|s| {
                 index
                     .pick_endpoint(s, port, None)
-                    .map(|(w, t)| (w, t, s.subject_alt_names.clone()))
+                    .map(|(w, t)| workload_endpoint(&w, t, Some(s)))
             })
         };
-        let Some((workload, target_port, sans)) = picked else {
+        let Some(endpoint) = picked else {
             tracing::debug!(backend = %backend.service, "mirror backend has no endpoint");
             return;
         };
-        let endpoint = workload_endpoint(&workload, target_port, &sans);
         let mut copy = Request::new(empty_request_body());
         *copy.method_mut() = parts.method.clone();
         *copy.uri_mut() = parts.uri.clone();
@@ -1096,7 +1115,7 @@ impl Proxy {
         } else {
             match &conn.target {
                 Dest::Workload { workload, port } => Ok((
-                    workload_endpoint(workload, *port, &[]),
+                    workload_endpoint(workload, *port, None),
                     workload.clone(),
                     None,
                     None,
@@ -1155,9 +1174,15 @@ impl Proxy {
                 return;
             }
         };
-        match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
-            Ok((received, sent)) => guard.record_bytes(received, sent),
-            Err(error) => guard.fail_with(ResponseFlags::CONNECT, &error),
+        // Listed in the live-connections table until it ends, with the copy's own byte counts.
+        guard.track(&self.connections, self.owner.clone());
+        let counters = Arc::new(ambit_hbone::copy::ByteCounters::new());
+        let live = counters.clone();
+        guard.watch_bytes(Box::new(move || (live.a_to_b(), live.b_to_a())));
+        let copied = ambit_hbone::copy::copy_bidirectional(&mut io, &mut upstream, &counters).await;
+        guard.record_bytes(counters.a_to_b(), counters.b_to_a());
+        if let Err(error) = copied {
+            guard.fail_with(ResponseFlags::CONNECT, &error);
         }
     }
 }
@@ -1222,7 +1247,7 @@ impl Proxy {
                 },
             })?;
         Ok((
-            workload_endpoint(&chosen.workload, chosen.port, &target.subject_alt_names),
+            workload_endpoint(&chosen.workload, chosen.port, Some(&target)),
             chosen.workload.clone(),
             Some(target),
             policy.pool.connections.connect_timeout,
@@ -1293,24 +1318,49 @@ fn downstream_protocol(parts: &http::request::Parts) -> Protocol {
 }
 
 /// True for gRPC requests.
+/// Whether the client's HTTP/1 connection ends with this request: `Connection: close`, or
+/// HTTP/1.0 without `Connection: keep-alive`.
+fn closes_connection<B>(request: &Request<B>) -> bool {
+    let tokens = || {
+        request
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+    };
+    match request.version() {
+        http::Version::HTTP_11 => tokens().any(|t| t.eq_ignore_ascii_case("close")),
+        http::Version::HTTP_10 | http::Version::HTTP_09 => {
+            !tokens().any(|t| t.eq_ignore_ascii_case("keep-alive"))
+        }
+        _ => false,
+    }
+}
+
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// Where a request to `workload` on `port` goes, and who may answer.
-fn workload_endpoint(workload: &Workload, port: u16, sans: &[Arc<str>]) -> Endpoint {
+/// Where a request to `workload` on `port` goes, and who may answer: the pod, plus the SANs
+/// of `service` when the request was routed through one.
+fn workload_endpoint(workload: &Workload, port: u16, service: Option<&Service>) -> Endpoint {
     let ip = workload
         .addresses
         .first()
         .copied()
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let mut identities = vec![workload.identity().to_string()];
-    identities.extend(sans.iter().map(|s| s.to_string()));
+    if let Some(service) = service {
+        identities.extend(service.subject_alt_names.iter().map(|s| s.to_string()));
+    }
     Endpoint {
         addr: SocketAddr::new(ip, port),
         identities,
+        service: service.map(|s| s.hostname.clone()),
     }
 }
 

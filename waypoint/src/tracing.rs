@@ -15,14 +15,16 @@
 //!   drops the span and counts it (`ambit_waypoint_spans_dropped_total{reason="queue_full"}`).
 //!   The exporter sends a batch when it has [`MAX_BATCH`] spans or every [`FLUSH_EVERY`]; a batch
 //!   the collector refuses or does not take in time is dropped and counted
-//!   (`reason="export_failed"`).
+//!   (`reason="export_failed"`). Queuing a span wakes the exporter only when it completes a
+//!   batch: waking it per span woke the exporter's thread once or twice per request at 100%
+//!   sampling (docs/benchmarks.md).
 //!
 //! The OTLP messages are written here with prost, field for field as the OpenTelemetry protocol
 //! defines them (`opentelemetry/proto/collector/trace/v1`, `trace/v1`, `common/v1`,
 //! `resource/v1`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ambit_core::metrics::Registry;
@@ -33,7 +35,7 @@ use hyper_util::rt::TokioIo;
 use prost::Message;
 use rand::Rng;
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 /// Spans per export request at most.
 pub const MAX_BATCH: usize = 512;
@@ -411,11 +413,70 @@ impl ActiveSpan {
     }
 }
 
+/// Finished spans on their way to the exporter.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Signalled when a batch is complete and when the last tracer is gone.
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    spans: Vec<otlp::Span>,
+    /// Every [`Tracer`] is gone: the exporter sends what is left and ends.
+    closed: bool,
+}
+
+impl Queue {
+    /// Queues `span`; false when the queue is full (the span is dropped).
+    fn push(&self, span: otlp::Span) -> bool {
+        let mut state = lock(&self.state);
+        if state.spans.len() >= MAX_QUEUE {
+            return false;
+        }
+        state.spans.push(span);
+        let batch_complete = state.spans.len() == MAX_BATCH;
+        drop(state);
+        if batch_complete {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    /// Up to [`MAX_BATCH`] queued spans, oldest first, and whether the tracers are gone.
+    fn take_batch(&self) -> (Vec<otlp::Span>, bool) {
+        let mut state = lock(&self.state);
+        let n = state.spans.len().min(MAX_BATCH);
+        let batch = state.spans.drain(..n).collect();
+        (batch, state.closed)
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.ready.notify_one();
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning (a push or drain cannot leave it inconsistent).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 struct Inner {
-    queue: mpsc::Sender<otlp::Span>,
+    queue: Arc<Queue>,
     sampling: f64,
     common: Vec<(String, String)>,
     registry: Registry,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last tracer is gone: the exporter sends what is queued and ends.
+        self.queue.close();
+    }
 }
 
 /// Makes spans and hands them to the exporter. Cheap to clone; [`Tracer::disabled`] makes none.
@@ -435,7 +496,7 @@ impl std::fmt::Debug for Tracer {
 /// Sends batches of spans to the collector; run it on any runtime (it ends when every
 /// [`Tracer`] clone is gone, after a last flush).
 pub struct Exporter {
-    rx: mpsc::Receiver<otlp::Span>,
+    queue: Arc<Queue>,
     endpoint: Uri,
     resource: otlp::Resource,
     registry: Registry,
@@ -480,7 +541,7 @@ impl Tracer {
         registry
             .counter("ambit_waypoint_spans_exported_total", &())
             .increment(0);
-        let (tx, rx) = mpsc::channel(MAX_QUEUE);
+        let queue = Arc::new(Queue::default());
         let resource = otlp::Resource {
             attributes: vec![
                 key_value("service.name", settings.service_name.as_str().into()),
@@ -492,14 +553,14 @@ impl Tracer {
         };
         let tracer = Self {
             inner: Some(Arc::new(Inner {
-                queue: tx,
+                queue: queue.clone(),
                 sampling: settings.sampling.clamp(0.0, 100.0),
                 common: settings.span_attributes.clone(),
                 registry: registry.clone(),
             })),
         };
         let exporter = Exporter {
-            rx,
+            queue,
             endpoint,
             resource,
             registry: registry.clone(),
@@ -615,7 +676,7 @@ impl Tracer {
             flags: 0x101
                 | u32::from(span.kind == otlp::SpanKind::Server && span.parent.is_some()) << 9,
         };
-        if inner.queue.try_send(otlp_span).is_err() {
+        if !inner.queue.push(otlp_span) {
             inner
                 .registry
                 .counter(
@@ -629,28 +690,20 @@ impl Tracer {
 
 impl Exporter {
     /// Sends batches until every tracer is gone.
-    pub async fn run(mut self) {
-        let mut batch: Vec<otlp::Span> = Vec::with_capacity(MAX_BATCH);
+    pub async fn run(self) {
         let mut connection: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
         loop {
-            let deadline = tokio::time::sleep(FLUSH_EVERY);
-            tokio::pin!(deadline);
-            let mut closed = false;
-            // Fill the batch until it is full, the flush time comes, or the tracers are gone.
-            while batch.len() < MAX_BATCH {
-                tokio::select! {
-                    span = self.rx.recv() => match span {
-                        Some(span) => batch.push(span),
-                        None => {
-                            closed = true;
-                            break;
-                        }
-                    },
-                    () = &mut deadline => break,
+            // A batch completes, the flush time comes, or the tracers are gone.
+            let _ = tokio::time::timeout(FLUSH_EVERY, self.queue.ready.notified()).await;
+            // Everything queued by now goes, a batch at a time.
+            loop {
+                let (spans, closed) = self.queue.take_batch();
+                if spans.is_empty() {
+                    if closed {
+                        return;
+                    }
+                    break;
                 }
-            }
-            if !batch.is_empty() {
-                let spans = std::mem::take(&mut batch);
                 let count = spans.len() as u64;
                 match self.export(&mut connection, spans).await {
                     Ok(()) => self
@@ -668,9 +721,6 @@ impl Exporter {
                             .increment(count);
                     }
                 }
-            }
-            if closed {
-                return;
             }
         }
     }
@@ -835,6 +885,36 @@ mod tests {
         let mut headers = HeaderMap::new();
         assert!(tracer.start(&mut headers, || "x".into()).is_some());
         assert!(headers["traceparent"].to_str().unwrap().ends_with("-01"));
+    }
+
+    #[tokio::test]
+    async fn the_exporter_is_woken_per_batch_not_per_span() {
+        let queue = Queue::default();
+        let span = || otlp::Span {
+            name: "x".into(),
+            ..otlp::Span::default()
+        };
+        for _ in 0..MAX_BATCH - 1 {
+            assert!(queue.push(span()));
+        }
+        // Nothing signalled yet: an exporter waiting now would sleep until its flush time.
+        let early = tokio::time::timeout(Duration::from_millis(20), queue.ready.notified()).await;
+        assert!(early.is_err(), "woken before a batch was complete");
+        assert!(queue.push(span()));
+        tokio::time::timeout(Duration::from_secs(5), queue.ready.notified())
+            .await
+            .expect("a complete batch wakes the exporter");
+        for _ in 0..10 {
+            assert!(queue.push(span()));
+        }
+        let (first, closed) = queue.take_batch();
+        assert_eq!((first.len(), closed), (MAX_BATCH, false));
+        queue.close();
+        let (rest, closed) = queue.take_batch();
+        assert_eq!((rest.len(), closed), (10, true));
+        tokio::time::timeout(Duration::from_secs(5), queue.ready.notified())
+            .await
+            .expect("closing wakes the exporter for its last flush");
     }
 
     #[tokio::test]

@@ -6,6 +6,8 @@
 //!   response body has been read to the end, and is dropped (closed) when the body is abandoned.
 //! - Dialling is serialized per endpoint, so a burst of requests to a cold endpoint opens one
 //!   connection for HTTP/2 instead of a storm.
+//! - Connections to a pod are kept per Service routed to as well: the tunnel names the Service to
+//!   the pod's ztunnel (`forwarded: host=`) for its metrics.
 //! - A destination's DestinationRule shapes its connections ([`ConnLimits`]): `connectTimeout`
 //!   bounds opening one (tunnel and HTTP handshake: a failure is a connect failure, `UF`),
 //!   `maxRequestsPerConnection` retires a connection once it carried that many requests (HTTP/1.1:
@@ -69,6 +71,10 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Identities the backend may prove (the pod's, plus the Service's SANs).
     pub identities: Vec<String>,
+    /// The hostname of the Service the request was routed to (`None` for pod-addressed
+    /// traffic): the tunnel names it in `forwarded: host=` so the destination's ztunnel reports
+    /// it as `destination_service`. Connections are pooled per service as well as per pod.
+    pub service: Option<Arc<str>>,
 }
 
 /// Why a request could not be sent or answered.
@@ -132,9 +138,10 @@ impl ConnLimits {
     }
 }
 
-/// Connections are pooled per endpoint, protocol and data-path worker ([`crate::worker`]): a
-/// connection's task runs on the worker that opened it, and only that worker's requests use it.
-type Key = (SocketAddr, Protocol, usize);
+/// Connections are pooled per pod address, Service (the tunnel names it: see
+/// [`Endpoint::service`]), protocol and data-path worker ([`crate::worker`]): a connection's task
+/// runs on the worker that opened it, and only that worker's requests use it.
+type Key = (SocketAddr, Option<Arc<str>>, Protocol, usize);
 
 /// An idle HTTP/1.1 connection: `uses` requests carried so far (and its generation: a reaper
 /// closes it only if it was not used again since it went idle).
@@ -273,7 +280,12 @@ impl Upstreams {
         limits: &ConnLimits,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let request = shape(request, protocol);
-        let key = (endpoint.addr, protocol, crate::worker::current());
+        let key = (
+            endpoint.addr,
+            endpoint.service.clone(),
+            protocol,
+            crate::worker::current(),
+        );
         match protocol {
             Protocol::Http2 => {
                 let (mut sender, activity) = self.h2_sender(endpoint, key, limits).await?;
@@ -289,7 +301,7 @@ impl Upstreams {
                 Ok(response.map(|body| UpstreamBody::new(body, None, Some(stream))))
             }
             Protocol::Http1 => {
-                let (mut sender, id, uses) = self.h1_sender(endpoint, key, limits).await?;
+                let (mut sender, id, uses) = self.h1_sender(endpoint, &key, limits).await?;
                 let response =
                     sender
                         .send_request(request)
@@ -321,8 +333,11 @@ impl Upstreams {
             })
     }
 
-    fn dial_lock(&self, key: Key) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.inner.dial_locks).entry(key).or_default().clone()
+    fn dial_lock(&self, key: &Key) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.inner.dial_locks)
+            .entry(key.clone())
+            .or_default()
+            .clone()
     }
 
     async fn h2_sender(
@@ -331,12 +346,12 @@ impl Upstreams {
         key: Key,
         limits: &ConnLimits,
     ) -> Result<(http2::SendRequest<RequestBody>, Arc<Activity>), UpstreamError> {
-        if let Some(live) = self.live_h2(key, limits) {
+        if let Some(live) = self.live_h2(&key, limits) {
             return Ok(live);
         }
-        let dial_lock = self.dial_lock(key);
+        let dial_lock = self.dial_lock(&key);
         let _dialing = dial_lock.lock().await;
-        if let Some(live) = self.live_h2(key, limits) {
+        if let Some(live) = self.live_h2(&key, limits) {
             return Ok(live);
         }
         let opening = async {
@@ -365,7 +380,7 @@ impl Upstreams {
             // One request per connection: never pooled.
             return Ok((sender, activity));
         }
-        lock(&self.inner.keys).entry(key).or_default().h2 = Some(H2Conn {
+        lock(&self.inner.keys).entry(key.clone()).or_default().h2 = Some(H2Conn {
             sender: sender.clone(),
             id,
             uses: 1,
@@ -383,12 +398,12 @@ impl Upstreams {
     /// pool, it closes once its streams in flight end.
     fn live_h2(
         &self,
-        key: Key,
+        key: &Key,
         limits: &ConnLimits,
     ) -> Option<(http2::SendRequest<RequestBody>, Arc<Activity>)> {
         let (live, reap) = {
             let mut keys = lock(&self.inner.keys);
-            let entry = keys.get_mut(&key)?;
+            let entry = keys.get_mut(key)?;
             match &mut entry.h2 {
                 Some(conn) if !conn.sender.is_closed() && !limits.spent(conn.uses) => {
                     conn.uses += 1;
@@ -415,7 +430,7 @@ impl Upstreams {
             }
         };
         if let Some((id, idle)) = reap {
-            self.reap_h2(key, id, live.1.clone(), idle);
+            self.reap_h2(key.clone(), id, live.1.clone(), idle);
         }
         Some(live)
     }
@@ -456,13 +471,13 @@ impl Upstreams {
     async fn h1_sender(
         &self,
         endpoint: &Endpoint,
-        key: Key,
+        key: &Key,
         limits: &ConnLimits,
     ) -> Result<(http1::SendRequest<RequestBody>, u64, u32), UpstreamError> {
         // Bounded by the idle connections held (each is popped once).
         loop {
             let candidate = lock(&self.inner.keys)
-                .get_mut(&key)
+                .get_mut(key)
                 .and_then(|e| e.idle_h1.pop());
             let Some(IdleH1 {
                 mut sender,
@@ -541,7 +556,7 @@ impl Upstreams {
         let (id, uses) = (pooled.id, pooled.uses);
         {
             let mut keys = lock(&self.inner.keys);
-            let idle = &mut keys.entry(key).or_default().idle_h1;
+            let idle = &mut keys.entry(key.clone()).or_default().idle_h1;
             if idle.len() >= self.inner.max_idle_per_endpoint {
                 return;
             }
@@ -637,11 +652,12 @@ fn shape(mut request: Request<RequestBody>, protocol: Protocol) -> Request<Reque
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
+    // Shared with the request's URI (not parsed again: the path is often the longest part).
     let path_and_query = request
         .uri()
         .path_and_query()
-        .map(|pq| pq.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     // Hop-by-hop headers describe the client's connection, not ours to the backend (RFC 9110
     // 7.6.1): a client's `Connection: close` must not close the pooled upstream connection.
     // An Upgrade keeps its `Connection`/`Upgrade` pair, which is the point of the request.
@@ -653,8 +669,13 @@ fn shape(mut request: Request<RequestBody>, protocol: Protocol) -> Request<Reque
     match protocol {
         Protocol::Http1 => {
             *request.version_mut() = http::Version::HTTP_11;
-            if let Ok(uri) = path_and_query.parse::<Uri>() {
-                *request.uri_mut() = uri;
+            // Origin form; a request that already is (the usual HTTP/1.1 one) is left alone.
+            if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(path_and_query);
+                if let Ok(uri) = Uri::from_parts(parts) {
+                    *request.uri_mut() = uri;
+                }
             }
             if let Some(host) = host {
                 request.headers_mut().insert(http::header::HOST, host);

@@ -4,6 +4,9 @@
 //! tests cover HBONE out). What is checked is what a client sees: status codes, bodies, headers,
 //! which backend answered, and the metrics.
 
+#[path = "../../tests/support/otlp_python.rs"]
+mod otlp_python;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -840,6 +843,71 @@ async fn routes_filters_policies_and_failures_as_a_client_sees_them() {
     assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
 }
 
+/// Sends raw HTTP/1 `requests` (written together) through a fresh tunnel and reads until the
+/// waypoint ends the tunnel.
+async fn raw_exchange(w: &World, requests: &str) -> String {
+    let mut tunnel = w.tunnel(SocketAddr::new(VIP.into(), 80)).await;
+    tunnel.write_all(requests.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tunnel.read_to_end(&mut answer))
+        .await
+        .expect("the waypoint ends the tunnel after the last answer")
+        .unwrap();
+    String::from_utf8_lossy(&answer).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closing_its_connection_is_told_so_and_the_backend_is_not() {
+    let w = world().await;
+    let host = "Host: echo.demo.svc.cluster.local\r\n";
+
+    // Connection: close: the answer says `connection: close` (RFC 9112 9.6), so a client opens
+    // its next connection at once, and the tunnel ends after it; the backend's pooled
+    // connection is not asked to close (hop-by-hop).
+    let answer = raw_exchange(
+        &w,
+        &format!("GET / HTTP/1.1\r\n{host}Connection: close\r\n\r\n"),
+    )
+    .await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nconnection: close"),
+        "{head}"
+    );
+    let echoed: Value = serde_json::from_str(body).expect("the echo's JSON");
+    assert!(echoed["headers"].get("connection").is_none(), "{echoed}");
+
+    // HTTP/1.0 without keep-alive closes too; with keep-alive it does not.
+    let answer = raw_exchange(&w, &format!("GET / HTTP/1.0\r\n{host}\r\n")).await;
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close"),
+        "{answer}"
+    );
+
+    // Keep-alive: two requests on one connection, neither answer says close; the tunnel ends only
+    // because the second request asks for it.
+    let answer = raw_exchange(
+        &w,
+        &format!("GET /1 HTTP/1.1\r\n{host}\r\nGET /2 HTTP/1.1\r\n{host}Connection: close\r\n\r\n"),
+    )
+    .await;
+    let lower = answer.to_ascii_lowercase();
+    assert_eq!(lower.matches("http/1.1 200").count(), 2, "{answer}");
+    assert_eq!(
+        lower.matches("\r\nconnection: close").count(),
+        1,
+        "{answer}"
+    );
+    let second = lower.rfind("http/1.1 200").unwrap();
+    assert!(
+        lower[second..].contains("\r\nconnection: close"),
+        "{answer}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_and_tcp_ports() {
     let w = world().await;
@@ -875,7 +943,28 @@ async fn http2_and_tcp_ports() {
         .expect("echo in time")
         .unwrap();
     assert_eq!(&greeting[..n], b"EHLO me\r\n");
+    // While it is open, the waypoint lists it as ztunnel lists its connections: the client, the
+    // address the tunnel named, the endpoint chosen, the client's identity and bytes so far.
+    let open = w.proxy.connections().snapshot();
+    assert_eq!(open.len(), 1, "{open:?}");
+    let dumped = ambit_telemetry::dump::connection(&open[0], std::time::SystemTime::now());
+    assert_eq!(dumped["originalDst"], format!("{VIP}:25"), "{dumped}");
+    let actual = dumped["actualDst"].as_str().unwrap_or_default();
+    assert!(
+        actual.ends_with(&format!(":{}", w.backend_port + 1)),
+        "{dumped}"
+    );
+    assert_eq!(
+        dumped["peerIdentity"],
+        w.client_cert.identity().to_string(),
+        "{dumped}"
+    );
+    assert_eq!(dumped["bytesReceived"], 9, "{dumped}");
+    assert_eq!(dumped["bytesSent"], 26 + 9, "{dumped}");
     drop(stream);
+    ambit_wait(|| w.proxy.connections().is_empty())
+        .await
+        .unwrap_or_else(|()| panic!("the closed connection is still listed"));
     let text = w.registry.render();
     ambit_wait(|| {
         w.registry.render().lines().any(|l| {
@@ -1355,48 +1444,9 @@ async fn connection_pool_connect_timeout_requests_per_connection_and_idle_timeou
     assert!(answer.text.contains("connect timeout"), "{}", answer.text);
 }
 
-/// A Python with the OpenTelemetry project's protobuf message types (`opentelemetry-proto`
-/// from PyPI) and `oteltap` (a third-party OTLP/HTTP receiver), in a venv under the target
-/// directory, made the first time.
+/// A Python with `opentelemetry-proto` and `oteltap` (see tests/support/otlp_python.rs).
 fn otlp_python() -> std::path::PathBuf {
-    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("otlp-venv");
-    let python = venv.join("bin/python");
-    let ready = |python: &std::path::Path| {
-        std::process::Command::new(python)
-            .args([
-                "-c",
-                "import opentelemetry.proto.collector.trace.v1.trace_service_pb2, oteltap",
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ready(&python) {
-        let made = std::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 runs");
-        assert!(made.success(), "python3 -m venv {}", venv.display());
-        let installed = std::process::Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "opentelemetry-proto==1.45.2",
-                "oteltap==1.0.0",
-            ])
-            .status()
-            .expect("pip runs");
-        assert!(
-            installed.success(),
-            "pip install opentelemetry-proto oteltap"
-        );
-        assert!(
-            ready(&python),
-            "opentelemetry-proto importable after install"
-        );
-    }
-    python
+    otlp_python::otlp_python(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("otlp-venv"))
 }
 
 /// The OTLP receiver: its port, and the spans it decoded so far (one JSON object each).
@@ -1448,24 +1498,24 @@ fn otlp_receiver() -> Receiver {
 
 /// Issue 13 item 6: spans reach a real OTLP receiver with the incoming trace continued, Istio's
 /// attributes, the status, and a client span per upstream try that the backend sees as parent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_reach_an_otlp_receiver_with_the_clients_trace_and_istios_attributes() {
-    let receiver = otlp_receiver();
-    // The waypoint's own configuration path: the OTel variable names the collector; sampling 0
-    // starts no trace of its own, so only the client's sampled traces are recorded.
+/// A world whose waypoint exports its spans to an OTLP receiver on `port`, configured the way the
+/// waypoint's own configuration reads it (the OTel variable names the collector; sampling 0
+/// starts no trace of its own, so only the client's sampled traces are recorded), with every
+/// request of the Service routed to v1; and the registry the tracer counts its spans in.
+async fn traced_world(port: u16) -> (World, Registry) {
     let env: BTreeMap<String, String> = [
-        ("POD_NAME", "waypoint-7d9f".to_string()),
-        ("POD_NAMESPACE", "demo".to_string()),
-        ("GATEWAY_NAME", "waypoint".to_string()),
-        ("INSTANCE_IP", "127.0.0.1".to_string()),
-        (
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{}", receiver.port),
-        ),
-        ("TRACE_SAMPLING", "0".to_string()),
+        ("POD_NAME", "waypoint-7d9f"),
+        ("POD_NAMESPACE", "demo"),
+        ("GATEWAY_NAME", "waypoint"),
+        ("INSTANCE_IP", "127.0.0.1"),
+        ("TRACE_SAMPLING", "0"),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain([(
+        "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+        format!("http://127.0.0.1:{port}"),
+    )])
     .collect();
     let config = waypoint::config::from_env(&env, &BTreeMap::new()).expect("configuration");
     let registry = Registry::new();
@@ -1479,6 +1529,13 @@ async fn spans_reach_an_otlp_receiver_with_the_clients_trace_and_istios_attribut
         }])],
         &[],
     );
+    (w, registry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_receiver_with_the_clients_trace_and_istios_attributes() {
+    let receiver = otlp_receiver();
+    let (w, registry) = traced_world(receiver.port).await;
 
     const TRACE_A: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const TRACE_B: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -1632,32 +1689,7 @@ async fn a_third_party_otlp_receiver_decodes_the_waypoints_spans() {
         }
     });
 
-    let env: BTreeMap<String, String> = [
-        ("POD_NAME", "waypoint-7d9f".to_string()),
-        ("POD_NAMESPACE", "demo".to_string()),
-        ("GATEWAY_NAME", "waypoint".to_string()),
-        ("INSTANCE_IP", "127.0.0.1".to_string()),
-        (
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{port}"),
-        ),
-        ("TRACE_SAMPLING", "0".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let config = waypoint::config::from_env(&env, &BTreeMap::new()).expect("configuration");
-    let registry = Registry::new();
-    let (tracer, exporter) = waypoint::tracing::Tracer::new(&config.tracing, &registry);
-    tokio::spawn(exporter.expect("an exporter").run());
-    let w = world_with(tracer).await;
-    w.set_routes(
-        &[route(vec![wp::Rule {
-            backends: vec![backend(ECHO_V1, 1)],
-            ..Default::default()
-        }])],
-        &[],
-    );
+    let (w, _registry) = traced_world(port).await;
     const TRACE: &str = "5b8efff798038103d269b633813fc60c";
     const CLIENT_SPAN: &str = "eee19b7ec3c1b174";
     let ok = w

@@ -16,37 +16,9 @@
 
 use std::time::Duration;
 
+use ambit_e2e::bench::{DIRECT_CLIENT, MESH_CLIENT, add_benchmark_pods, ztunnels_usage};
 use ambit_e2e::{Cluster, PodSpec, binary};
 use serde_json::Value;
-
-const MESH_CLIENT: PodSpec = PodSpec {
-    namespace: "demo",
-    name: "client",
-    service_account: "client",
-    node: 0,
-    app: "client",
-};
-const MESH_SERVER: PodSpec = PodSpec {
-    namespace: "demo",
-    name: "server",
-    service_account: "server",
-    node: 1,
-    app: "server",
-};
-const DIRECT_CLIENT: PodSpec = PodSpec {
-    namespace: "legacy",
-    name: "client",
-    service_account: "default",
-    node: 0,
-    app: "client",
-};
-const DIRECT_SERVER: PodSpec = PodSpec {
-    namespace: "legacy",
-    name: "server",
-    service_account: "default",
-    node: 1,
-    app: "server",
-};
 
 fn load(
     cluster: &Cluster,
@@ -86,53 +58,6 @@ fn peak_rss_kib(pid: Option<u32>) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (user + system) and context switches (all threads) of one process so far.
-#[derive(Clone, Copy, Debug, Default)]
-struct Usage {
-    cpu: Duration,
-    switches: u64,
-}
-
-fn usage(pid: Option<u32>) -> Usage {
-    let Some(pid) = pid else {
-        return Usage::default();
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-        .sum();
-    // USER_HZ is 100 on every Linux configuration Rust's std supports here.
-    let cpu = Duration::from_millis(ticks * 10);
-    let mut switches = 0;
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            switches += status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-    }
-    Usage { cpu, switches }
-}
-
-/// Summed usage of both ztunnels.
-fn ztunnels_usage(cluster: &Cluster) -> Usage {
-    cluster
-        .ztunnels
-        .iter()
-        .map(|z| usage(z.as_ref().and_then(|p| p.pid())))
-        .fold(Usage::default(), |a, b| Usage {
-            cpu: a.cpu + b.cpu,
-            switches: a.switches + b.switches,
-        })
-}
-
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let seconds = std::env::var("MESH_BENCH_SECONDS")
@@ -159,22 +84,7 @@ fn main() {
         .collect();
     let _ = binary("ztunnel");
     let mut cluster = Cluster::start("abm-", 2, &ztunnel_env).expect("cluster");
-    let pods = [MESH_CLIENT, MESH_SERVER, DIRECT_CLIENT, DIRECT_SERVER];
-    cluster.write_objects(&["demo"], &pods);
-    let mut ips = Vec::new();
-    for pod in &pods {
-        ips.push(cluster.add_pod(pod).expect("pod"));
-    }
-    let mut config = String::from("workloads:\n");
-    for (pod, ip) in pods.iter().zip(&ips) {
-        let protocol = if pod.namespace == "demo" {
-            "HBONE"
-        } else {
-            "TCP"
-        };
-        config.push_str(&format!("- name: {}\n  namespace: {}\n  serviceAccount: {}\n  addresses: [{ip}]\n  node: node-{}\n  protocol: {protocol}\n", pod.name, pod.namespace, pod.service_account, pod.node + 1));
-    }
-    std::fs::write(&cluster.ztunnel_config, config).expect("ztunnel config");
+    let ips = add_benchmark_pods(&mut cluster);
     cluster.wait_ready();
     std::thread::sleep(Duration::from_secs(1));
 

@@ -40,6 +40,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ambit_e2e::bench::{
+    DIRECT_CLIENT, DIRECT_SERVER, MESH_CLIENT, MESH_SERVER, add_benchmark_pods, stat_ticks,
+    status_kib, usage, wrk_micros, ztunnel_pids, ztunnels_usage,
+};
 use ambit_e2e::{Cluster, PodSpec, binary};
 use serde_json::Value;
 
@@ -50,35 +54,6 @@ const HTTP_PORT: u16 = 8088;
 const IPERF_PORT: u16 = 5201;
 /// nginx's answer body, in bytes.
 const BODY_BYTES: usize = 1024;
-
-const MESH_CLIENT: PodSpec = PodSpec {
-    namespace: "demo",
-    name: "client",
-    service_account: "client",
-    node: 0,
-    app: "client",
-};
-const MESH_SERVER: PodSpec = PodSpec {
-    namespace: "demo",
-    name: "server",
-    service_account: "server",
-    node: 1,
-    app: "server",
-};
-const DIRECT_CLIENT: PodSpec = PodSpec {
-    namespace: "legacy",
-    name: "client",
-    service_account: "default",
-    node: 0,
-    app: "client",
-};
-const DIRECT_SERVER: PodSpec = PodSpec {
-    namespace: "legacy",
-    name: "server",
-    service_account: "default",
-    node: 1,
-    app: "server",
-};
 
 /// One load of the issue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,22 +158,6 @@ struct Measured {
     wall: Duration,
 }
 
-/// Parses a wrk duration (`850.00us`, `1.23ms`, `2.00s`) into microseconds.
-fn wrk_micros(value: &str) -> Option<f64> {
-    let (number, scale) = if let Some(n) = value.strip_suffix("us") {
-        (n, 1.0)
-    } else if let Some(n) = value.strip_suffix("ms") {
-        (n, 1e3)
-    } else if let Some(n) = value.strip_suffix('m') {
-        (n, 60e6)
-    } else if let Some(n) = value.strip_suffix('s') {
-        (n, 1e6)
-    } else {
-        return None;
-    };
-    Some(number.parse::<f64>().ok()? * scale)
-}
-
 /// Reads wrk's `--latency` report into `m`, noting socket errors and non-2xx answers.
 fn parse_wrk(out: &str, m: &mut Measured) {
     for line in out.lines().map(str::trim) {
@@ -241,78 +200,9 @@ fn parse_iperf(out: &str, m: &mut Measured) {
     }
 }
 
-/// CPU time (user + system) and context switches (all threads) of one process so far.
-#[derive(Clone, Copy, Debug, Default)]
-struct Usage {
-    cpu: Duration,
-    switches: u64,
-}
-
-/// Clock ticks from `/proc/<pid>/stat` fields (counted after the command name; 11 = utime).
-fn stat_ticks(pid: &str, fields: &[usize]) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let values: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields
-        .iter()
-        .filter_map(|i| values.get(*i)?.parse::<u64>().ok())
-        .sum();
-    // USER_HZ is 100 on every Linux configuration Rust's std supports here.
-    Duration::from_millis(ticks * 10)
-}
-
-fn usage(pid: Option<u32>) -> Usage {
-    let Some(pid) = pid else {
-        return Usage::default();
-    };
-    let cpu = stat_ticks(&pid.to_string(), &[11, 12]);
-    let mut switches = 0;
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            switches += status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-    }
-    Usage { cpu, switches }
-}
-
 /// CPU of the children this process has waited for (the load generators run to completion).
 fn children_cpu() -> Duration {
     stat_ticks("self", &[13, 14])
-}
-
-/// A `/proc/<pid>/status` figure in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: Option<u32>, field: &str) -> u64 {
-    let status = pid
-        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn ztunnel_pids(cluster: &Cluster) -> Vec<Option<u32>> {
-    cluster
-        .ztunnels
-        .iter()
-        .map(|z| z.as_ref().and_then(|p| p.pid()))
-        .collect()
-}
-
-fn ztunnels_usage(cluster: &Cluster) -> Usage {
-    ztunnel_pids(cluster)
-        .into_iter()
-        .map(usage)
-        .fold(Usage::default(), |a, b| Usage {
-            cpu: a.cpu + b.cpu,
-            switches: a.switches + b.switches,
-        })
 }
 
 fn ztunnels_failed(cluster: &Cluster) -> f64 {
@@ -608,29 +498,14 @@ fn main() {
     if let Ok(program) = std::env::var("MESH_PEERS_ZTUNNEL_BIN") {
         swap_ztunnels(&mut cluster, Path::new(&program), &env);
     }
-    let pods = [MESH_CLIENT, MESH_SERVER, DIRECT_CLIENT, DIRECT_SERVER];
-    cluster.write_objects(&["demo"], &pods);
-    let mut ips = Vec::new();
-    for pod in &pods {
-        ips.push(cluster.add_pod(pod).expect("pod"));
-    }
-    let mut config = String::from("workloads:\n");
-    for (pod, ip) in pods.iter().zip(&ips) {
-        let protocol = if pod.namespace == "demo" {
-            "HBONE"
-        } else {
-            "TCP"
-        };
-        config.push_str(&format!("- name: {}\n  namespace: {}\n  serviceAccount: {}\n  addresses: [{ip}]\n  node: node-{}\n  protocol: {protocol}\n", pod.name, pod.namespace, pod.service_account, pod.node + 1));
-    }
-    std::fs::write(&cluster.ztunnel_config, config).expect("ztunnel config");
+    let ips = add_benchmark_pods(&mut cluster);
     // Churn at 20k connections per second outruns the ephemeral ports (28k by default, each held
     // for a minute in TIME_WAIT by whichever end closed first) within seconds, after which every
     // connect() searches the port space: the direct rate fell from 19k to 2.9k req/s with wrk at
     // 100% CPU over 25 s. A load generator's host is tuned for that, on both paths alike: the
     // full port range and reuse of TIME_WAIT ports for new outgoing connections, in every pod
     // (on the mesh path ztunnel connects to nginx from the server pod's namespace).
-    for pod in &pods {
+    for pod in &[MESH_CLIENT, MESH_SERVER, DIRECT_CLIENT, DIRECT_SERVER] {
         let netns = netns_of(&cluster, pod);
         for (key, value) in [
             ("net/ipv4/tcp_tw_reuse", "1"),
@@ -737,9 +612,19 @@ fn main() {
     }
 }
 
+/// The machine's load averages (1, 5, 15 minutes) from `/proc/loadavg`: on a shared machine a
+/// round's figures mean little without them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn print_round(round: u64, seconds: u64, table: &[(Load, Measured, Measured)]) {
     println!(
-        "\nRound {round} ({seconds} s per load and path).\n\n| load | direct | mesh | mesh / direct | target | p50 direct / mesh | p99 direct / mesh | p99 mesh / direct |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        "\nRound {round} ({seconds} s per load and path; load average at its end {}).\n\n| load | direct | mesh | mesh / direct | target | p50 direct / mesh | p99 direct / mesh | p99 mesh / direct |\n|---|---:|---:|---:|---:|---:|---:|---:|",
+        load_average()
     );
     for (load, d, m) in table {
         let unit = match load {

@@ -8,6 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ambit_netlab::{Chain, NetlabError, Process, Topology};
+
+pub mod bench;
 use serde_json::{Value, json};
 
 /// A binary built by `cargo build --workspace --bins` next to the test executable.

@@ -15,6 +15,8 @@ mod analyze;
 mod dashboard;
 #[path = "lab/explain.rs"]
 mod explain;
+#[path = "../../support/otlp_python.rs"]
+mod otlp_python;
 #[path = "lab/tracing.rs"]
 mod tracing;
 #[path = "lab/ztunnel_config.rs"]

@@ -11,39 +11,10 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-/// A Python with `opentelemetry-proto` (a venv under the target directory, made the first time)
-/// for `AMBIT_LAB_OTLP_PYTHON`.
+/// A Python with `opentelemetry-proto` (see tests/support/otlp_python.rs, shared with the
+/// waypoint's tests) for `AMBIT_LAB_OTLP_PYTHON`.
 pub(crate) fn python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("otlp-venv");
-    let python = venv.join("bin/python");
-    let ready = |p: &PathBuf| {
-        std::process::Command::new(p)
-            .args([
-                "-c",
-                "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ready(&python) {
-        let made = std::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 runs");
-        assert!(made.success(), "python3 -m venv {}", venv.display());
-        let installed = std::process::Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "opentelemetry-proto==1.45.2",
-            ])
-            .status()
-            .expect("pip runs");
-        assert!(installed.success(), "pip install opentelemetry-proto");
-    }
-    python
+    super::otlp_python::otlp_python(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("otlp-venv"))
 }
 
 fn spans(path: &str) -> Vec<Value> {

@@ -91,7 +91,7 @@ fn publish(
     metrics.gauge(OBJECTS, &()).set(objects as f64);
     let resources = translate(&cluster, settings);
     for warning in &resources.warnings {
-        tracing::warn!(%warning, "object only partly enforced");
+        tracing::warn!(%warning, kind = ?warning.kind, "object only partly enforced");
     }
     metrics
         .gauge(WARNINGS, &())

@@ -1445,12 +1445,8 @@ impl Walk<'_, '_> {
                 .resources
                 .warnings
                 .iter()
-                .filter(|w| {
-                    needles
-                        .iter()
-                        .any(|n| w.starts_with(&format!("{n}:")) || w.starts_with(&format!("{n} ")))
-                })
-                .cloned(),
+                .filter(|w| needles.iter().any(|n| w.is_about(n)))
+                .map(ToString::to_string),
         );
         own.extend(self.mesh.refused.iter().cloned());
         own

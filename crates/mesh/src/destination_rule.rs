@@ -8,6 +8,7 @@ use ambit_proto::waypoint as wp;
 use serde::{Deserialize, Serialize};
 
 use crate::objects::{LabelSelector, ObjectMeta};
+use crate::warning::{Warning, WarningKind};
 
 /// A DestinationRule.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -380,14 +381,16 @@ const OUTLIER_DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 /// Collects the warnings of one DestinationRule: fields that are valid but not applied.
 struct Notes<'a> {
     named: &'a str,
-    warnings: &'a mut Vec<String>,
+    warnings: &'a mut Vec<Warning>,
 }
 
 impl Notes<'_> {
     fn ignored(&mut self, field: &str, why: &str) {
-        self.warnings.push(format!(
-            "{}: {field}: {why}; ignored, the rest of the DestinationRule applies",
-            self.named
+        self.warnings.push(Warning::new(
+            WarningKind::DestinationRuleFieldIgnored,
+            self.named,
+            field,
+            format!("{why}; ignored, the rest of the DestinationRule applies"),
         ));
     }
 }
@@ -658,7 +661,7 @@ pub(crate) fn destination_policy(
     rule: &DestinationRule,
     service: String,
     endpoints: &[EndpointLabels<'_>],
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> wp::DestinationPolicy {
     let meta = &rule.metadata;
     let named = format!("DestinationRule {}/{}", meta.namespace, meta.name);
@@ -783,6 +786,11 @@ spec:
             r.warnings
         );
         let warning = &r.warnings[0];
+        assert_eq!(
+            warning.kind,
+            crate::WarningKind::DestinationRuleFieldIgnored
+        );
+        let warning = warning.to_string();
         assert!(
             warning
                 .contains("spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[1]")

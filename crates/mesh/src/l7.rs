@@ -19,6 +19,7 @@ use crate::gateway_api::{
 use crate::objects::{AuthorizationPolicy, ObjectMeta, Service};
 use crate::status::Fact;
 use crate::translate::{Cluster, MeshSettings, Resources, hostname, selects, string_matches};
+use crate::warning::{Warning, WarningKind};
 use crate::waypoints::{self, Waypoints};
 
 /// What one waypoint (a Gateway, keyed `<namespace>/<name>`) is served: the resource names of
@@ -161,7 +162,11 @@ pub(crate) fn translate(
         let before = out.warnings.len();
         let Some(resource) = waypoint_policy(policy, &context, waypoints, &mut out.warnings) else {
             if !policy.spec.target_refs.is_empty() {
-                let why = out.warnings[before..].join("; ");
+                let why = out.warnings[before..]
+                    .iter()
+                    .map(Warning::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 out.policy_status
                     .entry(format!(
                         "{}/{}",
@@ -241,6 +246,7 @@ pub(crate) fn translate(
         if !served && !other_gateway {
             warn(
                 &mut out.warnings,
+                WarningKind::PolicyTargetNoWaypoint,
                 &policy_name(&policy.metadata),
                 "spec.targetRefs",
                 "no target has a usable waypoint; the policy is not enforced",
@@ -317,8 +323,14 @@ fn waypoint_fact(bound: &[String], unbound: &[(String, &'static str)]) -> Fact {
     }
 }
 
-pub(crate) fn warn(warnings: &mut Vec<String>, named: &str, field: &str, reason: &str) {
-    warnings.push(format!("{named}: {field}: {reason}"));
+pub(crate) fn warn(
+    warnings: &mut Vec<Warning>,
+    kind: WarningKind,
+    named: &str,
+    field: &str,
+    reason: &str,
+) {
+    warnings.push(Warning::new(kind, named, field, reason));
 }
 
 /// Translates every DestinationRule whose host is a Service into a DestinationPolicy (added to
@@ -361,6 +373,7 @@ fn destination_policies(
         let Some(service) = context.host_service(&rule.spec.host, &meta.namespace) else {
             warn(
                 &mut out.warnings,
+                WarningKind::DestinationRuleHostNotFound,
                 &named,
                 "spec.host",
                 &format!(
@@ -379,6 +392,7 @@ fn destination_policies(
         if waypoint.is_none() {
             warn(
                 &mut out.warnings,
+                WarningKind::DestinationRuleHasNoEffect,
                 &named,
                 "spec.host",
                 &format!(
@@ -391,6 +405,7 @@ fn destination_policies(
         if let Some(other) = by_service.insert(address.clone(), name.clone()) {
             warn(
                 &mut out.warnings,
+                WarningKind::DuplicateDestinationRule,
                 &named,
                 "spec.host",
                 &format!(
@@ -444,7 +459,7 @@ fn parents(
     meta: &ObjectMeta,
     refs: &[ParentReference],
     context: &Context<'_>,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Option<(Vec<wp::ParentRef>, BTreeSet<String>)> {
     let named = format!("{kind} {}/{}", meta.namespace, meta.name);
     let mut out = Vec::new();
@@ -460,6 +475,7 @@ fn parents(
         let Some(service) = context.service(ns, &parent.name) else {
             warn(
                 warnings,
+                WarningKind::RouteParentNotFound,
                 &named,
                 &at,
                 &format!(
@@ -474,6 +490,7 @@ fn parents(
         if ns != meta.namespace && waypoint_ns != Some(meta.namespace.as_str()) {
             warn(
                 warnings,
+                WarningKind::RouteNotAllowed,
                 &named,
                 &format!("{at}.namespace"),
                 &format!(
@@ -488,6 +505,7 @@ fn parents(
         {
             warn(
                 warnings,
+                WarningKind::RouteParentPortNotFound,
                 &named,
                 &format!("{at}.port"),
                 &format!(
@@ -503,6 +521,7 @@ fn parents(
             }
             None => warn(
                 warnings,
+                WarningKind::RouteHasNoEffect,
                 &named,
                 &at,
                 &format!(
@@ -522,6 +541,7 @@ fn parents(
     if out.is_empty() {
         warn(
             warnings,
+            WarningKind::RouteNotServed,
             &named,
             "spec.parentRefs",
             "no Service parent can take the route; it is not served",
@@ -541,17 +561,22 @@ pub(crate) fn created(meta: &ObjectMeta) -> i64 {
         .unwrap_or(0)
 }
 
-fn route_refused(kind: &str, meta: &ObjectMeta, (field, reason): Refused) -> String {
-    format!(
-        "{kind} {}/{}: {field}: {reason}; the route is not served",
-        meta.namespace, meta.name
+fn route_refused(kind: &str, meta: &ObjectMeta, (field, reason): Refused) -> Warning {
+    Warning::new(
+        WarningKind::RouteNotServed,
+        format!("{kind} {}/{}", meta.namespace, meta.name),
+        field,
+        format!("{reason}{ROUTE_NOT_SERVED}"),
     )
 }
+
+/// How the reason of a warning about a whole route left out ends (route status reads these).
+pub(crate) const ROUTE_NOT_SERVED: &str = "; the route is not served";
 
 fn http_route(
     route: &HttpRoute,
     context: &Context<'_>,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Option<(wp::Route, BTreeSet<String>)> {
     let meta = &route.metadata;
     let (parents, served_by) = parents(
@@ -647,7 +672,7 @@ fn http_route(
 fn grpc_route(
     route: &GrpcRoute,
     context: &Context<'_>,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Option<(wp::Route, BTreeSet<String>)> {
     let meta = &route.metadata;
     let (parents, served_by) = parents(
@@ -831,7 +856,7 @@ fn rule_body(
     filters: &[HttpRouteFilter],
     backend_refs: &[HttpBackendRef],
     context: &Context<'_>,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> wp::Rule {
     let (filters, broken) = filter_list(named, at, route_ns, filters, context, warnings);
     let mut backends = Vec::with_capacity(backend_refs.len());
@@ -884,7 +909,7 @@ fn filter_list(
     route_ns: &str,
     filters: &[HttpRouteFilter],
     context: &Context<'_>,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> (Vec<wp::Filter>, Option<String>) {
     use wp::filter::Kind;
     let mut out = Vec::with_capacity(filters.len());
@@ -938,6 +963,7 @@ fn filter_list(
             FilterType::ExtensionRef | FilterType::Unknown => {
                 warn(
                     warnings,
+                    WarningKind::UnsupportedFilter,
                     named,
                     &at,
                     "ExtensionRef filters are not supported; requests it applies to get 500",
@@ -994,26 +1020,36 @@ fn resolve_backend(
     route_ns: &str,
     backend: &BackendRef,
     context: &Context<'_>,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> wp::Backend {
     let ns = backend.namespace.as_deref().unwrap_or(route_ns);
     let port = backend.port.unwrap_or(0);
     let invalid = if !backend.is_service() {
         let group = backend.group.as_deref().unwrap_or("");
         let kind = backend.kind.as_deref().unwrap_or("Service");
-        Err(format!(
-            "backend kind {group}/{kind} is not supported (only core Services)"
+        Err((
+            WarningKind::BackendNotPermitted,
+            format!("backend kind {group}/{kind} is not supported (only core Services)"),
         ))
     } else if ns != route_ns {
-        Err(format!(
-            "Service {ns}/{} is in another namespace, which needs a ReferenceGrant (not read by Ambit)",
-            backend.name
+        Err((
+            WarningKind::BackendNotPermitted,
+            format!(
+                "Service {ns}/{} is in another namespace, which needs a ReferenceGrant (not read by Ambit)",
+                backend.name
+            ),
         ))
     } else {
         match context.service(ns, &backend.name) {
-            None => Err(format!("Service {ns}/{} does not exist", backend.name)),
+            None => Err((
+                WarningKind::BackendNotFound,
+                format!("Service {ns}/{} does not exist", backend.name),
+            )),
             Some(service) if !service.spec.ports.iter().any(|p| u32::from(p.port) == port) => {
-                Err(format!("Service {ns}/{} has no port {port}", backend.name))
+                Err((
+                    WarningKind::BackendPortNotFound,
+                    format!("Service {ns}/{} has no port {port}", backend.name),
+                ))
             }
             Some(service) => Ok(context.address_name(service)),
         }
@@ -1025,9 +1061,10 @@ fn resolve_backend(
             weight: 1,
             ..Default::default()
         },
-        Err(why) => {
+        Err((kind, why)) => {
             warn(
                 warnings,
+                kind,
                 named,
                 at,
                 &format!("{why}; requests routed to it get 500"),
@@ -1056,7 +1093,7 @@ fn waypoint_policy(
     policy: &AuthorizationPolicy,
     context: &Context<'_>,
     waypoints: &Waypoints,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Option<wp::Policy> {
     use wp::policy_target::Kind;
     let meta = &policy.metadata;
@@ -1076,6 +1113,7 @@ fn waypoint_policy(
                 if meta.namespace != context.settings.root_namespace {
                     warn(
                         warnings,
+                        WarningKind::PolicyTargetIgnored,
                         &named,
                         &at,
                         &format!(
@@ -1090,6 +1128,7 @@ fn waypoint_policy(
             (group, kind) => {
                 warn(
                     warnings,
+                    WarningKind::PolicyTargetIgnored,
                     &named,
                     &format!("{at}.kind"),
                     &format!(
@@ -1137,9 +1176,10 @@ fn waypoint_policy(
             return None;
         }
     }
-    let refused = |(field, reason): Refused, warnings: &mut Vec<String>| {
+    let refused = |(field, reason): Refused, warnings: &mut Vec<Warning>| {
         warn(
             warnings,
+            WarningKind::PolicyNotEnforced,
             &named,
             &field,
             &format!("{reason}; the policy is not served to waypoints"),

@@ -12,7 +12,9 @@ pub mod status;
 pub mod translate;
 mod validate;
 pub mod virtual_service;
+pub mod warning;
 pub mod waypoints;
 
 pub use objects::{Namespace, Object, ObjectKey, ObjectMeta, Pod};
 pub use parse::{ObjectError, parse_documents, parse_object, read_dir};
+pub use warning::{Warning, WarningKind};

@@ -136,13 +136,13 @@ fn refusal(kind: &str, meta: &ObjectMeta, resources: &Resources) -> Option<Strin
     if served {
         return None;
     }
-    // The whole-route refusals are the warnings ending so; parent problems are reported per
-    // parent instead.
+    // The whole-route refusals (a part the waypoint cannot honour); parent problems are reported
+    // per parent instead.
     resources
         .warnings
         .iter()
-        .find(|w| w.starts_with(&format!("{named}: ")) && w.ends_with("the route is not served"))
-        .map(|w| w[named.len() + 2..].to_string())
+        .find(|w| w.is_about(&named) && w.reason.ends_with(crate::l7::ROUTE_NOT_SERVED))
+        .map(|w| format!("{}: {}", w.field, w.reason))
 }
 
 /// A Service parent's `Accepted`, by the rules of the translation's route parents.
@@ -274,7 +274,7 @@ fn service_waypoint(
     match waypoints.resolve(&binding) {
         Err(why) => Err(Unbound {
             reason: NO_SUCH_WAYPOINT,
-            message: why,
+            message: why.message,
         }),
         Ok(w) if !w.for_services => Err(Unbound {
             reason: WAYPOINT_NOT_FOR_SERVICES,

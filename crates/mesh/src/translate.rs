@@ -20,6 +20,7 @@ use crate::objects::{
     Pod, REGION_LABEL, SUBZONE_LABEL, Service, ZONE_LABEL,
 };
 use crate::virtual_service::VirtualService;
+use crate::warning::{Warning, WarningKind};
 use crate::waypoints::{self, Waypoints};
 
 /// Mesh-wide settings.
@@ -79,7 +80,14 @@ pub struct Resources {
     /// What each AuthorizationPolicy's status conditions say (`namespace/name`).
     pub policy_status: BTreeMap<String, crate::status::PolicyFacts>,
     /// Objects honoured only partly, or not at all, and why.
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
+}
+
+impl Resources {
+    /// The warnings as a person reads them (`object: field: reason`), in order.
+    pub fn warning_texts(&self) -> Vec<String> {
+        self.warnings.iter().map(Warning::to_string).collect()
+    }
 }
 
 /// Objects by kind, as the translation reads them.
@@ -321,15 +329,18 @@ pub fn translate(cluster: &Cluster, settings: &MeshSettings) -> Resources {
 fn namespace_binding_warnings(
     cluster: &Cluster,
     waypoints: &Waypoints,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) {
     for (name, namespace) in &cluster.namespaces {
         let Some(binding) = waypoints::binding(&namespace.metadata.labels, name, cluster) else {
             continue;
         };
         if let Err(why) = waypoints.resolve(&binding) {
-            warnings.push(format!(
-                "Namespace {name}: {USE_WAYPOINT}: {why}; its pods and services get no waypoint from it"
+            warnings.push(Warning::new(
+                why.kind,
+                format!("Namespace {name}"),
+                USE_WAYPOINT,
+                format!("{why}; its pods and services get no waypoint from it"),
             ));
         }
     }
@@ -343,7 +354,7 @@ fn resolve_waypoint(
     named: &dyn Fn() -> String,
     for_workload: bool,
     context: &Context<'_>,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Option<pb::GatewayAddress> {
     if labels.contains_key(GATEWAY_NAME_LABEL) {
         // The waypoint's own pods and service never go through a waypoint.
@@ -357,19 +368,26 @@ fn resolve_waypoint(
         Ok(w) => {
             if !binding.from_namespace {
                 let traffic = if for_workload { "workload" } else { "service" };
-                warnings.push(format!(
-                    "{}: {USE_WAYPOINT}: Gateway {}/{} does not take {traffic} traffic ({WAYPOINT_FOR}: {}); no waypoint",
+                warnings.push(Warning::new(
+                    WarningKind::WaypointWrongTraffic,
                     named(),
-                    binding.namespace,
-                    binding.name,
-                    w.waypoint_for
+                    USE_WAYPOINT,
+                    format!(
+                        "Gateway {}/{} does not take {traffic} traffic ({WAYPOINT_FOR}: {}); no waypoint",
+                        binding.namespace, binding.name, w.waypoint_for
+                    ),
                 ));
             }
             None
         }
         Err(why) => {
             if !binding.from_namespace {
-                warnings.push(format!("{}: {USE_WAYPOINT}: {why}; no waypoint", named()));
+                warnings.push(Warning::new(
+                    why.kind,
+                    named(),
+                    USE_WAYPOINT,
+                    format!("{why}; no waypoint"),
+                ));
             }
             None
         }
@@ -493,7 +511,7 @@ fn slice_endpoints(
 pub fn strict_pods(
     cluster: &Cluster,
     root: &str,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> BTreeMap<(String, String), String> {
     fn mode_of(pa: &PeerAuthentication) -> Option<&str> {
         pa.spec
@@ -532,8 +550,11 @@ pub fn strict_pods(
             .or(mesh)
             .unwrap_or("PERMISSIVE");
         if mode == "DISABLE" {
-            warnings.push(format!(
-                "Pod {ns}/{name}: PeerAuthentication mode DISABLE is treated as PERMISSIVE in ambient mode"
+            warnings.push(Warning::new(
+                WarningKind::MtlsDisableIgnored,
+                format!("Pod {ns}/{name}"),
+                "",
+                "PeerAuthentication mode DISABLE is treated as PERMISSIVE in ambient mode",
             ));
         }
         if mode == "STRICT" {
@@ -592,7 +613,7 @@ fn selector_policy_bindings(
     out
 }
 
-fn workload(pod: &Pod, context: &Context<'_>, warnings: &mut Vec<String>) -> Option<pb::Workload> {
+fn workload(pod: &Pod, context: &Context<'_>, warnings: &mut Vec<Warning>) -> Option<pb::Workload> {
     let cluster = context.cluster;
     let settings = context.settings;
     let addresses: Vec<Vec<u8>> = pod
@@ -745,7 +766,7 @@ fn target_port(port: &crate::objects::ServicePort, pod: &Pod) -> u16 {
 fn service_resource(
     service: &Service,
     context: &Context<'_>,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> pb::Service {
     let settings = context.settings;
     let meta = &service.metadata;
@@ -959,7 +980,7 @@ fn ztunnel_fact(policy: &AuthorizationPolicy, translated: &Translated) -> crate:
 fn authorization(
     policy: &AuthorizationPolicy,
     settings: &MeshSettings,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Translated {
     let meta = &policy.metadata;
     let named = format!("AuthorizationPolicy {}/{}", meta.namespace, meta.name);
@@ -970,8 +991,11 @@ fn authorization(
         "" | "ALLOW" => sec::Action::Allow,
         "DENY" => sec::Action::Deny,
         other => {
-            warnings.push(format!(
-                "{named}: action {other} is not enforced by ztunnel; skipped"
+            warnings.push(Warning::new(
+                WarningKind::PolicyNotEnforced,
+                &named,
+                "spec.action",
+                format!("{other} is not enforced by ztunnel; skipped"),
             ));
             return Translated::Skipped;
         }
@@ -1050,15 +1074,25 @@ fn authorization(
         if !l7.is_empty() {
             left_out.extend(l7.iter().copied());
             if action == sec::Action::Allow {
-                warnings.push(format!(
-                    "{named}: rules[{r}] uses L7 fields ({}) that need a waypoint; the rule is dropped so it allows nothing at L4",
-                    l7.join(", ")
+                warnings.push(Warning::new(
+                    WarningKind::L7PolicyOnZtunnel,
+                    &named,
+                    format!("spec.rules[{r}]"),
+                    format!(
+                        "uses L7 fields ({}) that need a waypoint; the rule is dropped so it allows nothing at L4",
+                        l7.join(", ")
+                    ),
                 ));
                 continue;
             }
-            warnings.push(format!(
-                "{named}: rules[{r}] uses L7 fields ({}) that need a waypoint; enforced on its L4 parts only, so it denies more",
-                l7.join(", ")
+            warnings.push(Warning::new(
+                WarningKind::L7PolicyOnZtunnel,
+                &named,
+                format!("spec.rules[{r}]"),
+                format!(
+                    "uses L7 fields ({}) that need a waypoint; enforced on its L4 parts only, so it denies more",
+                    l7.join(", ")
+                ),
             ));
         }
         rules.push(sec::Rule { clauses });

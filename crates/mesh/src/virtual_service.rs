@@ -15,6 +15,7 @@ use crate::l7::{Context, created, proto_duration, warn};
 use crate::objects::{ObjectMeta, Service};
 use crate::parse::{is_dns_label, is_dns_subdomain};
 use crate::validate::{Invalid, require_namespace};
+use crate::warning::{Warning, WarningKind};
 
 /// The pseudo-gateway naming sidecars and waypoints in `gateways`.
 pub const MESH_GATEWAY: &str = "mesh";
@@ -933,8 +934,8 @@ pub(crate) fn validate(vs: &VirtualService) -> Result<(), Invalid> {
 // Translation
 // ---------------------------------------------------------------------------------------------
 
-/// A field and why the VirtualService cannot be served.
-type Refused = (String, String);
+/// Which problem, the field, and why the VirtualService cannot be served.
+type Refused = (WarningKind, String, String);
 
 /// Whether a `gateways` list (of the spec or of a match) includes sidecars and waypoints.
 fn for_mesh(gateways: &[String]) -> bool {
@@ -1047,6 +1048,7 @@ fn backend(
 ) -> Result<wp::Backend, Refused> {
     let Some(service) = context.host_service(&d.host, namespace) else {
         return Err((
+            WarningKind::BackendNotFound,
             format!("{at}.host"),
             format!(
                 "{:?} is not a Service (a short name in {namespace}, name.namespace, or name.namespace.svc.{})",
@@ -1067,6 +1069,7 @@ fn backend(
                 .any(|sp| u32::from(sp.port) == p.number)
             {
                 return Err((
+                    WarningKind::BackendPortNotFound,
                     format!("{at}.port.number"),
                     format!("{named} has no port {}", p.number),
                 ));
@@ -1076,10 +1079,15 @@ fn backend(
         None => match service.spec.ports.as_slice() {
             [only] => u32::from(only.port),
             [] => {
-                return Err((format!("{at}.host"), format!("{named} has no ports")));
+                return Err((
+                    WarningKind::BackendPortNotFound,
+                    format!("{at}.host"),
+                    format!("{named} has no ports"),
+                ));
             }
             _ => {
                 return Err((
+                    WarningKind::DestinationPortRequired,
                     format!("{at}.port"),
                     format!("required: {named} has more than one port"),
                 ));
@@ -1090,6 +1098,7 @@ fn backend(
     let subset = d.subset.clone().unwrap_or_default();
     if !subset.is_empty() && !subsets.0.get(&address).is_some_and(|s| s.contains(&subset)) {
         return Err((
+            WarningKind::SubsetNotFound,
             format!("{at}.subset"),
             format!("no DestinationRule for {named} declares a subset {subset:?}"),
         ));
@@ -1351,7 +1360,7 @@ pub(crate) fn translate(
     vs: &VirtualService,
     context: &Context<'_>,
     subsets: &Subsets<'_>,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Option<(wp::Route, BTreeSet<String>)> {
     let meta = &vs.metadata;
     let named = format!("VirtualService {}/{}", meta.namespace, meta.name);
@@ -1366,6 +1375,7 @@ pub(crate) fn translate(
             let at = format!("spec.hosts[{i}]");
             let Some(service) = context.host_service(h, &meta.namespace) else {
                 return Err((
+                    WarningKind::BackendNotFound,
                     at,
                     format!(
                         "{h:?} is not a Service (a short name in {}, name.namespace, or name.namespace.svc.{})",
@@ -1380,6 +1390,7 @@ pub(crate) fn translate(
             if *ns != meta.namespace && waypoint_ns != Some(meta.namespace.as_str()) {
                 warn(
                     warnings,
+                    WarningKind::RouteNotAllowed,
                     &named,
                     &at,
                     &format!(
@@ -1394,6 +1405,7 @@ pub(crate) fn translate(
                 }
                 None => warn(
                     warnings,
+                    WarningKind::RouteHasNoEffect,
                     &named,
                     &at,
                     &format!(
@@ -1407,6 +1419,7 @@ pub(crate) fn translate(
         }
         if hosts.is_empty() {
             return Err((
+                WarningKind::RouteNotServed,
                 "spec.hosts".into(),
                 "no host is a Service the VirtualService can apply to".into(),
             ));
@@ -1480,6 +1493,7 @@ pub(crate) fn translate(
                 };
                 warn(
                     warnings,
+                    WarningKind::RulePortsDiffer,
                     &named,
                     field,
                     &format!(
@@ -1549,9 +1563,10 @@ pub(crate) fn translate(
     })();
     match result {
         Ok(out) => Some(out),
-        Err((field, reason)) => {
+        Err((kind, field, reason)) => {
             warn(
                 warnings,
+                kind,
                 &named,
                 &field,
                 &format!("{reason}; the VirtualService is not served"),
@@ -1574,6 +1589,7 @@ fn check_port(field: &str, port: Option<u32>, hosts: &[&Service]) -> Result<(), 
         .map(|s| format!("{}/{}", s.metadata.namespace, s.metadata.name))
         .collect();
     Err((
+        WarningKind::RouteNotServed,
         field.to_string(),
         format!("no host Service ({}) has port {port}", names.join(", ")),
     ))

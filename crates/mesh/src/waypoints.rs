@@ -11,6 +11,7 @@ use ambit_proto::workload as pb;
 
 use crate::gateway_api::{Gateway, WAYPOINT_CLASS, WAYPOINT_FOR};
 use crate::translate::{Cluster, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
+use crate::warning::WarningKind;
 
 /// A usable waypoint.
 #[derive(Debug)]
@@ -23,6 +24,22 @@ pub struct Waypoint {
     pub for_workloads: bool,
     /// The effective `istio.io/waypoint-for` value.
     pub waypoint_for: String,
+}
+
+/// Why a binding names no usable waypoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unusable {
+    /// [`WarningKind::WaypointNotFound`], [`WarningKind::WaypointWrongClass`] or
+    /// [`WarningKind::WaypointNotReady`].
+    pub kind: WarningKind,
+    /// What a person reads: `Gateway demo/wp does not exist`.
+    pub message: String,
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// A binding found on an object or its namespace.
@@ -41,14 +58,14 @@ pub struct Binding<'a> {
 #[derive(Debug)]
 pub struct Waypoints {
     usable: HashMap<String, HashMap<String, Waypoint>>,
-    unusable: HashMap<String, HashMap<String, String>>,
+    unusable: HashMap<String, HashMap<String, Unusable>>,
 }
 
 impl Waypoints {
     /// Indexes the Gateways of `cluster` once.
     pub fn index(cluster: &Cluster) -> Self {
         let mut usable: HashMap<String, HashMap<String, Waypoint>> = HashMap::new();
-        let mut unusable: HashMap<String, HashMap<String, String>> = HashMap::new();
+        let mut unusable: HashMap<String, HashMap<String, Unusable>> = HashMap::new();
         for ((ns, name), gateway) in &cluster.gateways {
             match waypoint(gateway, cluster) {
                 Ok(w) => {
@@ -69,7 +86,7 @@ impl Waypoints {
     }
 
     /// The waypoint a binding names, or why there is none.
-    pub fn resolve(&self, binding: &Binding<'_>) -> Result<&Waypoint, String> {
+    pub fn resolve(&self, binding: &Binding<'_>) -> Result<&Waypoint, Unusable> {
         if let Some(w) = self
             .usable
             .get(binding.namespace)
@@ -84,10 +101,13 @@ impl Waypoints {
                 .and_then(|m| m.get(binding.name))
             {
                 Some(why) => why.clone(),
-                None => format!(
-                    "Gateway {}/{} does not exist",
-                    binding.namespace, binding.name
-                ),
+                None => Unusable {
+                    kind: WarningKind::WaypointNotFound,
+                    message: format!(
+                        "Gateway {}/{} does not exist",
+                        binding.namespace, binding.name
+                    ),
+                },
             },
         )
     }
@@ -100,12 +120,15 @@ impl Waypoints {
     }
 }
 
-fn waypoint(gateway: &Gateway, cluster: &Cluster) -> Result<Waypoint, String> {
+fn waypoint(gateway: &Gateway, cluster: &Cluster) -> Result<Waypoint, Unusable> {
     let meta = &gateway.metadata;
     let named = format!("Gateway {}/{}", meta.namespace, meta.name);
     let class = &gateway.spec.gateway_class_name;
     if class != WAYPOINT_CLASS {
-        return Err(format!("{named} is of class {class}, not {WAYPOINT_CLASS}"));
+        return Err(Unusable {
+            kind: WarningKind::WaypointWrongClass,
+            message: format!("{named} is of class {class}, not {WAYPOINT_CLASS}"),
+        });
     }
     let addresses = &gateway.status.addresses;
     let destination = if let Some(host) = addresses.iter().find(|a| a.is_hostname()) {
@@ -126,7 +149,10 @@ fn waypoint(gateway: &Gateway, cluster: &Cluster) -> Result<Waypoint, String> {
             length: None,
         })
     } else {
-        return Err(format!("{named} has no status.addresses yet"));
+        return Err(Unusable {
+            kind: WarningKind::WaypointNotReady,
+            message: format!("{named} has no status.addresses yet"),
+        });
     };
     let waypoint_for = meta
         .labels

@@ -529,7 +529,7 @@ fn a_virtual_service_keeps_every_field() {
 
     // Rules limited to different ports are applied on all of them: said once per rule.
     assert_eq!(
-        r.warnings,
+        r.warning_texts(),
         [
             "VirtualService shop/cart: spec.http[0].match[0].port: the rules of one VirtualService are limited to different ports; the waypoint applies this rule on ports 80, 5432",
             "VirtualService shop/cart: spec.http[1].match[0].port: the rules of one VirtualService are limited to different ports; the waypoint applies this rule on ports 80, 5432",
@@ -629,7 +629,7 @@ fn a_virtual_service_naming_an_unknown_host_subset_or_port_is_refused() {
             canary()
         ));
         assert_eq!(
-            r.warnings,
+            r.warning_texts(),
             [format!(
                 "VirtualService shop/bad: {expected}; the VirtualService is not served"
             )],
@@ -665,7 +665,7 @@ spec:
   http: [{route: [{destination: {host: product-service.shop}}]}]
 "#);
     assert_eq!(
-        r.warnings,
+        r.warning_texts(),
         [
             "VirtualService plain/consumer: spec.hosts[0]: Service shop/product-service is in another namespace and the VirtualService is not in its waypoint's namespace; the host is ignored",
             "VirtualService plain/consumer: spec.hosts: no host is a Service the VirtualService can apply to; the VirtualService is not served",
@@ -872,7 +872,7 @@ spec:
     trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, tls: {mode: ISTIO_MUTUAL}}
 "#);
     assert_eq!(
-        r.warnings,
+        r.warning_texts(),
         [
             "DestinationRule shop/cart: spec.trafficPolicy.tls.mode: SIMPLE is not supported (the waypoint reaches mesh workloads over HBONE, which is mutual TLS); ignored, the rest of the DestinationRule applies"
         ]
@@ -1044,7 +1044,7 @@ spec: {host: lonely}
         format!("DestinationRule shop/p: spec.subsets[0].trafficPolicy.portLevelSettings: per-port settings of a subset are not supported{applies}"),
     ]
     .into();
-    assert_eq!(r.warnings, expected);
+    assert_eq!(r.warning_texts(), expected);
     let policy = &r.destination_policies["shop/p"];
     assert_eq!(
         policy

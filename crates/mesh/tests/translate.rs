@@ -1,7 +1,7 @@
 //! Objects in, workload-API resources out: one test per translation rule.
 
-use ambit_mesh::parse_documents;
 use ambit_mesh::translate::{Cluster, MeshSettings, Resources, translate};
+use ambit_mesh::{WarningKind, parse_documents};
 use ambit_proto::security as sec;
 use ambit_proto::workload as pb;
 
@@ -376,11 +376,12 @@ fn missing_or_unaddressed_gateways_yield_no_waypoint_and_a_warning() {
             .is_none()
     );
     assert_eq!(
-        r.warnings,
+        r.warning_texts(),
         [
             "Namespace demo: istio.io/use-waypoint: Gateway demo/wp does not exist; its pods and services get no waypoint from it"
         ]
     );
+    assert_eq!(r.warnings[0].kind, WarningKind::WaypointNotFound);
 
     // Object bindings to a Gateway without addresses yet, or of another class, or not taking
     // that traffic: each warned about naming the object and the Gateway.
@@ -421,14 +422,24 @@ spec: {selector: {app: nothing}, clusterIP: 10.96.0.20, ports: [{port: 80}]}
             .waypoint
             .is_none()
     );
-    let mut warnings = r.warnings.clone();
+    let mut warnings: Vec<(String, WarningKind)> =
+        r.warnings.iter().map(|w| (w.to_string(), w.kind)).collect();
     warnings.sort();
     assert_eq!(
         warnings,
         [
-            "Pod demo/echo-2: istio.io/use-waypoint: Gateway demo/pending has no status.addresses yet; no waypoint",
-            "Pod demo/echo-3: istio.io/use-waypoint: Gateway demo/svc-only does not take workload traffic (istio.io/waypoint-for: service); no waypoint",
-            "Service demo/other: istio.io/use-waypoint: Gateway demo/ingress is of class istio, not istio-waypoint; no waypoint",
+            (
+                "Pod demo/echo-2: istio.io/use-waypoint: Gateway demo/pending has no status.addresses yet; no waypoint".to_string(),
+                WarningKind::WaypointNotReady
+            ),
+            (
+                "Pod demo/echo-3: istio.io/use-waypoint: Gateway demo/svc-only does not take workload traffic (istio.io/waypoint-for: service); no waypoint".to_string(),
+                WarningKind::WaypointWrongTraffic
+            ),
+            (
+                "Service demo/other: istio.io/use-waypoint: Gateway demo/ingress is of class istio, not istio-waypoint; no waypoint".to_string(),
+                WarningKind::WaypointWrongClass
+            ),
         ]
     );
 
@@ -651,7 +662,15 @@ spec:
 "#;
     let r = run(route);
     assert_eq!(
-        r.warnings,
+        r.warnings.iter().map(|w| w.kind).collect::<Vec<_>>(),
+        [
+            WarningKind::RouteHasNoEffect,
+            WarningKind::DestinationRuleHasNoEffect,
+            WarningKind::PolicyTargetNoWaypoint
+        ]
+    );
+    assert_eq!(
+        r.warning_texts(),
         [
             "HTTPRoute demo/echo-split: spec.parentRefs[0]: Service demo/echo has no waypoint: the route has no effect on it",
             "DestinationRule demo/echo: spec.host: Service demo/echo has no waypoint: the DestinationRule has no effect on it",
@@ -739,9 +758,10 @@ spec:
     assert_eq!(deny.rules.len(), 1, "DENY keeps the rule on its L4 parts");
     assert_eq!(deny.rules[0].clauses.len(), 2);
     assert!(
-        r.warnings.iter().any(|w| w.contains(
-            "AuthorizationPolicy istio-system/deny-legacy: rules[0] uses L7 fields (paths)"
-        )),
+        r.warnings.iter().any(|w| w.kind == WarningKind::L7PolicyOnZtunnel
+            && w.to_string().contains(
+                "AuthorizationPolicy istio-system/deny-legacy: spec.rules[0]: uses L7 fields (paths)"
+            )),
         "{:?}",
         r.warnings
     );

@@ -434,7 +434,7 @@ async fn routes_and_bound_services_get_their_conditions() {
     let lost = server.get("v1", "Service", "demo", "lost").unwrap();
     let unbound = condition(&lost["status"]["conditions"], "istio.io/WaypointBound");
     assert_eq!(unbound["status"], "False");
-    assert_eq!(unbound["reason"], "NoSuchWaypoint");
+    assert_eq!(unbound["reason"], "WaypointIsNotReady");
     assert!(
         unbound["message"]
             .as_str()

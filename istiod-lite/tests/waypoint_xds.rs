@@ -47,7 +47,7 @@ status: {addresses: [{type: Hostname, value: wp.shop.svc.cluster.local}]}
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: pay-wp, namespace: pay}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: All}}}]}
 status: {addresses: [{type: Hostname, value: pay-wp.pay.svc.cluster.local}]}
 ---
 apiVersion: v1

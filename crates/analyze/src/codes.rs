@@ -81,6 +81,9 @@ codes! {
     WAYPOINT_NOT_READY = "AMB0104" "WaypointNotReady" Warning None,
         summary: "An `istio.io/use-waypoint` label names a waypoint Gateway that has no `status.addresses` yet: the waypoint controller has not deployed it (only reported for a running cluster or the lab).",
         fix: "check the Gateway's status and istiod-lite's waypoint controller log";
+    WAYPOINT_ATTACHMENT_DENIED = "AMB0105" "WaypointAttachmentDenied" Error None,
+        summary: "An `istio.io/use-waypoint` label (with `istio.io/use-waypoint-namespace`) names a waypoint in another namespace whose HBONE listener does not let this namespace bind to it (`allowedRoutes.namespaces` is `Same`, the default, or a selector that does not match): its traffic gets no waypoint. Istio reports `AttachmentDenied`.",
+        fix: "set allowedRoutes.namespaces.from to All (or Selector matching this namespace) on the waypoint's port 15008 HBONE listener, or use a waypoint in the object's own namespace";
 
     L7_POLICY_ON_ZTUNNEL = "AMB0201" "L7PolicyOnZtunnel" Error None,
         summary: "An AuthorizationPolicy bound by `selector` (or namespace-wide) uses L7 fields (methods, paths, hosts, request principals, L7 `when` keys): ztunnel cannot see them, drops an ALLOW rule (it allows nothing) and enforces a DENY rule on its L4 parts only (it denies more).",

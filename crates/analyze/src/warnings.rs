@@ -30,6 +30,7 @@ fn code_of(kind: WarningKind) -> &'static Code {
         K::WaypointWrongClass => &codes::WAYPOINT_WRONG_CLASS,
         K::WaypointWrongTraffic => &codes::WAYPOINT_WRONG_TRAFFIC,
         K::WaypointNotReady => &codes::WAYPOINT_NOT_READY,
+        K::WaypointAttachmentDenied => &codes::WAYPOINT_ATTACHMENT_DENIED,
         K::L7PolicyOnZtunnel => &codes::L7_POLICY_ON_ZTUNNEL,
         K::PolicyTargetNoWaypoint => &codes::POLICY_TARGET_NO_WAYPOINT,
         K::PolicyNotEnforced => &codes::POLICY_NOT_ENFORCED,

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use crate::gateway_api::{BackendRef, GATEWAY_NAME_LABEL, HttpBackendRef, ParentReference};
 use crate::objects::{ObjectMeta, Service};
 use crate::translate::{Cluster, Resources};
+use crate::warning::WarningKind;
 use crate::waypoints::{self, Waypoints};
 
 /// One condition as a controller writes it: `True` or `False`, a CamelCase reason and a message
@@ -241,14 +242,17 @@ fn resolved_refs(cluster: &Cluster, route_ns: &str, backends: &[&BackendRef]) ->
     Fact::yes("ResolvedRefs", "All references resolved")
 }
 
-/// The reason `istio.io/WaypointBound` is `True`.
+/// The reason `istio.io/WaypointBound` is `True` (Istio's).
 pub const WAYPOINT_ACCEPTED: &str = "WaypointAccepted";
-/// The reason it is `False` because the named Gateway does not exist or cannot act as a waypoint
-/// (another class, or no `status.addresses` yet).
-pub const NO_SUCH_WAYPOINT: &str = "NoSuchWaypoint";
+/// The reason it is `False` because the named Gateway cannot serve as a waypoint yet: it does not
+/// exist, is of another class, or has no `status.addresses` (Istio's `WaypointIsNotReady`).
+pub const WAYPOINT_NOT_READY: &str = "WaypointIsNotReady";
 /// The reason it is `False` because the waypoint does not take service traffic
-/// (`istio.io/waypoint-for`).
-pub const WAYPOINT_NOT_FOR_SERVICES: &str = "MissingWaypointForLabel";
+/// (`istio.io/waypoint-for`; Istio's).
+pub const UNSUPPORTED_TRAFFIC_TYPE: &str = "UnsupportedTrafficType";
+/// The reason it is `False` because the waypoint, in another namespace, does not let the
+/// Service's namespace bind to it (`allowedRoutes.namespaces` of its HBONE listener; Istio's).
+pub const ATTACHMENT_DENIED: &str = "AttachmentDenied";
 
 /// A binding that does not hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,18 +270,22 @@ fn service_waypoint(
     let meta = &service.metadata;
     let Some(binding) = waypoints::binding(&meta.labels, &meta.namespace, cluster) else {
         return Err(Unbound {
-            reason: NO_SUCH_WAYPOINT,
+            reason: WAYPOINT_NOT_READY,
             message: "it is not bound to one".to_string(),
         });
     };
     let name = format!("{}/{}", binding.namespace, binding.name);
     match waypoints.resolve(&binding) {
         Err(why) => Err(Unbound {
-            reason: NO_SUCH_WAYPOINT,
+            reason: if why.kind == WarningKind::WaypointAttachmentDenied {
+                ATTACHMENT_DENIED
+            } else {
+                WAYPOINT_NOT_READY
+            },
             message: why.message,
         }),
         Ok(w) if !w.for_services => Err(Unbound {
-            reason: WAYPOINT_NOT_FOR_SERVICES,
+            reason: UNSUPPORTED_TRAFFIC_TYPE,
             message: format!(
                 "waypoint {name} takes {} traffic only (istio.io/waypoint-for), not service traffic",
                 w.waypoint_for
@@ -301,7 +309,10 @@ pub fn service_bindings(cluster: &Cluster) -> BTreeMap<(String, String), Fact> {
             continue;
         }
         let fact = match service_waypoint(service, cluster, &waypoints) {
-            Ok(name) => Fact::yes(WAYPOINT_ACCEPTED, format!("bound to waypoint {name}")),
+            Ok(name) => Fact::yes(
+                WAYPOINT_ACCEPTED,
+                format!("Successfully attached to waypoint {name}"),
+            ),
             Err(unbound) => Fact::no(unbound.reason, unbound.message),
         };
         out.insert(key.clone(), fact);
@@ -392,21 +403,21 @@ spec: {ports: [{name: mesh, port: 15008}]}
         assert!(echo.message.contains("demo/wp"), "{}", echo.message);
         let waiting = get("waiting").unwrap();
         assert!(!waiting.status);
-        assert_eq!(waiting.reason, NO_SUCH_WAYPOINT);
+        assert_eq!(waiting.reason, WAYPOINT_NOT_READY);
         assert!(
             waiting.message.contains("no status.addresses"),
             "{}",
             waiting.message
         );
         let ghost = get("ghost").unwrap();
-        assert_eq!(ghost.reason, NO_SUCH_WAYPOINT);
+        assert_eq!(ghost.reason, WAYPOINT_NOT_READY);
         assert!(
             ghost.message.contains("does not exist"),
             "{}",
             ghost.message
         );
         let pods_only = get("pods-only").unwrap();
-        assert_eq!(pods_only.reason, WAYPOINT_NOT_FOR_SERVICES);
+        assert_eq!(pods_only.reason, UNSUPPORTED_TRAFFIC_TYPE);
         assert!(
             pods_only.message.contains("workload"),
             "{}",

@@ -68,6 +68,9 @@ pub enum WarningKind {
     WaypointWrongTraffic,
     /// `istio.io/use-waypoint` names a waypoint Gateway with no `status.addresses` yet.
     WaypointNotReady,
+    /// `istio.io/use-waypoint` names a waypoint in another namespace whose HBONE listener does not
+    /// let the object's namespace bind to it (`allowedRoutes.namespaces`).
+    WaypointAttachmentDenied,
     /// A policy bound by selector (or namespace-wide) uses L7 fields ztunnel cannot see.
     L7PolicyOnZtunnel,
     /// A policy bound by targetRefs reaches no usable waypoint: nothing enforces it.

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use ambit_proto::workload as pb;
 
 use crate::gateway_api::{Gateway, WAYPOINT_CLASS, WAYPOINT_FOR};
+use crate::objects::LabelSelector;
 use crate::translate::{Cluster, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
 use crate::warning::WarningKind;
 
@@ -24,6 +25,48 @@ pub struct Waypoint {
     pub for_workloads: bool,
     /// The effective `istio.io/waypoint-for` value.
     pub waypoint_for: String,
+    /// Which namespaces' objects may bind to it.
+    pub attachable_from: AttachableFrom,
+}
+
+/// Which namespaces' objects may bind to a waypoint, as Istio reads it: `allowedRoutes.namespaces`
+/// of the Gateway's HBONE listener on port 15008, `Same` when it says nothing (or there is no such
+/// listener). Binding from another namespace needs `All`, or `Selector` matching that namespace's
+/// labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttachableFrom {
+    /// Only objects in the waypoint's own namespace.
+    Same,
+    /// Objects in any namespace.
+    All,
+    /// Objects in namespaces whose labels match (no selector: none).
+    Selector(Option<LabelSelector>),
+}
+
+impl AttachableFrom {
+    fn of(gateway: &Gateway) -> Self {
+        let namespaces = gateway
+            .spec
+            .listeners
+            .iter()
+            .find(|l| l.protocol == "HBONE" && l.port == 15008)
+            .and_then(|l| l.allowed_routes.as_ref())
+            .and_then(|a| a.namespaces.as_ref());
+        match namespaces.map(|n| (n.from.as_str(), &n.selector)) {
+            Some(("All", _)) => Self::All,
+            Some(("Selector", selector)) => Self::Selector(selector.clone()),
+            _ => Self::Same,
+        }
+    }
+
+    /// `allowedRoutes.namespaces.from` as written.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Same => "Same",
+            Self::All => "All",
+            Self::Selector(_) => "Selector",
+        }
+    }
 }
 
 /// Why a binding names no usable waypoint.
@@ -51,6 +94,8 @@ pub struct Binding<'a> {
     pub name: &'a str,
     /// True when the label came from the namespace.
     pub from_namespace: bool,
+    /// The namespace of the object bound (the one the waypoint must let bind to it).
+    pub object_namespace: &'a str,
 }
 
 /// Every Gateway that can act as a waypoint, by namespace then name, and why the others cannot.
@@ -59,6 +104,8 @@ pub struct Binding<'a> {
 pub struct Waypoints {
     usable: HashMap<String, HashMap<String, Waypoint>>,
     unusable: HashMap<String, HashMap<String, Unusable>>,
+    /// Labels of each namespace, for waypoints that let namespaces bind by selector.
+    namespace_labels: HashMap<String, BTreeMap<String, String>>,
 }
 
 impl Waypoints {
@@ -82,7 +129,16 @@ impl Waypoints {
                 }
             }
         }
-        Self { usable, unusable }
+        let namespace_labels = cluster
+            .namespaces
+            .iter()
+            .map(|(name, ns)| (name.clone(), ns.metadata.labels.clone()))
+            .collect();
+        Self {
+            usable,
+            unusable,
+            namespace_labels,
+        }
     }
 
     /// The waypoint a binding names, or why there is none.
@@ -92,7 +148,20 @@ impl Waypoints {
             .get(binding.namespace)
             .and_then(|m| m.get(binding.name))
         {
-            return Ok(w);
+            return if self.attachable(w, binding) {
+                Ok(w)
+            } else {
+                Err(Unusable {
+                    kind: WarningKind::WaypointAttachmentDenied,
+                    message: format!(
+                        "Gateway {}/{} does not let namespace {} bind to it (its HBONE listener's allowedRoutes.namespaces.from is {})",
+                        binding.namespace,
+                        binding.name,
+                        binding.object_namespace,
+                        w.attachable_from.name()
+                    ),
+                })
+            };
         }
         Err(
             match self
@@ -110,6 +179,23 @@ impl Waypoints {
                 },
             },
         )
+    }
+
+    /// Whether the object `binding` is read from may bind to `w`.
+    fn attachable(&self, w: &Waypoint, binding: &Binding<'_>) -> bool {
+        match &w.attachable_from {
+            AttachableFrom::All => true,
+            AttachableFrom::Same => binding.object_namespace == binding.namespace,
+            AttachableFrom::Selector(None) => false,
+            AttachableFrom::Selector(Some(selector)) => {
+                let none = BTreeMap::new();
+                let labels = self
+                    .namespace_labels
+                    .get(binding.object_namespace)
+                    .unwrap_or(&none);
+                crate::translate::selects(&selector.match_labels, labels)
+            }
+        }
     }
 
     /// `<namespace>/<name>` of every usable waypoint.
@@ -173,6 +259,7 @@ fn waypoint(gateway: &Gateway, cluster: &Cluster) -> Result<Waypoint, Unusable> 
         for_services: matches!(waypoint_for, "service" | "all"),
         for_workloads: matches!(waypoint_for, "workload" | "all"),
         waypoint_for: waypoint_for.to_string(),
+        attachable_from: AttachableFrom::of(gateway),
     })
 }
 
@@ -202,5 +289,6 @@ pub fn binding<'a>(
         namespace: waypoint_ns,
         name,
         from_namespace,
+        object_namespace: namespace,
     })
 }

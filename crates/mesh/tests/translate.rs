@@ -318,12 +318,7 @@ fn object_bindings_override_the_namespace_and_may_name_another_namespace() {
             "istio.io/waypoint-for: workload",
             &addressed("demo", "pod-wp")
         ),
-        gateway(
-            "shared",
-            "svc-wp",
-            "",
-            "status: {addresses: [{value: 10.96.7.7}]}"
-        ),
+        shared_gateway("svc-wp", "{from: All}", "10.96.7.7"),
         r#"apiVersion: v1
 kind: Pod
 metadata: {name: echo-2, namespace: demo, labels: {app: echo, istio.io/use-waypoint: pod-wp}}
@@ -363,6 +358,97 @@ spec: {selector: {app: nothing}, clusterIP: 10.96.0.21, ports: [{port: 80}]}
         "service opts out of the namespace waypoint"
     );
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+/// A waypoint in namespace `shared` whose HBONE listener lets `namespaces` bind to it (an
+/// `allowedRoutes.namespaces` value, or empty for none said).
+fn shared_gateway(name: &str, namespaces: &str, ip: &str) -> String {
+    let allowed = if namespaces.is_empty() {
+        String::new()
+    } else {
+        format!(", allowedRoutes: {{namespaces: {namespaces}}}")
+    };
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: shared}}\nspec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE{allowed}}}]}}\nstatus: {{addresses: [{{value: {ip}}}]}}\n---\n"
+    )
+}
+
+/// As in Istio, a waypoint's owner decides which other namespaces may bind to it: its HBONE
+/// listener's `allowedRoutes.namespaces` (`Same` when absent, `All`, or `Selector` on the
+/// namespace's labels). A refused binding leaves the object without a waypoint, with a warning.
+#[test]
+fn binding_to_a_waypoint_in_another_namespace_needs_its_listener_to_allow_it() {
+    let bound = |name: &str, waypoint: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo, labels: {{istio.io/use-waypoint: {waypoint}, istio.io/use-waypoint-namespace: shared}}}}\nspec: {{selector: {{app: nothing}}, ports: [{{port: 80}}]}}\n---\n"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient, team: pay}}}}\n---\n{}{}{}{}{}{}{}{}{}{}",
+        shared_gateway("open", "{from: All}", "10.96.7.1"),
+        shared_gateway("closed", "", "10.96.7.2"),
+        shared_gateway("same", "{from: Same}", "10.96.7.3"),
+        shared_gateway(
+            "pay-only",
+            "{from: Selector, selector: {matchLabels: {team: pay}}}",
+            "10.96.7.4"
+        ),
+        shared_gateway(
+            "ops-only",
+            "{from: Selector, selector: {matchLabels: {team: ops}}}",
+            "10.96.7.5"
+        ),
+        bound("a", "open"),
+        bound("b", "closed"),
+        bound("c", "same"),
+        bound("d", "pay-only"),
+        bound("e", "ops-only"),
+    );
+    let r = run(&yaml);
+    let has_waypoint = |name: &str| {
+        service(&r, &format!("demo/{name}.demo.svc.cluster.local"))
+            .waypoint
+            .is_some()
+    };
+    assert!(has_waypoint("a"), "from: All");
+    assert!(!has_waypoint("b"), "no allowedRoutes: Same");
+    assert!(!has_waypoint("c"), "from: Same");
+    assert!(has_waypoint("d"), "selector matching the namespace");
+    assert!(!has_waypoint("e"), "selector not matching it");
+    let denied: Vec<(String, WarningKind)> =
+        r.warnings.iter().map(|w| (w.to_string(), w.kind)).collect();
+    assert_eq!(
+        denied,
+        [
+            (
+                "Service demo/b: istio.io/use-waypoint: Gateway shared/closed does not let namespace demo bind to it (its HBONE listener's allowedRoutes.namespaces.from is Same); no waypoint".to_string(),
+                WarningKind::WaypointAttachmentDenied
+            ),
+            (
+                "Service demo/c: istio.io/use-waypoint: Gateway shared/same does not let namespace demo bind to it (its HBONE listener's allowedRoutes.namespaces.from is Same); no waypoint".to_string(),
+                WarningKind::WaypointAttachmentDenied
+            ),
+            (
+                "Service demo/e: istio.io/use-waypoint: Gateway shared/ops-only does not let namespace demo bind to it (its HBONE listener's allowedRoutes.namespaces.from is Selector); no waypoint".to_string(),
+                WarningKind::WaypointAttachmentDenied
+            ),
+        ]
+    );
+    // WaypointBound says the same, with Istio's reasons.
+    let cluster = {
+        let (objects, errors) = ambit_mesh::parse_documents(&yaml, "test.yaml");
+        assert!(errors.is_empty(), "{errors:?}");
+        Cluster::from_objects(objects)
+    };
+    let bindings = ambit_mesh::status::service_bindings(&cluster);
+    let reason = |name: &str| {
+        bindings[&("demo".to_string(), name.to_string())]
+            .reason
+            .clone()
+    };
+    assert_eq!(reason("a"), "WaypointAccepted");
+    assert_eq!(reason("b"), "AttachmentDenied");
+    assert_eq!(reason("e"), "AttachmentDenied");
 }
 
 #[test]

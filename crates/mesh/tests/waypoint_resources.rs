@@ -24,7 +24,7 @@ metadata: {name: plain, labels: {istio.io/dataplane-mode: ambient}}
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: wp, namespace: shop}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: All}}}]}
 status: {addresses: [{type: Hostname, value: wp.shop.svc.cluster.local}]}
 ---
 apiVersion: gateway.networking.k8s.io/v1

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::objects::{LabelSelector, ObjectMeta};
+use crate::objects::ObjectMeta;
 
 /// The Gateway API group.
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -88,7 +88,55 @@ pub struct RouteNamespaces {
     pub from: String,
     /// Namespace selector when `from: Selector`.
     #[serde(default)]
-    pub selector: Option<LabelSelector>,
+    pub selector: Option<NamespaceSelector>,
+}
+
+/// A Kubernetes label selector (`metav1.LabelSelector`): `matchLabels` and `matchExpressions`,
+/// all of which must hold. An empty selector matches everything.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceSelector {
+    /// Labels that must all be present with these values.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+    /// Requirements that must all hold.
+    #[serde(default)]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct LabelSelectorRequirement {
+    /// The label key.
+    #[serde(default)]
+    pub key: String,
+    /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
+    #[serde(default)]
+    pub operator: String,
+    /// Values for `In` and `NotIn` (none for the others).
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+impl NamespaceSelector {
+    /// Whether `labels` satisfy every label and requirement (Kubernetes' semantics: `NotIn` and
+    /// `DoesNotExist` hold when the key is absent). An operator the validation refuses matches
+    /// nothing.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let value = labels.get(&r.key);
+                match r.operator.as_str() {
+                    "In" => value.is_some_and(|v| r.values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !r.values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    _ => false,
+                }
+            })
+    }
 }
 
 /// A route kind.
@@ -727,4 +775,68 @@ pub struct GrpcMethodMatch {
     /// The method; absent matches any.
     #[serde(default)]
     pub method: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requirement(key: &str, operator: &str, values: &[&str]) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: values.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_namespace_selector_holds_when_every_label_and_expression_does() {
+        let labels: BTreeMap<String, String> = [("team", "pay"), ("env", "prod")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let selector = |match_labels: &[(&str, &str)],
+                        expressions: Vec<LabelSelectorRequirement>| {
+            NamespaceSelector {
+                match_labels: match_labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                match_expressions: expressions,
+            }
+            .matches(&labels)
+        };
+        assert!(selector(&[], vec![]), "empty: everything");
+        assert!(selector(&[("team", "pay")], vec![]));
+        assert!(!selector(&[("team", "ops")], vec![]));
+        assert!(selector(
+            &[],
+            vec![requirement("team", "In", &["ops", "pay"])]
+        ));
+        assert!(!selector(&[], vec![requirement("team", "NotIn", &["pay"])]));
+        assert!(
+            selector(&[], vec![requirement("tier", "NotIn", &["web"])]),
+            "absent key"
+        );
+        assert!(selector(&[], vec![requirement("env", "Exists", &[])]));
+        assert!(!selector(
+            &[],
+            vec![requirement("env", "DoesNotExist", &[])]
+        ));
+        assert!(selector(
+            &[],
+            vec![requirement("tier", "DoesNotExist", &[])]
+        ));
+        assert!(
+            !selector(
+                &[("team", "pay")],
+                vec![requirement("env", "In", &["staging"])]
+            ),
+            "all must hold"
+        );
+        assert!(
+            !selector(&[], vec![requirement("team", "Gt", &["1"])]),
+            "unknown operator"
+        );
+    }
 }

@@ -11,7 +11,7 @@ use crate::destination_rule::{
 use crate::gateway_api::{
     BackendRef, FilterType, Gateway, GatewayClass, GrpcRoute, HttpBackendRef, HttpHeaderMatch,
     HttpRoute, HttpRouteFilter, MatchType, ParentReference, PathModifier, PathModifierType,
-    WAYPOINT_FOR, parse_gateway_duration, route_regex,
+    RouteNamespaces, WAYPOINT_FOR, parse_gateway_duration, route_regex,
 };
 use crate::objects::{EndpointSlice, Node, ObjectMeta};
 use crate::parse::{is_dns_label, is_dns_subdomain};
@@ -34,6 +34,51 @@ pub(crate) fn require_namespace(meta: &ObjectMeta) -> Result<(), Invalid> {
         );
     }
     Ok(())
+}
+
+/// `allowedRoutes.namespaces`: `from` one of the Gateway API's values, and with `Selector` a valid
+/// label selector.
+fn route_namespaces(at: &str, namespaces: &RouteNamespaces) -> Result<(), Invalid> {
+    match namespaces.from.as_str() {
+        "" | "Same" | "All" => Ok(()),
+        "Selector" => {
+            let Some(selector) = &namespaces.selector else {
+                return fail(format!("{at}.selector"), "required when from is Selector");
+            };
+            for (i, r) in selector.match_expressions.iter().enumerate() {
+                let at = format!("{at}.selector.matchExpressions[{i}]");
+                if r.key.is_empty() {
+                    return fail(format!("{at}.key"), "required");
+                }
+                match (r.operator.as_str(), r.values.is_empty()) {
+                    ("In" | "NotIn", false) | ("Exists" | "DoesNotExist", true) => {}
+                    ("In" | "NotIn", true) => {
+                        return fail(
+                            format!("{at}.values"),
+                            format!("required with operator {}", r.operator),
+                        );
+                    }
+                    ("Exists" | "DoesNotExist", false) => {
+                        return fail(
+                            format!("{at}.values"),
+                            format!("must be empty with operator {}", r.operator),
+                        );
+                    }
+                    (other, _) => {
+                        return fail(
+                            format!("{at}.operator"),
+                            format!("{other:?} is not In, NotIn, Exists or DoesNotExist"),
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        other => fail(
+            format!("{at}.from"),
+            format!("{other:?} is not Same, All or Selector"),
+        ),
+    }
 }
 
 fn port(field: impl Into<String>, port: u32) -> Result<(), Invalid> {
@@ -90,17 +135,12 @@ pub(crate) fn gateway(gateway: &Gateway) -> Result<(), Invalid> {
         if let Some(host) = &listener.hostname {
             hostname(format!("{at}.hostname"), host)?;
         }
-        if let Some(from) = listener
+        if let Some(namespaces) = listener
             .allowed_routes
             .as_ref()
             .and_then(|a| a.namespaces.as_ref())
-            .map(|n| n.from.as_str())
-            && !matches!(from, "" | "Same" | "All" | "Selector")
         {
-            return fail(
-                format!("{at}.allowedRoutes.namespaces.from"),
-                format!("{from:?} is not Same, All or Selector"),
-            );
+            route_namespaces(&format!("{at}.allowedRoutes.namespaces"), namespaces)?;
         }
     }
     for (i, address) in gateway.status.addresses.iter().enumerate() {

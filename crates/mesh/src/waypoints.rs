@@ -9,8 +9,8 @@ use std::net::IpAddr;
 
 use ambit_proto::workload as pb;
 
+use crate::gateway_api::NamespaceSelector;
 use crate::gateway_api::{Gateway, WAYPOINT_CLASS, WAYPOINT_FOR};
-use crate::objects::LabelSelector;
 use crate::translate::{Cluster, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
 use crate::warning::WarningKind;
 
@@ -40,7 +40,7 @@ pub enum AttachableFrom {
     /// Objects in any namespace.
     All,
     /// Objects in namespaces whose labels match (no selector: none).
-    Selector(Option<LabelSelector>),
+    Selector(Option<NamespaceSelector>),
 }
 
 impl AttachableFrom {
@@ -193,7 +193,7 @@ impl Waypoints {
                     .namespace_labels
                     .get(binding.object_namespace)
                     .unwrap_or(&none);
-                crate::translate::selects(&selector.match_labels, labels)
+                selector.matches(labels)
             }
         }
     }

@@ -140,6 +140,43 @@ fn gateways_are_refused_by_field() {
         ),
         "k.yaml doc 1: GatewayClass c: spec.controllerName: required"
     );
+    // allowedRoutes.namespaces: from, and a selector's expressions, by field.
+    let allowed = |namespaces: &str| {
+        gateway(&format!(
+            "spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {{namespaces: {namespaces}}}}}]}}"
+        ))
+    };
+    let at = "k.yaml doc 1: Gateway shop/g: spec.listeners[0].allowedRoutes.namespaces";
+    assert_eq!(
+        allowed("{from: Everywhere}"),
+        format!("{at}.from: \"Everywhere\" is not Same, All or Selector")
+    );
+    assert_eq!(
+        allowed("{from: Selector}"),
+        format!("{at}.selector: required when from is Selector")
+    );
+    assert_eq!(
+        allowed("{from: Selector, selector: {matchExpressions: [{key: team, operator: In}]}}"),
+        format!("{at}.selector.matchExpressions[0].values: required with operator In")
+    );
+    assert_eq!(
+        allowed(
+            "{from: Selector, selector: {matchExpressions: [{key: team, operator: Exists}, {key: env, operator: Exists, values: [a]}]}}"
+        ),
+        format!("{at}.selector.matchExpressions[1].values: must be empty with operator Exists")
+    );
+    assert_eq!(
+        allowed(
+            "{from: Selector, selector: {matchExpressions: [{key: team, operator: Gt, values: [\"1\"]}]}}"
+        ),
+        format!(
+            "{at}.selector.matchExpressions[0].operator: \"Gt\" is not In, NotIn, Exists or DoesNotExist"
+        )
+    );
+    assert_eq!(
+        allowed("{from: Selector, selector: {matchExpressions: [{operator: Exists}]}}"),
+        format!("{at}.selector.matchExpressions[0].key: required")
+    );
     // Istio's own networking.istio.io Gateway is a different kind: not read as a Gateway API one.
     let objects = parse_ok(
         "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g, namespace: shop}\nspec: {selector: {istio: ingressgateway}}\n",

@@ -384,8 +384,13 @@ fn binding_to_a_waypoint_in_another_namespace_needs_its_listener_to_allow_it() {
         )
     };
     let yaml = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient, team: pay}}}}\n---\n{}{}{}{}{}{}{}{}{}{}",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient, team: pay}}}}\n---\n{}{}{}{}{}{}{}{}{}{}{}{}",
         shared_gateway("open", "{from: All}", "10.96.7.1"),
+        shared_gateway(
+            "teams",
+            "{from: Selector, selector: {matchExpressions: [{key: team, operator: In, values: [pay, ops]}]}}",
+            "10.96.7.6"
+        ),
         shared_gateway("closed", "", "10.96.7.2"),
         shared_gateway("same", "{from: Same}", "10.96.7.3"),
         shared_gateway(
@@ -403,6 +408,7 @@ fn binding_to_a_waypoint_in_another_namespace_needs_its_listener_to_allow_it() {
         bound("c", "same"),
         bound("d", "pay-only"),
         bound("e", "ops-only"),
+        bound("f", "teams"),
     );
     let r = run(&yaml);
     let has_waypoint = |name: &str| {
@@ -415,6 +421,7 @@ fn binding_to_a_waypoint_in_another_namespace_needs_its_listener_to_allow_it() {
     assert!(!has_waypoint("c"), "from: Same");
     assert!(has_waypoint("d"), "selector matching the namespace");
     assert!(!has_waypoint("e"), "selector not matching it");
+    assert!(has_waypoint("f"), "matchExpressions matching it");
     let denied: Vec<(String, WarningKind)> =
         r.warnings.iter().map(|w| (w.to_string(), w.kind)).collect();
     assert_eq!(

@@ -152,6 +152,39 @@ mod tests {
         assert_eq!(classify(b" GET"), Some(Detected::Tcp));
     }
 
+    proptest::proptest! {
+        /// Whatever the client sends: a decision, once made, holds however many more bytes come
+        /// (sniffing reads until one is made), and 24 bytes (an h2 preface's length) always
+        /// decide.
+        #[test]
+        fn a_decision_stands_and_enough_bytes_always_decide(
+            first in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            more in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            let decided = classify(&first);
+            let longer = [first.as_slice(), more.as_slice()].concat();
+            if decided.is_some() {
+                proptest::prop_assert_eq!(classify(&longer), decided);
+            }
+            if longer.len() >= H2_PREFACE.len() {
+                proptest::prop_assert!(classify(&longer).is_some());
+            }
+        }
+
+        /// Request lines of any method token are HTTP/1.1; the preface with anything after it
+        /// is HTTP/2.
+        #[test]
+        fn request_lines_and_prefaces_are_recognised(
+            method in "[A-Z][A-Z_-]{0,15}",
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            let line = [format!("{method} ").as_bytes(), rest.as_slice()].concat();
+            proptest::prop_assert_eq!(classify(&line), Some(Detected::Http1));
+            let h2 = [H2_PREFACE, rest.as_slice()].concat();
+            proptest::prop_assert_eq!(classify(&h2), Some(Detected::Http2));
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_is_tcp_after_the_bound() {
         let (mut client, mut server) = tokio::io::duplex(64);

@@ -304,36 +304,37 @@ pub struct TraceContext {
     pub sampled: bool,
 }
 
-/// Reads a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`); invalid ones (all-zero ids,
-/// wrong lengths, version `ff`) are ignored as the spec says.
+/// Reads a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, lower-case hex only); invalid ones
+/// (another alphabet, all-zero ids, wrong lengths, version `ff`, anything after the flags of
+/// version `00`) are ignored as the spec says. A later version may add fields after the flags.
 pub fn parse_traceparent(value: &str) -> Option<TraceContext> {
     let mut parts = value.trim().split('-');
-    let version = parts.next()?;
-    let trace = parts.next()?;
-    let parent = parts.next()?;
-    let flags = parts.next()?;
-    if version.len() != 2 || version.eq_ignore_ascii_case("ff") {
-        return None;
-    }
+    let version = parts.next().filter(|v| is_lower_hex(v, 2) && *v != "ff")?;
+    let trace = parts.next().filter(|t| is_lower_hex(t, 32))?;
+    let parent = parts.next().filter(|p| is_lower_hex(p, 16))?;
+    let flags = parts.next().filter(|f| is_lower_hex(f, 2))?;
     if version == "00" && parts.next().is_some() {
         return None;
     }
-    let trace_id: [u8; 16] = u128::from_str_radix(trace, 16)
+    let trace_id = u128::from_str_radix(trace, 16)
         .ok()
-        .filter(|t| *t != 0 && trace.len() == 32)?
+        .filter(|t| *t != 0)?
         .to_be_bytes();
-    let parent_id: [u8; 8] = u64::from_str_radix(parent, 16)
+    let parent_id = u64::from_str_radix(parent, 16)
         .ok()
-        .filter(|p| *p != 0 && parent.len() == 16)?
+        .filter(|p| *p != 0)?
         .to_be_bytes();
-    let flags = u8::from_str_radix(flags, 16)
-        .ok()
-        .filter(|_| flags.len() == 2)?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
     Some(TraceContext {
         trace_id,
         parent: Some(parent_id),
         sampled: flags & 1 == 1,
     })
+}
+
+/// `len` lower-case hex digits (the only alphabet `traceparent` allows).
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -823,9 +824,66 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1",
             "garbage",
         ] {
             assert_eq!(parse_traceparent(bad), None, "{bad}");
+        }
+        // A later version may carry more fields.
+        assert!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future")
+                .is_some()
+        );
+    }
+
+    /// The spec's grammar, written out independently of the parser.
+    fn valid_by_the_spec(value: &str) -> bool {
+        let parts: Vec<&str> = value.trim().split('-').collect();
+        let lower_hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        };
+        parts.len() >= 4
+            && lower_hex(parts[0], 2)
+            && parts[0] != "ff"
+            && (parts[0] != "00" || parts.len() == 4)
+            && lower_hex(parts[1], 32)
+            && parts[1].chars().any(|c| c != '0')
+            && lower_hex(parts[2], 16)
+            && parts[2].chars().any(|c| c != '0')
+            && lower_hex(parts[3], 2)
+    }
+
+    proptest::proptest! {
+        /// Any header value: read exactly when the spec's grammar allows it, never a panic.
+        #[test]
+        fn any_traceparent_is_read_only_when_the_spec_allows_it(
+            value in "([0-9a-fA-F+ -]{0,4}|[0-9a-f]{2})(-[0-9a-fA-Fx+]{0,33}){0,5}"
+        ) {
+            proptest::prop_assert_eq!(parse_traceparent(&value).is_some(), valid_by_the_spec(&value));
+        }
+
+        /// What the waypoint writes, it reads back.
+        #[test]
+        fn written_trace_contexts_read_back(
+            trace in 1u128..,
+            span in 1u64..,
+            sampled in proptest::bool::ANY,
+        ) {
+            let written = traceparent(&trace.to_be_bytes(), &span.to_be_bytes(), sampled).unwrap();
+            let read = parse_traceparent(written.to_str().unwrap()).unwrap();
+            proptest::prop_assert_eq!(read.trace_id, trace.to_be_bytes());
+            proptest::prop_assert_eq!(read.parent, Some(span.to_be_bytes()));
+            proptest::prop_assert_eq!(read.sampled, sampled);
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(value in proptest::prelude::any::<String>()) {
+            let _ = parse_traceparent(&value);
         }
     }
 

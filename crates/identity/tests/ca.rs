@@ -358,3 +358,79 @@ fn serving_certificate_names_identity_hosts_and_ips() {
     // The key matches the leaf: it loads as a workload certificate.
     WorkloadCertificate::new(&serving.key_pem, &serving.chain_pem).unwrap();
 }
+
+/// The CA reads CSRs from any pod: whatever arrives, mutated or made up, it answers with an error
+/// or with a leaf for exactly the identity it authorized, never a panic.
+mod hostile_csrs {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn leaf_sans(chain: &[String]) -> Vec<String> {
+        let leaf_der = der(&chain[0]);
+        let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
+        leaf.extensions()
+            .iter()
+            .filter_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => Some(san),
+                _ => None,
+            })
+            .flat_map(|san| san.general_names.iter())
+            .map(|name| match name {
+                GeneralName::URI(uri) => uri.to_string(),
+                other => format!("{other}"),
+            })
+            .collect()
+    }
+
+    /// One CA and one genuine CSR for the whole run (key generation per case would dominate).
+    fn fixture() -> &'static (CertificateAuthority, Identity, Vec<u8>) {
+        static FIXTURE: std::sync::OnceLock<(CertificateAuthority, Identity, Vec<u8>)> =
+            std::sync::OnceLock::new();
+        FIXTURE.get_or_init(|| {
+            let identity = id("spiffe://cluster.local/ns/default/sa/web");
+            let request = csr::generate(&identity).unwrap();
+            (root(), identity, der(&request.csr_pem))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn a_mutated_csr_is_refused_or_signed_only_for_the_authorized_identity(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+            cut in proptest::option::of(any::<usize>()),
+            tag in prop_oneof![
+                Just("CERTIFICATE REQUEST"),
+                Just("NEW CERTIFICATE REQUEST"),
+                Just("CERTIFICATE"),
+            ],
+        ) {
+            let (ca, identity, genuine) = fixture();
+            let mut bytes = genuine.clone();
+            for (at, mask) in &flips {
+                let i = at % bytes.len();
+                bytes[i] ^= mask;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % (bytes.len() + 1));
+            }
+            let pem_text = pem::encode(&pem::Pem::new(tag, bytes.clone()));
+            match ca.sign_csr(&pem_text, identity, HOUR) {
+                Ok(chain) => {
+                    prop_assert_eq!(tag.contains("REQUEST"), true);
+                    prop_assert_eq!(leaf_sans(&chain), vec![identity.to_string()]);
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+            // Never for anyone else, however it was changed.
+            let other = id("spiffe://cluster.local/ns/default/sa/admin");
+            prop_assert!(ca.sign_csr(&pem_text, &other, HOUR).is_err());
+        }
+
+        #[test]
+        fn arbitrary_text_is_refused_with_a_reason(text in any::<String>()) {
+            let (ca, identity, _) = fixture();
+            let refused = ca.sign_csr(&text, identity, HOUR);
+            prop_assert!(refused.is_err());
+        }
+    }
+}

@@ -839,4 +839,46 @@ mod tests {
             "unknown operator"
         );
     }
+
+    /// GEP-2257's grammar, `^([0-9]{1,5}(h|m|s|ms)){1,4}$`, as a regular expression: the parser
+    /// must accept exactly what it matches.
+    fn gep_2257() -> &'static regex::Regex {
+        static GRAMMAR: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+        GRAMMAR.get_or_init(|| regex::Regex::new(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$").unwrap())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn gateway_durations_are_read_exactly_as_gep_2257_writes_them(
+            text in "([0-9]{0,6}(h|m|s|ms|us|x|)){0,5}",
+        ) {
+            proptest::prop_assert_eq!(
+                parse_gateway_duration(&text).is_some(),
+                gep_2257().is_match(&text),
+                "{:?}",
+                text
+            );
+        }
+
+        #[test]
+        fn gateway_durations_add_their_parts(
+            parts in proptest::collection::vec((0u64..100_000, 0usize..4), 1..=4),
+        ) {
+            let units = [("h", 3_600_000u64), ("m", 60_000), ("s", 1_000), ("ms", 1)];
+            let text: String = parts.iter().map(|(n, u)| format!("{n}{}", units[*u].0)).collect();
+            let millis: u64 = parts.iter().map(|(n, u)| n * units[*u].1).sum();
+            proptest::prop_assert_eq!(
+                parse_gateway_duration(&text),
+                Some(Duration::from_millis(millis))
+            );
+        }
+
+        #[test]
+        fn any_text_is_no_duration_or_a_finite_one(text in proptest::prelude::any::<String>()) {
+            let _ = parse_gateway_duration(&text);
+            if let Some(d) = crate::destination_rule::parse_istio_duration(&text) {
+                proptest::prop_assert!(d.as_secs() < 1_000_000_000_000);
+            }
+        }
+    }
 }

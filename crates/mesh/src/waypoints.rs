@@ -9,8 +9,7 @@ use std::net::IpAddr;
 
 use ambit_proto::workload as pb;
 
-use crate::gateway_api::NamespaceSelector;
-use crate::gateway_api::{Gateway, WAYPOINT_CLASS, WAYPOINT_FOR};
+use crate::gateway_api::{Gateway, NamespaceSelector, WAYPOINT_CLASS, WAYPOINT_FOR};
 use crate::translate::{Cluster, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
 use crate::warning::WarningKind;
 
@@ -72,8 +71,8 @@ impl AttachableFrom {
 /// Why a binding names no usable waypoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unusable {
-    /// [`WarningKind::WaypointNotFound`], [`WarningKind::WaypointWrongClass`] or
-    /// [`WarningKind::WaypointNotReady`].
+    /// [`WarningKind::WaypointNotFound`], [`WarningKind::WaypointWrongClass`],
+    /// [`WarningKind::WaypointNotReady`] or [`WarningKind::WaypointAttachmentDenied`].
     pub kind: WarningKind,
     /// What a person reads: `Gateway demo/wp does not exist`.
     pub message: String,

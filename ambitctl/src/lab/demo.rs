@@ -99,30 +99,38 @@ spec:
   - to: [{operation: {ports: ["80", "8080"], paths: ["/admin", "/admin/*"]}}]
 "#;
 
-/// What to try once the demo is up.
-pub(super) fn hints(echo_ip: &str, node_ip: &str, program: &str, node_netns: &str) -> String {
+/// What to try once the demo is up. The lab runs as root; `sudo` prefixes the commands only for
+/// a user who started it through sudo (root on a machine without sudo runs them as they are).
+pub(super) fn hints(
+    echo_ip: &str,
+    node_ip: &str,
+    program: &str,
+    node_netns: &str,
+    through_sudo: bool,
+) -> String {
+    let sudo = if through_sudo { "sudo " } else { "" };
     format!(
         r#"
 The demo is up. Try:
 
   1. A call the policies allow (demo/client has the identity they name); the waypoint routes it,
      9 in 10 to v1 (echo-1, node-1) and 1 in 10 to v2 (echo-2, node-2):
-       sudo {program} lab exec demo/client -- curl -s http://echo.demo.svc.cluster.local/
+       {sudo}{program} lab exec demo/client -- curl -s http://echo.demo.svc.cluster.local/
 
   2. One the L4 policy refuses (legacy/client is outside the mesh, so it has no identity):
-       sudo {program} lab exec legacy/client -- curl -s -m 3 http://{echo_ip}:8080/ || echo refused
+       {sudo}{program} lab exec legacy/client -- curl -s -m 3 http://{echo_ip}:8080/ || echo refused
 
   3. The Istio metrics of node-1's ztunnel:
-       sudo ip netns exec {node_netns} curl -s http://{node_ip}:15020/metrics | grep istio_tcp_connections_opened_total
+       {sudo}ip netns exec {node_netns} curl -s http://{node_ip}:15020/metrics | grep istio_tcp_connections_opened_total
 
   4. The canary header: the HTTPRoute sends it to v2 every time:
-       sudo {program} lab exec demo/client -- curl -s -H 'x-canary: true' http://echo.demo.svc.cluster.local/
+       {sudo}{program} lab exec demo/client -- curl -s -H 'x-canary: true' http://echo.demo.svc.cluster.local/
 
   5. A path the waypoint's policy refuses (403 RBAC: access denied):
-       sudo {program} lab exec demo/client -- curl -s -i http://echo.demo.svc.cluster.local/admin
+       {sudo}{program} lab exec demo/client -- curl -s -i http://echo.demo.svc.cluster.local/admin
 
-See `sudo {program} lab status` (the waypoint's metrics URL is there too), and
-`sudo {program} lab down` to remove it all.
+See `{sudo}{program} lab status` (the waypoint's metrics URL is there too), and
+`{sudo}{program} lab down` to remove it all.
 "#
     )
 }
@@ -154,8 +162,25 @@ mod tests {
             })
             .unwrap();
         assert_eq!(echo.metadata.labels["istio.io/use-waypoint"], "waypoint");
-        let hints = hints("10.0.0.1", "10.1.0.1", "ambitctl", "netns");
-        assert!(hints.contains("-H 'x-canary: true'"), "{hints}");
-        assert!(hints.contains("403 RBAC: access denied"), "{hints}");
+        let hints_for_root = hints("10.0.0.1", "10.1.0.1", "ambitctl", "netns", false);
+        assert!(
+            hints_for_root.contains("-H 'x-canary: true'"),
+            "{hints_for_root}"
+        );
+        assert!(
+            hints_for_root.contains("403 RBAC: access denied"),
+            "{hints_for_root}"
+        );
+        assert!(!hints_for_root.contains("sudo"), "{hints_for_root}");
+        assert!(
+            hints_for_root.contains("\n       ambitctl lab exec demo/client -- curl"),
+            "{hints_for_root}"
+        );
+        let hints_for_sudo = hints("10.0.0.1", "10.1.0.1", "ambitctl", "netns", true);
+        assert!(
+            hints_for_sudo.contains("sudo ambitctl lab exec demo/client")
+                && hints_for_sudo.contains("sudo ip netns exec netns"),
+            "{hints_for_sudo}"
+        );
     }
 }

@@ -1065,7 +1065,8 @@ pub(crate) fn up(nodes: usize, config: Option<PathBuf>, demo_flag: bool) -> anyh
                 &echo_ip,
                 &state.nodes[0].ip.to_string(),
                 &program,
-                &state.nodes[0].netns
+                &state.nodes[0].netns,
+                std::env::var_os("SUDO_USER").is_some(),
             )
         );
     }

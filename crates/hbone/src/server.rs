@@ -45,6 +45,8 @@ pub struct Responder {
 struct PendingResponse {
     respond: SendResponse<Bytes>,
     body: RecvStream,
+    /// The client's first bytes, taken by [`Responder::early_data`] before the answer.
+    first: Bytes,
 }
 
 impl std::fmt::Debug for Responder {
@@ -67,15 +69,21 @@ impl Responder {
     /// tunnel sends it too. A handler therefore reads or writes the tunnel right after accepting
     /// it, as a byte copy does.
     pub fn accept(mut self, headers: HeaderMap) -> Result<HboneStream, HboneError> {
-        let PendingResponse { mut respond, body } = self.take_pending();
+        let PendingResponse {
+            mut respond,
+            body,
+            first,
+        } = self.take_pending();
         if !self.answer_hold.is_zero() {
-            return Ok(HboneStream::owing_answer(
+            let mut stream = HboneStream::owing_answer(
                 respond,
                 body,
                 headers,
                 self.peer.clone(),
                 self.answer_hold,
-            ));
+            );
+            stream.put_back(first);
+            return Ok(stream);
         }
         let mut response = Response::new(());
         *response.headers_mut() = headers.clone();
@@ -86,13 +94,25 @@ impl Responder {
                     authority: self.authority.clone(),
                     source,
                 })?;
-        Ok(HboneStream::new(
-            send,
-            body,
-            headers,
-            self.peer.clone(),
-            None,
-        ))
+        let mut stream = HboneStream::new(send, body, headers, self.peer.clone(), None);
+        stream.put_back(first);
+        Ok(stream)
+    }
+
+    /// Waits, without answering, for the first bytes the client sent with its CONNECT and returns
+    /// them; they stay in the tunnel for the handler to read after [`Self::accept`]. `None` when
+    /// the client ended its side (or reset the stream) without sending any. A client that waits
+    /// for the 200 before it sends makes this wait until it gives up: call it only where the
+    /// client sends first (a handler that wants to see the request before deciding).
+    pub async fn early_data(&mut self) -> Option<Bytes> {
+        let pending = self.pending.as_mut()?;
+        while pending.first.is_empty() {
+            match pending.body.data().await {
+                Some(Ok(chunk)) => pending.first = chunk,
+                Some(Err(_)) | None => return None,
+            }
+        }
+        Some(pending.first.clone())
     }
 
     /// Answers with `status` (400, 401, 503, ...) and ends the stream.
@@ -230,7 +250,11 @@ fn dispatch<H, F>(
         remote_addr,
     };
     let responder = Responder {
-        pending: Some(PendingResponse { respond, body }),
+        pending: Some(PendingResponse {
+            respond,
+            body,
+            first: Bytes::new(),
+        }),
         peer: peer.clone(),
         authority,
         answer_hold,

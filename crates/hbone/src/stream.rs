@@ -141,6 +141,17 @@ impl HboneStream {
         Self::with_sender(send, recv, response_headers, peer, None)
     }
 
+    /// Puts bytes already taken from the peer (before the stream existed) back in front of what
+    /// is read next; for an owed 200 they count as the client having sent first.
+    pub(crate) fn put_back(&mut self, first: Bytes) {
+        if first.is_empty() {
+            return;
+        }
+        self.note_received(&first);
+        debug_assert!(self.unread.is_empty(), "put back before any read");
+        self.unread = first;
+    }
+
     /// Sends the owed 200, if any; afterwards the stream can send DATA.
     fn answer(&mut self) -> io::Result<&mut SendStream<Bytes>> {
         if let Sender::Owed(owed) = &mut self.send {

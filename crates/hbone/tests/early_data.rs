@@ -73,6 +73,16 @@ async fn connect_early<R: AsyncRead + Unpin>(
     .expect("the tunnel opened or failed within the wait")
 }
 
+/// Waits (bounded) until the client's first bytes reached the server with its CONNECT, so a test
+/// of what a server does with such bytes never depends on whether the DATA frame arrived before the
+/// handler first read the tunnel. The bytes stay in the tunnel.
+async fn wait_for_early_data(responder: &mut Responder) -> bytes::Bytes {
+    timeout(WAIT, responder.early_data())
+        .await
+        .expect("the client's first bytes arrived within the wait")
+        .expect("the client sent bytes before ending its side")
+}
+
 /// Waits until the client's pool took `bytes` from the client, then answers with `status`: 200
 /// and an echo of everything (the early bytes first), or a refusal.
 fn answer_after(bytes: usize, taken: watch::Receiver<usize>, status: StatusCode) -> TestHandler {
@@ -138,10 +148,11 @@ async fn the_limit_bounds_early_bytes_and_the_rest_follows_in_order() {
 async fn a_refused_connect_discards_early_bytes_and_the_connection_stays_usable() {
     let certs = Certs::new();
     let (mut refused_client, _application, taken) = client_with(b"never delivered").await;
-    let (_nothing_to_wait_for, always) = watch::channel(0);
-    // Port 81 is refused once the early bytes are on their way; others are echoed at once.
+    let (mut client, _second_application, second_taken) = client_with(b"hello").await;
+    // Port 81 is refused once the early bytes are on their way; port 80 is echoed once the
+    // second client's bytes are (so they always go with its CONNECT).
     let refuse = answer_after(15, taken, StatusCode::UNAUTHORIZED);
-    let echo = answer_after(0, always, StatusCode::OK);
+    let echo = answer_after(5, second_taken, StatusCode::OK);
     let server = TestServer::start(
         &certs,
         handler(move |request: InboundRequest, responder: Responder| {
@@ -169,7 +180,6 @@ async fn a_refused_connect_discards_early_bytes_and_the_connection_stays_usable(
         "{error}"
     );
 
-    let (mut client, _application, _taken) = client_with(b"hello").await;
     let (stream, early) = connect_early(&pool, &server, &mut client, 64 * 1024)
         .await
         .unwrap();
@@ -259,10 +269,11 @@ fn hold_then_reply(
     go: watch::Receiver<bool>,
     reply: &'static [u8],
 ) -> TestHandler {
-    handler(move |_request: InboundRequest, responder: Responder| {
+    handler(move |_request: InboundRequest, mut responder: Responder| {
         let read_tx = read_tx.clone();
         let mut go = go.clone();
         async move {
+            wait_for_early_data(&mut responder).await;
             let mut stream = responder.accept(HeaderMap::new()).unwrap();
             let mut first = vec![0; bytes];
             stream.read_exact(&mut first).await.unwrap();
@@ -329,7 +340,8 @@ async fn a_client_waiting_for_the_200_after_its_first_bytes_gets_it_when_the_ser
     let server = TestServer::start(
         &certs,
         handler(
-            |_request: InboundRequest, responder: Responder| async move {
+            |_request: InboundRequest, mut responder: Responder| async move {
+                wait_for_early_data(&mut responder).await;
                 let mut stream = responder.accept(HeaderMap::new()).unwrap();
                 let mut all = vec![0; 5000];
                 stream.read_exact(&mut all).await.unwrap();
@@ -367,7 +379,8 @@ async fn a_tunnel_ended_or_dropped_before_any_reply_is_still_answered_200() {
         let server = TestServer::start(
             &certs,
             handler(
-                move |_request: InboundRequest, responder: Responder| async move {
+                move |_request: InboundRequest, mut responder: Responder| async move {
+                    assert_eq!(wait_for_early_data(&mut responder).await, b"ping"[..]);
                     let mut stream = responder.accept(HeaderMap::new()).unwrap();
                     let mut first = [0; 4];
                     stream.read_exact(&mut first).await.unwrap();

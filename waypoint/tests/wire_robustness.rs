@@ -10,7 +10,9 @@
 //! unless `PROPTEST_RNG_SEED` says otherwise.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+
+#[path = "../../tests/support/seeded.rs"]
+mod seeded;
 
 use ambit_authz::{ConnectionContext, Policy, evaluate};
 use ambit_mesh::translate::{Cluster, MeshSettings, translate};
@@ -20,7 +22,6 @@ use ambit_proto::workload as pb;
 use ambit_state::Addresses;
 use http::HeaderMap;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use prost::Message;
 use waypoint::routes::{RequestView, RouteTable};
 
@@ -33,26 +34,11 @@ enum Resource {
     Policy(Vec<u8>),
 }
 
-fn corpus() -> Vec<PathBuf> {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let mut files = vec![fixtures.join("istio-canary.yaml")];
-    for dir in [fixtures.join("analyze"), fixtures.join("analyze/good")] {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "yaml") {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
-}
-
 /// The encoded resources of every corpus file, translated as istiod-lite translates them (each
 /// waypoint Gateway given the address its controller would write, so routes and policies bind).
 fn resources() -> Vec<Resource> {
     let mut out = Vec::new();
-    for path in corpus() {
+    for path in seeded::corpus(env!("CARGO_MANIFEST_DIR")) {
         let text = std::fs::read_to_string(&path).unwrap();
         let (objects, _) = ambit_mesh::parse_documents(&text, "corpus");
         let objects: Vec<ambit_mesh::Object> = objects
@@ -255,24 +241,7 @@ fn damaged_control_plane_resources_never_panic_the_proxies() {
     for r in &resources {
         use_resource(r, encoded(r));
     }
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(4096);
-    let seed: u64 = std::env::var("PROPTEST_RNG_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x0061_6d62_6974);
-    let mut seed_bytes = [0u8; 32];
-    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    let mut runner = TestRunner::new_with_rng(
-        Config {
-            cases,
-            failure_persistence: None,
-            ..Config::default()
-        },
-        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
-    );
+    let mut runner = seeded::runner(4096);
     let strategy = (0..resources.len(), proptest::collection::vec(edit(), 1..4));
     let result = runner.run(&strategy, |(which, edits)| {
         let resource = &resources[which];

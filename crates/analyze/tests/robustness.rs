@@ -7,33 +7,18 @@
 //! fewest mutations that still panic and names the file. Bounded: `PROPTEST_CASES` cases (default
 //! 256) from a fixed seed, so a run is repeatable; set `PROPTEST_RNG_SEED` to explore others.
 
-use std::path::{Path, PathBuf};
+#[path = "../../../tests/support/seeded.rs"]
+mod seeded;
 
 use ambit_analyze::{Options, analyze};
 use ambit_mesh::translate::{Cluster, MeshSettings, translate};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde::Deserialize;
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 /// Every corpus file as its documents (JSON values), with its name.
 fn seeds() -> Vec<(String, Vec<Value>)> {
-    let mut files = Vec::new();
-    for dir in [fixtures().join("analyze"), fixtures().join("analyze/good")] {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "yaml") {
-                files.push(path);
-            }
-        }
-    }
-    files.push(fixtures().join("istio-canary.yaml"));
-    files.sort();
-    files
+    seeded::corpus(env!("CARGO_MANIFEST_DIR"))
         .into_iter()
         .map(|path| {
             let text = std::fs::read_to_string(&path).unwrap();
@@ -338,28 +323,10 @@ fn mutated_corpus_objects_never_panic_the_reader_translation_status_or_analyzer(
     assert!(
         seeds.len() >= 10,
         "the corpus is in {}",
-        fixtures().display()
+        seeded::fixtures(env!("CARGO_MANIFEST_DIR")).display()
     );
     let odd = odd_values();
-    let config = Config {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(256),
-        failure_persistence: None,
-        ..Config::default()
-    };
-    // A fixed seed unless PROPTEST_RNG_SEED says otherwise: CI runs the same cases every time.
-    let seed: u64 = std::env::var("PROPTEST_RNG_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x0061_6d62_6974); // "ambit"
-    let mut seed_bytes = [0u8; 32];
-    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    let mut runner = TestRunner::new_with_rng(
-        config,
-        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
-    );
+    let mut runner = seeded::runner(256);
     let strategy = (0..seeds.len(), proptest::collection::vec(mutation(), 1..8));
     let result = runner.run(&strategy, |(file, mutations)| {
         let (_, documents) = &seeds[file];

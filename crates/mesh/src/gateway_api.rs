@@ -123,9 +123,7 @@ impl NamespaceSelector {
     /// `DoesNotExist` hold when the key is absent). An operator the validation refuses matches
     /// nothing.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        crate::translate::selects(&self.match_labels, labels)
             && self.match_expressions.iter().all(|r| {
                 let value = labels.get(&r.key);
                 match r.operator.as_str() {
